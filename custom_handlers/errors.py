@@ -1,0 +1,41 @@
+"""Errors the local provider raises, each carrying the HTTP status the caller should see.
+
+    CustomLLMError (LiteLLM: its status_code becomes the response status)
+     └── LocalLLMError                      500  something broke inside the gateway
+          ├── InvalidRequestError           400  the caller's request is wrong
+          │    └── ContextLengthExceededError 400  prompt + max_tokens > the model's context
+          └── ModelUnavailableError         503  the local model cannot be loaded or run right now
+
+Messages say what is wrong and how to fix it; they never carry a stack trace.
+"""
+
+from __future__ import annotations
+
+from litellm.llms.custom_llm import CustomLLMError
+
+
+class LocalLLMError(CustomLLMError):
+    status_code = 500
+    type = "internal_server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(status_code=self.status_code, message=message)
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(LocalLLMError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    def __init__(self, message: str):
+        super().__init__(
+            f"context_length_exceeded: {message}", param="messages", code="context_length_exceeded"
+        )
+
+
+class ModelUnavailableError(LocalLLMError):
+    status_code = 503
+    type = "service_unavailable"

@@ -1,0 +1,227 @@
+"""The one owner of the local model: loading, device, dtype, quantization, device memory.
+
+``ModelHolder.get()`` loads the model on first use, once, however many requests ask at the same
+time. torch and transformers are imported here, on that first load, and nowhere earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from custom_handlers.errors import ModelUnavailableError
+from custom_handlers.settings import DEFAULT_MODEL, LocalModelSettings
+
+log = logging.getLogger("custom_handlers.loader")
+
+# A failed load is not retried for this long, so a burst of requests costs one attempt, not one
+# each; after it, the next request tries again (the user may have fixed the path or the network).
+RETRY_AFTER_FAILURE_S = 5.0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    quantization: str  # "none", "bnb-4bit" (quantized on load) or "pre-quantized (<method>)"
+    context_length: int
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    generation_defaults: dict[str, Any]
+    load_seconds: float
+
+
+class ModelHolder:
+    def __init__(self, settings_factory=LocalModelSettings):
+        self._settings_factory = settings_factory
+        self._lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._failure: tuple[float, ModelUnavailableError] | None = None
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def get(self) -> LoadedModel:
+        """The loaded model; loads it first if needed. Raises ``ModelUnavailableError``."""
+        if self._loaded is not None:
+            return self._loaded
+        with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._failure and time.monotonic() - self._failure[0] < RETRY_AFTER_FAILURE_S:
+                raise self._failure[1]
+            settings = self._settings_factory()
+            try:
+                self._loaded = load_model(settings)
+            except ModelUnavailableError as exc:
+                self._failure = (time.monotonic(), exc)
+                log.error("%s", exc)
+                raise
+            self._failure = None
+            return self._loaded
+
+
+def load_model(settings: LocalModelSettings) -> LoadedModel:
+    """Load tokenizer and model as ``settings`` say; every failure is ``ModelUnavailableError``."""
+    source = _check_source(settings)
+    started = time.perf_counter()
+    try:
+        import torch
+        import transformers
+
+        device = _resolve_device(settings.device, torch)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=settings.trust_remote_code
+        )
+        config = transformers.AutoConfig.from_pretrained(
+            source, trust_remote_code=settings.trust_remote_code
+        )
+        dtype = _resolve_dtype(settings.dtype, device, torch)
+        quant_kwargs, quantization = _quantization(settings, config, device, dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            device_map=device if device != "cpu" else None,
+            trust_remote_code=settings.trust_remote_code,
+            **quant_kwargs,
+        )
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:  # any failure to load is reported the same way: clearly, once
+        raise _load_error(settings, exc) from exc
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=str(model.device),
+        dtype=str(dtype).removeprefix("torch."),
+        quantization=quantization,
+        context_length=_context_length(config, tokenizer),
+        eos_token_ids=_eos_ids(model, tokenizer),
+        pad_token_id=_pad_id(model, tokenizer),
+        generation_defaults=_generation_defaults(model),
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "Loaded %s on %s (%s, %s) in %.1f s",
+        settings.source_label,
+        loaded.device,
+        loaded.dtype,
+        loaded.quantization,
+        loaded.load_seconds,
+    )
+    return loaded
+
+
+def _check_source(settings: LocalModelSettings) -> str:
+    source = settings.model.strip()
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailableError(
+                f"The local model cannot be loaded: {settings.source_label} is a directory "
+                "without a config.json. Point LOCAL_LLM_MODEL at a Hugging Face model folder "
+                f"or a repo id (default {DEFAULT_MODEL!r})."
+            )
+        return str(path)
+    if looks_like_path:
+        raise ModelUnavailableError(
+            f"The local model cannot be loaded: {settings.source_label} does not exist. Set "
+            "LOCAL_LLM_MODEL to an existing model directory or a Hugging Face repo id "
+            f"(default {DEFAULT_MODEL!r}) and restart the gateway."
+        )
+    return source
+
+
+def _load_error(settings: LocalModelSettings, exc: Exception) -> ModelUnavailableError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelUnavailableError(
+        f"The local model cannot be loaded from {settings.source_label}: {reason[:300]} "
+        "Check that LOCAL_LLM_MODEL names a Hugging Face repo id you can download (or is in the "
+        "local Hugging Face cache) or a local model directory, then retry."
+    )
+
+
+def _resolve_device(requested: str, torch) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailableError(
+            f"LOCAL_LLM_DEVICE={requested!r} but CUDA is not available here; set "
+            "LOCAL_LLM_DEVICE=auto or cpu."
+        )
+    return requested
+
+
+def _resolve_dtype(requested: str, device: str, torch):
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _quantization(settings: LocalModelSettings, config, device: str, dtype) -> tuple[dict, str]:
+    existing = getattr(config, "quantization_config", None)
+    if existing is not None:  # pre-quantized checkpoints load as they are
+        method = existing.get("quant_method") if isinstance(existing, dict) else None
+        method = method or getattr(existing, "quant_method", "unknown")
+        return {}, f"pre-quantized ({getattr(method, 'value', method)})"
+    wanted = settings.quantization
+    if wanted == "none" or (wanted == "auto" and device == "cpu"):
+        return {}, "none"
+    if device == "cpu":
+        raise ModelUnavailableError(
+            "LOCAL_LLM_QUANTIZATION=4bit needs a CUDA GPU; on CPU set LOCAL_LLM_QUANTIZATION=auto."
+        )
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": bnb}, "bnb-4bit"
+
+
+def _context_length(config, tokenizer) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(min(tokenizer.model_max_length, 32768))
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    ids = [i for i in ids if i is not None]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _pad_id(model, tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, model.generation_config.pad_token_id):
+        if value is not None:
+            return value
+    return min(_eos_ids(model, tokenizer))
+
+
+def _generation_defaults(model) -> dict[str, Any]:
+    """The checkpoint's recommended sampling, falling back to Qwen3 non-thinking's (0.7/0.8/20)."""
+    gc = model.generation_config
+    return {
+        "temperature": gc.temperature if gc.do_sample and gc.temperature else 0.7,
+        "top_p": gc.top_p if gc.do_sample and gc.top_p else 0.8,
+        "top_k": gc.top_k if gc.do_sample and gc.top_k is not None else 20,
+    }

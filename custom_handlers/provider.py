@@ -1,0 +1,225 @@
+"""LiteLLM ``CustomLLM`` for the local model: OpenAI request in, OpenAI response out.
+
+The provider translates and validates; it never touches tensors. The path of one request:
+
+    parse_chat_request (400 on bad input) -> load model once (503 if it cannot be)
+    -> chat template + tokenize, context check (400 context_length_exceeded)
+    -> Engine job on the generation thread -> Delta/Finish events -> ModelResponse or stream chunks
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import litellm
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk
+
+from custom_handlers.engine import AsyncSink, Delta, Done, Engine, Failed, Finish, Job, SyncSink
+from custom_handlers.errors import ContextLengthExceededError
+from custom_handlers.loader import LoadedModel, ModelHolder
+from custom_handlers.request import ChatRequest, parse_chat_request
+from custom_handlers.settings import LocalModelSettings
+
+
+@dataclass
+class _Outcome:
+    """What a finished job produced, per choice."""
+
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    finishes: dict[int, Finish] = field(default_factory=dict)
+
+    def add(self, event: Delta | Finish) -> None:
+        if isinstance(event, Delta):
+            self.texts.setdefault(event.index, []).append(event.text)
+        else:
+            self.finishes[event.index] = event
+
+
+class LocalLLM(CustomLLM):
+    def __init__(self, holder: ModelHolder | None = None) -> None:
+        super().__init__()
+        self.holder = holder or ModelHolder()
+        self.engine = Engine(self.holder)
+        self._settings: LocalModelSettings | None = None
+        self._load_lock: asyncio.Lock | None = None
+
+    @property
+    def settings(self) -> LocalModelSettings:
+        if self._settings is None:
+            self._settings = LocalModelSettings()
+        return self._settings
+
+    # ---- LiteLLM entry points -------------------------------------------------------------
+
+    async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
+        request = self._parse(messages, optional_params, stream=False)
+        job = await self._start(request, AsyncSink())
+        outcome = _Outcome()
+        try:
+            while not isinstance(event := await job.sink.get(), Done):
+                _raise_if_failed(event)
+                outcome.add(event)
+        finally:
+            job.cancel()  # a no-op once done; stops generation if the caller went away
+        return _model_response(kwargs.get("model_response"), model, job, outcome)
+
+    async def astreaming(
+        self, model, messages, *args, optional_params=None, **kwargs
+    ) -> AsyncIterator[GenericStreamingChunk]:
+        request = self._parse(messages, optional_params, stream=True)
+        job = await self._start(request, AsyncSink())
+        try:
+            while not isinstance(event := await job.sink.get(), Done):
+                _raise_if_failed(event)
+                yield _chunk(job, event)
+        finally:
+            job.cancel()
+
+    def completion(self, model, messages, *args, optional_params=None, **kwargs):
+        request = self._parse(messages, optional_params, stream=False)
+        job = self._start_sync(request)
+        outcome = _Outcome()
+        try:
+            while not isinstance(event := job.sink.get(), Done):
+                _raise_if_failed(event)
+                outcome.add(event)
+        finally:
+            job.cancel()
+        return _model_response(kwargs.get("model_response"), model, job, outcome)
+
+    def streaming(
+        self, model, messages, *args, optional_params=None, **kwargs
+    ) -> Iterator[GenericStreamingChunk]:
+        request = self._parse(messages, optional_params, stream=True)
+        job = self._start_sync(request)
+        try:
+            while not isinstance(event := job.sink.get(), Done):
+                _raise_if_failed(event)
+                yield _chunk(job, event)
+        finally:
+            job.cancel()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _parse(self, messages, optional_params, *, stream: bool) -> ChatRequest:
+        return parse_chat_request(
+            messages, optional_params or {}, stream=stream, max_n=self.settings.max_n
+        )
+
+    async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
+        loaded = await self._load()
+        prompt_ids = await asyncio.to_thread(_encode_prompt, loaded, request)
+        return self.engine.submit(self._job(loaded, request, prompt_ids, sink))
+
+    def _start_sync(self, request: ChatRequest) -> Job:
+        loaded = self.holder.get()
+        prompt_ids = _encode_prompt(loaded, request)
+        return self.engine.submit(self._job(loaded, request, prompt_ids, SyncSink()))
+
+    async def _load(self) -> LoadedModel:
+        """The loaded model. One executor thread waits on a load, however many requests do."""
+        if (loaded := self.holder.loaded) is not None:
+            return loaded
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            return await asyncio.to_thread(self.holder.get)
+
+    def _job(self, loaded: LoadedModel, request: ChatRequest, prompt_ids: list[int], sink) -> Job:
+        max_new = _output_budget(loaded, request, len(prompt_ids), self.settings.default_max_tokens)
+        return Job(prompt_ids, request.sampling, max_new, sink)
+
+
+def _encode_prompt(loaded: LoadedModel, request: ChatRequest) -> list[int]:
+    """The model's own chat template, Qwen3 in non-thinking mode."""
+    text = loaded.tokenizer.apply_chat_template(
+        request.messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _output_budget(loaded: LoadedModel, request: ChatRequest, prompt_len: int, default: int) -> int:
+    context = loaded.context_length
+    asked = request.sampling.max_tokens
+    if asked is not None and prompt_len + asked > context:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the "
+            "completion). Please reduce the length of the messages or the completion."
+        )
+    if prompt_len >= context:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context} tokens, and the messages alone "
+            f"take {prompt_len}. Please reduce the length of the messages."
+        )
+    return asked if asked is not None else min(default, context - prompt_len)
+
+
+def _raise_if_failed(event) -> None:
+    if isinstance(event, Failed):
+        raise event.error
+
+
+def _model_response(model_response, model: str, job: Job, outcome: _Outcome):
+    response = model_response if model_response is not None else litellm.ModelResponse()
+    response.choices = [
+        litellm.Choices(
+            index=i,
+            finish_reason=outcome.finishes[i].reason,
+            message=litellm.Message(role="assistant", content="".join(outcome.texts.get(i, []))),
+        )
+        for i in sorted(outcome.finishes)
+    ]
+    completion_tokens = sum(f.completion_tokens for f in outcome.finishes.values())
+    response.usage = litellm.Usage(**_usage(job.prompt_tokens, completion_tokens))
+    response.model = model
+    response.created = int(time.time())
+    return response
+
+
+def _chunk(job: Job, event: Delta | Finish) -> GenericStreamingChunk:
+    if isinstance(event, Delta):
+        return GenericStreamingChunk(
+            text=event.text,
+            is_finished=False,
+            finish_reason="",
+            usage=None,
+            index=event.index,
+            tool_use=None,
+        )
+    return GenericStreamingChunk(
+        text="",
+        is_finished=True,
+        finish_reason=event.reason,
+        index=event.index,
+        tool_use=None,
+        usage=_usage(job.prompt_tokens, event.completion_tokens),
+    )
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _configure_logging() -> None:
+    """Our INFO lines (model loaded, generation cancelled) reach the gateway's stderr."""
+    logger = logging.getLogger("custom_handlers")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+_configure_logging()
+local_llm = LocalLLM()

@@ -1,0 +1,55 @@
+"""Server-only settings of the local model, read from ``LOCAL_LLM_*`` environment variables.
+
+A client's request body never reaches these: they are read from the gateway's environment (and its
+``.env``) when the model is first loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
+
+
+class LocalModelSettings(BaseSettings):
+    """How the gateway loads and runs the local model."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCAL_LLM_", extra="ignore")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face repo id or local directory of the model (LOCAL_LLM_MODEL).",
+    )
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    quantization: Literal["auto", "4bit", "none"] = Field(
+        "auto",
+        description=(
+            "'auto': bitsandbytes 4-bit on CUDA for unquantized checkpoints, none on CPU; "
+            "pre-quantized checkpoints always load as they are. '4bit' forces it, 'none' turns "
+            "it off."
+        ),
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="'auto': bfloat16 on GPUs that support it (else float16), float32 on CPU.",
+    )
+    default_max_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Output budget of a request without max_tokens (capped by the context left).",
+    )
+    max_n: int = Field(8, ge=1, description="Largest 'n' (choices per request) accepted.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow custom modelling code from the model repo (off: Qwen3 needs none).",
+    )
+
+    @property
+    def source_label(self) -> str:
+        return f"LOCAL_LLM_MODEL={self.model!r}"

@@ -1,0 +1,159 @@
+"""Turn a stream of token ids into the text the caller sees, one token at a time.
+
+Three small stages, each O(1) amortised per token (no re-decoding of the whole output):
+
+    IncrementalDecoder -> ThinkFilter -> StopMatcher
+
+``TextPipeline`` chains them for one choice. Pure Python; the decoder needs only a tokenizer with
+``decode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+class _Decodes(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDecoder:
+    """Detokenize one token at a time, decoding only a short window around the new token.
+
+    Byte-level BPE splits multi-byte characters across tokens, so a window that ends inside a
+    character decodes to U+FFFD; that text is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: _Decodes):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: decoded for context only
+        self._read = 0  # everything before this has been emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+class ThinkFilter:
+    """Drop a leading ``<think>...</think>`` block, so reasoning never reaches the caller.
+
+    Qwen3 in non-thinking mode should not write one, but a model that does anyway (or a hybrid
+    checkpoint whose template ignores ``enable_thinking``) must not leak it.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._state = "start"  # start -> (thinking ->) after_think -> text
+
+    def push(self, text: str) -> str:
+        if self._state == "text":
+            return text
+        self._pending += text
+        if self._state == "start":
+            head = self._pending.lstrip()
+            if not head:  # only whitespace so far: pass it on, a think block may still follow
+                out, self._pending = self._pending, ""
+                return out
+            if head.startswith(THINK_OPEN):
+                self._state = "thinking"
+            elif THINK_OPEN.startswith(head):
+                return ""  # could still become "<think>": wait
+            else:
+                return self._release()
+        if self._state == "thinking":
+            end = self._pending.find(THINK_CLOSE)
+            if end < 0:
+                return ""
+            self._pending = self._pending[end + len(THINK_CLOSE) :]
+            self._state = "after_think"
+        self._pending = self._pending.lstrip()
+        return self._release() if self._pending else ""
+
+    def flush(self) -> str:
+        """At the end: an unfinished think block is dropped; held-back plain text is returned."""
+        if self._state == "thinking":
+            self._pending = ""
+        return self._release()
+
+    def _release(self) -> str:
+        out, self._pending, self._state = self._pending, "", "text"
+        return out
+
+
+class StopMatcher:
+    """Find the caller's stop strings in streamed text; never emit text that might start one."""
+
+    def __init__(self, stops: Iterable[str]):
+        self._stops = tuple(stops)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        window = self._held + text
+        hits = [i for i in (window.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return window[: min(hits)]
+        keep = self._partial_suffix(window)
+        self._held = window[len(window) - keep :] if keep else ""
+        return window[: len(window) - keep]
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return "" if self.stopped else out
+
+    def _partial_suffix(self, window: str) -> int:
+        """Length of the longest tail of ``window`` that is a proper prefix of a stop string."""
+        for size in range(min(self._longest - 1, len(window)), 0, -1):
+            tail = window[-size:]
+            if any(s.startswith(tail) for s in self._stops):
+                return size
+        return 0
+
+
+class TextPipeline:
+    """Token ids in, caller-visible text out, for one choice."""
+
+    def __init__(self, tokenizer: _Decodes, stops: Iterable[str] = ()):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._think = ThinkFilter()
+        self._stop = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string was seen: generation for this choice should end."""
+        return self._stop.stopped
+
+    def push(self, token_id: int) -> str:
+        return self._stop.push(self._think.push(self._decoder.push(token_id)))
+
+    def flush(self) -> str:
+        tail = self._stop.push(self._think.push(self._decoder.flush()))
+        tail += self._stop.push(self._think.flush())
+        return tail + self._stop.flush()

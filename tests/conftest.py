@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ROOT, FakeOpenAI, Gateway
+
+FAKE_OPENAI_KEY = "sk-fake-upstream-key"
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location(
+        "build_tiny_qwen3", ROOT / "scripts" / "build_tiny_qwen3.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen3 checkpoint built by the shipped script."""
+    return _load_builder().build(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def fake_openai():
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_model_dir, fake_openai, tmp_path_factory):
+    """The real gateway: tiny local model as qwen3-4b, the fake upstream behind gpt-4o-mini."""
+    gw = Gateway(
+        env={
+            "LOCAL_LLM_MODEL": str(tiny_model_dir),
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            "OPENAI_API_KEY": FAKE_OPENAI_KEY,
+        },
+        workdir=tmp_path_factory.mktemp("gateway"),
+    )
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway):
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=f"{gateway.base_url}/v1", api_key=gateway.key, max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture(scope="session")
+def aclient(gateway):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(
+        base_url=f"{gateway.base_url}/v1", api_key=gateway.key, max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_dotenv(monkeypatch):
+    """Tests never read a developer's .env or keys from the environment."""
+    for name in list(os.environ):
+        if name.startswith(("LOCAL_LLM_", "LITELLM_PROXY_", "LLM_")):
+            monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,61 @@
+"""A gateway whose local model cannot load: cloud models work, torch is never imported for them."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.servers import Gateway
+
+pytestmark = pytest.mark.integration
+
+MISSING = "/nonexistent/models/qwen3-4b"
+
+
+@pytest.fixture(scope="module")
+def broken_local_gateway(fake_openai, tmp_path_factory):
+    gw = Gateway(
+        env={
+            "LOCAL_LLM_MODEL": MISSING,
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            "OPENAI_API_KEY": "sk-fake-upstream-key",
+        },
+        workdir=tmp_path_factory.mktemp("cloud-only"),
+    ).start()
+    yield gw
+    gw.stop()
+
+
+def chat(gw: Gateway, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{gw.base_url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers={"Authorization": f"Bearer {gw.key}"},
+        timeout=60,
+    )
+
+
+def test_cloud_use_and_health_checks_never_import_torch(broken_local_gateway):
+    gw = broken_local_gateway
+    assert chat(gw, "gpt-4o-mini").json()["choices"][0]["message"]["content"] == "echo: hi"
+    health = httpx.get(
+        f"{gw.base_url}/health", headers={"Authorization": f"Bearer {gw.key}"}, timeout=120
+    )
+    assert health.status_code == 200
+    assert "qwen3-4b" not in health.text and "zlocal" not in health.text
+    maps = gw.mapped_libraries()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    assert "libpython" in maps or "python" in maps  # the check reads a live process's maps
+
+
+def test_unloadable_local_model_gets_503_naming_the_setting_and_cloud_keeps_working(
+    broken_local_gateway,
+):
+    gw = broken_local_gateway
+    r = chat(gw, "qwen3-4b")
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "LOCAL_LLM_MODEL" in message and "does not exist" in message
+    assert "Traceback" not in message
+    assert chat(gw, "gpt-4o-mini").status_code == 200
+    assert chat(gw, "qwen3-4b").status_code == 503  # asked again: the same clear answer

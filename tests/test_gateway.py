@@ -1,0 +1,362 @@
+"""The real LiteLLM proxy with proxy_config.yaml, called with the OpenAI SDK (tiny local model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+LOCAL = "qwen3-4b"
+FOX = [{"role": "user", "content": "a cute fox in a misty forest"}]
+
+
+def greedy(client, messages=FOX, **kwargs):
+    kwargs.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model=LOCAL, messages=messages, temperature=0, **kwargs)
+
+
+def seeded(client, messages=FOX, **kwargs):
+    """A sampled answer: the random tiny model's greedy output is often one repeated token."""
+    kwargs.setdefault("max_tokens", 24)
+    kwargs.setdefault("seed", 11)
+    return client.chat.completions.create(
+        model=LOCAL, messages=messages, temperature=1.0, top_p=1.0, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def prompt_tokens(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+
+def test_completion_is_openai_shaped_with_true_usage(client, tokenizer):
+    r = greedy(client, max_tokens=16)
+    choice = r.choices[0]
+    assert r.object == "chat.completion"
+    assert r.model == LOCAL
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == prompt_tokens(tokenizer, FOX)
+    assert 1 <= r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_system_assistant_turns_and_text_parts(client, tokenizer):
+    messages = [
+        {"role": "system", "content": "You write image prompts."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a fox"}, {"type": "text", "text": " at night"}],
+        },
+        {"role": "assistant", "content": "A fox at night."},
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "again"},
+    ]
+    r = greedy(client, messages=messages, max_tokens=4)
+    as_strings = [
+        {"role": "system", "content": "You write image prompts."},
+        {"role": "user", "content": "a fox at night"},
+        {"role": "assistant", "content": "A fox at night."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "again"},
+    ]
+    assert r.usage.prompt_tokens == prompt_tokens(tokenizer, as_strings)
+
+
+def test_max_tokens_and_max_completion_tokens_cut_with_length(client):
+    r = greedy(client, max_tokens=5)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+    r = client.chat.completions.create(
+        model=LOCAL, messages=FOX, temperature=0, max_completion_tokens=3
+    )
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 3)
+
+
+def test_temperature_zero_is_deterministic(client):
+    first = greedy(client).choices[0].message.content
+    assert all(greedy(client).choices[0].message.content == first for _ in range(2))
+
+
+def test_same_seed_same_output_other_seed_other_output(client):
+    def sample(seed):
+        return (
+            client.chat.completions.create(
+                model=LOCAL, messages=FOX, temperature=1.0, top_p=1.0, seed=seed, max_tokens=24
+            )
+            .choices[0]
+            .message.content
+        )
+
+    a = sample(1234)
+    assert sample(1234) == a
+    assert sample(4321) != a
+
+
+def test_tiny_top_p_and_top_k_one_reduce_sampling_to_greedy(client):
+    expected = greedy(client).choices[0].message.content
+    by_top_p = client.chat.completions.create(
+        model=LOCAL, messages=FOX, temperature=1.5, top_p=1e-6, seed=7, max_tokens=24
+    )
+    by_top_k = client.chat.completions.create(
+        model=LOCAL,
+        messages=FOX,
+        temperature=1.5,
+        seed=7,
+        max_tokens=24,
+        extra_body={"top_k": 1, "top_p": 1.0},
+    )
+    assert by_top_p.choices[0].message.content == expected
+    assert by_top_k.choices[0].message.content == expected
+
+
+def _stop_candidate(text: str) -> str:
+    """A short piece from the middle of ``text`` that is not just whitespace."""
+    for start in range(3, len(text) - 2):
+        piece = text[start : start + 2]
+        if piece.strip() and "\ufffd" not in piece:
+            return piece
+    pytest.fail(f"no stop candidate in {text!r}")
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_ends_the_answer_before_the_stop_text(client, as_list):
+    full = seeded(client, max_tokens=40).choices[0].message.content
+    stop = _stop_candidate(full)
+    r = seeded(client, max_tokens=40, stop=[stop, "never-appears-123"] if as_list else stop)
+    assert r.choices[0].message.content == full[: full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_n_returns_n_choices(client):
+    r = client.chat.completions.create(
+        model=LOCAL, messages=FOX, n=3, temperature=1.0, seed=5, max_tokens=12
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens <= 36
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+def test_stream_sends_text_in_chunks_and_usage_when_asked(client):
+    expected = seeded(client, max_tokens=30)
+    chunks = list(
+        seeded(client, max_tokens=30, stream=True, stream_options={"include_usage": True})
+    )
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(pieces) >= 3
+    assert "".join(pieces) == expected.choices[0].message.content
+    assert finishes == [expected.choices[0].finish_reason]
+    assert len(usage) == 1
+    assert usage[0].completion_tokens == expected.usage.completion_tokens
+    assert usage[0].prompt_tokens == expected.usage.prompt_tokens
+
+
+def test_stream_without_include_usage_sends_no_usage(client):
+    chunks = list(greedy(client, max_tokens=6, stream=True))
+    assert not [c for c in chunks if c.usage]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+def test_closing_a_stream_stops_its_generation(gateway, client):
+    stream = client.chat.completions.create(
+        model=LOCAL, messages=FOX, temperature=1.0, seed=1, max_tokens=1900, stream=True
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received >= 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    marker = "Generation cancelled by the caller after "
+    while marker not in gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(ln for ln in gateway.log().splitlines() if marker in ln)
+    tokens = int(line.split(marker)[1].split()[0])
+    assert tokens < 200, line  # of 1900 allowed: it stopped soon after the client left
+    assert greedy(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+# ---- bad input: 4xx, clear message, gateway keeps serving ----------------------------------------
+
+BAD_REQUESTS = {
+    "empty messages": ({"messages": []}, "messages"),
+    "unknown role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    "image content": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}
+                    ],
+                }
+            ]
+        },
+        "only text",
+    ),
+    "max_tokens 0": ({"max_tokens": 0}, "max_tokens"),
+    "max_tokens negative": ({"max_tokens": -5}, "max_tokens"),
+    "temperature too high": ({"temperature": 2.5}, "temperature"),
+    "temperature negative": ({"temperature": -0.1}, "temperature"),
+    "top_p zero": ({"top_p": 0}, "top_p"),
+    "top_p above one": ({"top_p": 1.5}, "top_p"),
+    "n zero": ({"n": 0}, "'n'"),
+    "stop empty string": ({"stop": [""]}, "stop"),
+    "tools": (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        "tools",
+    ),
+    "context exceeded by max_tokens": ({"max_tokens": 5000}, "context_length_exceeded"),
+    "context exceeded by prompt": (
+        {"messages": [{"role": "user", "content": "fox " * 3000}], "max_tokens": 10},
+        "context_length_exceeded",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_input_gets_400_with_a_clear_message(gateway, name):
+    patch, expected = BAD_REQUESTS[name]
+    body = {"model": LOCAL, "messages": FOX, "max_tokens": 4, **patch}
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert expected in error["message"]
+    assert "Traceback" not in error["message"]
+
+
+def test_unknown_model_gets_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="no-such-model", messages=FOX)
+    assert "no-such-model" in str(info.value)
+
+
+def test_malformed_json_gets_400(gateway):
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        content=b'{"model": "qwen3-4b", "mes',
+        headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert "JSON" in r.json()["error"]["message"]
+
+
+def test_gateway_still_serves_after_bad_input(gateway, client):
+    for name in BAD_REQUESTS:
+        patch, _ = BAD_REQUESTS[name]
+        httpx.post(
+            f"{gateway.base_url}/v1/chat/completions",
+            json={"model": LOCAL, "messages": FOX, **patch},
+            headers={"Authorization": f"Bearer {gateway.key}"},
+            timeout=60,
+        )
+    assert greedy(client, max_tokens=3).usage.completion_tokens >= 1
+
+
+# ---- auth ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer sk-wrong-key-987"}], ids=["no key", "wrong key"]
+)
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/models", "/chat/completions"])
+def test_missing_or_wrong_key_gets_401(gateway, headers, route):
+    if route.endswith("models"):
+        r = httpx.get(gateway.base_url + route, headers=headers)
+    else:
+        r = httpx.post(
+            gateway.base_url + route,
+            headers=headers,
+            json={"model": LOCAL, "messages": FOX, "max_tokens": 2},
+        )
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert "sk-wrong-key-987" not in r.text
+    assert gateway.key not in r.text
+
+
+def test_models_lists_every_alias(client):
+    assert {m.id for m in client.models.list()} >= {
+        "qwen3-4b",
+        "gpt-4o-mini",
+        "claude-haiku",
+        "ollama-qwen3",
+    }
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_all_answered(client, aclient):
+    prompts = [[{"role": "user", "content": f"a fox number {i}"}] for i in range(8)]
+    alone = [greedy(client, messages=p, max_tokens=12).choices[0].message.content for p in prompts]
+
+    async def one(i):
+        if i % 2:
+            stream = await aclient.chat.completions.create(
+                model=LOCAL, messages=prompts[i], temperature=0, max_tokens=12, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        r = await aclient.chat.completions.create(
+            model=LOCAL, messages=prompts[i], temperature=0, max_tokens=12
+        )
+        return r.choices[0].message.content
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    assert asyncio.run(all_at_once()) == alone
+
+
+# ---- cloud routing (fake OpenAI upstream on loopback) -------------------------------------------
+
+
+def test_cloud_alias_is_routed_to_the_provider(client, fake_openai):
+    before = len(fake_openai.requests)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello cloud"}]
+    )
+    assert r.choices[0].message.content == "echo: hello cloud"
+    sent = fake_openai.requests[before]
+    assert sent["body"]["model"] == "gpt-4o-mini"
+    assert sent["authorization"] == "Bearer sk-fake-upstream-key"
+
+
+def test_cloud_alias_streams(client):
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "one two three"}], stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "echo: one two three"
