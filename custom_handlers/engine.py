@@ -147,7 +147,8 @@ class Engine:
 
         loaded = self._holder.get()
         tracker = _ChoiceTracker(job, loaded)
-        input_ids = torch.tensor([job.prompt_ids], device=loaded.model.device)
+        # One row per choice (not num_return_sequences, which greedy decoding refuses for n > 1).
+        input_ids = torch.tensor([job.prompt_ids] * job.sampling.n, device=loaded.model.device)
         if job.sampling.seed is not None:
             torch.manual_seed(job.sampling.seed)
         with torch.inference_mode():
@@ -228,7 +229,7 @@ def _generation_config(loaded: LoadedModel, job: Job) -> Any:
     gc = copy.deepcopy(loaded.model.generation_config)
     gc.max_new_tokens = job.max_new_tokens
     gc.max_length = None
-    gc.num_return_sequences = s.n
+    gc.num_return_sequences = 1
     gc.pad_token_id = loaded.pad_token_id
     if s.greedy:
         gc.do_sample, gc.temperature, gc.top_p, gc.top_k = False, None, None, None

@@ -53,7 +53,6 @@ class ChatRequest:
     messages: list[dict[str, str]]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
-    include_usage: bool = False
 
 
 def parse_chat_request(
@@ -76,11 +75,8 @@ def parse_chat_request(
             "requests, or n > 1 without streaming.",
             param="n",
         )
-    stream_options = params.get("stream_options") or {}
-    include_usage = bool(
-        isinstance(stream_options, Mapping) and stream_options.get("include_usage")
-    )
-    return ChatRequest(_messages(messages), sampling, stream, include_usage)
+    # stream_options.include_usage is LiteLLM's business: the final chunk always carries usage.
+    return ChatRequest(_messages(messages), sampling, stream)
 
 
 def _reject_unsupported(params: Mapping[str, Any]) -> None:

@@ -145,6 +145,20 @@ def test_stop_ends_the_answer_before_the_stop_text(client, as_list):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_greedy_n_returns_n_identical_choices(client):
+    r = greedy(client, n=2, max_tokens=8)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content == r.choices[1].message.content
+
+
+def test_more_than_four_stop_strings_all_apply(client):
+    full = seeded(client, max_tokens=40).choices[0].message.content
+    stop = _stop_candidate(full)
+    decoys = [f"decoy-{i}-never" for i in range(5)]
+    r = seeded(client, max_tokens=40, stop=[*decoys, stop])
+    assert r.choices[0].message.content == full[: full.find(stop)]
+
+
 def test_n_returns_n_choices(client):
     r = client.chat.completions.create(
         model=LOCAL, messages=FOX, n=3, temperature=1.0, seed=5, max_tokens=12

@@ -1,0 +1,102 @@
+"""Validation of OpenAI chat requests (pure Python, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from custom_handlers.errors import InvalidRequestError
+from custom_handlers.request import parse_chat_request
+
+USER = [{"role": "user", "content": "a fox"}]
+
+
+def parse(messages=USER, stream=False, **params):
+    return parse_chat_request(messages, params, stream=stream)
+
+
+def test_defaults_leave_sampling_to_the_model():
+    request = parse()
+    s = request.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.n, s.stop) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+        1,
+        (),
+    )
+    assert request.messages == USER
+
+
+def test_all_parameters_are_read():
+    request = parse(
+        max_tokens=10, temperature=0, top_p=0.5, top_k=5, seed=3, n=2, stop=["a", "b", "a"]
+    )
+    s = request.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.n) == (10, 0.0, 0.5, 5, 3, 2)
+    assert s.stop == ("a", "b")  # duplicates dropped, order kept
+    assert s.greedy
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert parse(max_tokens=10, max_completion_tokens=4).sampling.max_tokens == 4
+
+
+def test_text_parts_are_joined_and_developer_is_a_system_turn():
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a "}, {"type": "text", "text": "fox"}],
+        },
+    ]
+    assert parse(messages).messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a fox"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "params", "needle"),
+    [
+        ([], {}, "non-empty list"),
+        ("hello", {}, "non-empty list"),
+        ([{"role": "tool", "content": "x"}], {}, "messages[0].role"),
+        ([{"role": "user"}], {}, "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], {}, "only text"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], {}, "tool calls"),
+        (USER, {"max_tokens": 0}, "'max_tokens' must be at least 1"),
+        (USER, {"max_tokens": 2.5}, "'max_tokens' must be an integer"),
+        (USER, {"max_tokens": True}, "'max_tokens' must be an integer"),
+        (USER, {"temperature": 2.01}, "'temperature'"),
+        (USER, {"temperature": "hot"}, "'temperature' must be a number"),
+        (USER, {"top_p": 0.0}, "'top_p' must be greater than 0.0"),
+        (USER, {"top_p": 1.01}, "'top_p'"),
+        (USER, {"top_k": -1}, "'top_k'"),
+        (USER, {"n": 0}, "'n' must be between 1 and 8"),
+        (USER, {"n": 9}, "'n' must be between 1 and 8"),
+        (USER, {"seed": "x"}, "'seed' must be an integer"),
+        (USER, {"stop": ""}, "'stop'"),
+        (USER, {"stop": ["ok", 3]}, "'stop'"),
+        (USER, {"stop": [str(i) for i in range(17)]}, "at most 16"),
+        (USER, {"tools": [{"type": "function"}]}, "'tools' is not supported"),
+        (USER, {"logprobs": True}, "'logprobs' is not supported"),
+        (USER, {"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
+        (USER, {"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_bad_requests_name_the_problem(messages, params, needle):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(messages, **params)
+    assert needle in info.value.message
+    assert info.value.status_code == 400
+
+
+def test_n_above_one_is_refused_when_streaming():
+    with pytest.raises(InvalidRequestError, match="n > 1"):
+        parse(stream=True, n=2)
+
+
+def test_harmless_defaults_are_accepted():
+    parse(presence_penalty=0, frequency_penalty=0.0, response_format={"type": "text"}, tools=[])
