@@ -85,6 +85,7 @@ class Job:
     sampling: SamplingParams
     max_new_tokens: int
     sink: SyncSink | AsyncSink
+    grammar: str | None = None  # llguidance grammar the answer must follow (JSON output)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -143,12 +144,15 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         loaded = self._holder.get()
         tracker = _ChoiceTracker(job, loaded)
         # One row per choice (not num_return_sequences, which greedy decoding refuses for n > 1).
         input_ids = torch.tensor([job.prompt_ids] * job.sampling.n, device=loaded.model.device)
+        processors = LogitsProcessorList()
+        if job.grammar is not None:
+            processors.append(loaded.constraints.processor(job.grammar, job.sampling.n))
         if job.sampling.seed is not None:
             torch.manual_seed(job.sampling.seed)
         with torch.inference_mode():
@@ -156,6 +160,7 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=_generation_config(loaded, job),
+                logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([tracker]),
             )
         if job.cancelled:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from custom_handlers.constraints import JsonConstraints
 from custom_handlers.errors import ModelUnavailableError
 from custom_handlers.settings import DEFAULT_MODEL, LocalModelSettings
 
@@ -35,6 +36,7 @@ class LoadedModel:
     pad_token_id: int
     generation_defaults: dict[str, Any]
     load_seconds: float
+    constraints: JsonConstraints
 
 
 class ModelHolder:
@@ -108,7 +110,9 @@ def load_model(settings: LocalModelSettings) -> LoadedModel:
         pad_token_id=_pad_id(model, tokenizer),
         generation_defaults=_generation_defaults(model),
         load_seconds=time.perf_counter() - started,
+        constraints=JsonConstraints(model, tokenizer),
     )
+    loaded.constraints.warm_up()
     log.info(
         "Loaded %s on %s (%s, %s) in %.1f s",
         settings.source_label,

@@ -113,13 +113,13 @@ class LocalLLM(CustomLLM):
 
     async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
         loaded = await self._load()
-        prompt_ids = await asyncio.to_thread(_encode_prompt, loaded, request)
-        return self.engine.submit(self._job(loaded, request, prompt_ids, sink))
+        prompt_ids, grammar = await asyncio.to_thread(_prepare, loaded, request)
+        return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, sink))
 
     def _start_sync(self, request: ChatRequest) -> Job:
         loaded = self.holder.get()
-        prompt_ids = _encode_prompt(loaded, request)
-        return self.engine.submit(self._job(loaded, request, prompt_ids, SyncSink()))
+        prompt_ids, grammar = _prepare(loaded, request)
+        return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, SyncSink()))
 
     async def _load(self) -> LoadedModel:
         """The loaded model. One executor thread waits on a load, however many requests do."""
@@ -130,9 +130,15 @@ class LocalLLM(CustomLLM):
         async with self._load_lock:
             return await asyncio.to_thread(self.holder.get)
 
-    def _job(self, loaded: LoadedModel, request: ChatRequest, prompt_ids: list[int], sink) -> Job:
+    def _job(self, loaded, request: ChatRequest, prompt_ids: list[int], grammar, sink) -> Job:
         max_new = _output_budget(loaded, request, len(prompt_ids), self.settings.default_max_tokens)
-        return Job(prompt_ids, request.sampling, max_new, sink)
+        return Job(prompt_ids, request.sampling, max_new, sink, grammar)
+
+
+def _prepare(loaded: LoadedModel, request: ChatRequest) -> tuple[list[int], str | None]:
+    """Prompt ids, and the compiled grammar when the answer must be JSON (cached per schema)."""
+    grammar = loaded.constraints.grammar(request.json_schema) if request.json_schema else None
+    return _encode_prompt(loaded, request), grammar
 
 
 def _encode_prompt(loaded: LoadedModel, request: ChatRequest) -> list[int]:

@@ -6,6 +6,7 @@ message names the offending field, so the caller can fix it without reading our 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from custom_handlers.errors import InvalidRequestError
 # "developer" is OpenAI's newer name for the system turn.
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 16
+MAX_SCHEMA_CHARS = 64 * 1024
+JSON_OBJECT_SCHEMA = '{"type":"object"}'
 # Parameters that change the answer in ways the local model does not implement: refusing them is
 # better than silently answering as if they had not been sent.
 _UNSUPPORTED = {
@@ -53,6 +56,7 @@ class ChatRequest:
     messages: list[dict[str, str]]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
+    json_schema: str | None = None  # canonical JSON of the schema the answer must follow
 
 
 def parse_chat_request(
@@ -76,7 +80,8 @@ def parse_chat_request(
             param="n",
         )
     # stream_options.include_usage is LiteLLM's business: the final chunk always carries usage.
-    return ChatRequest(_messages(messages), sampling, stream)
+    json_schema = _json_schema(params.get("response_format"))
+    return ChatRequest(_messages(messages), sampling, stream, json_schema)
 
 
 def _reject_unsupported(params: Mapping[str, Any]) -> None:
@@ -92,18 +97,59 @@ def _reject_unsupported(params: Mapping[str, Any]) -> None:
             raise InvalidRequestError(
                 f"'{name}' is not supported by the local model; leave it unset or 0.", param=name
             )
-    response_format = params.get("response_format")
-    if response_format not in (None, {}) and _format_type(response_format) != "text":
+
+
+def _json_schema(response_format: Any) -> str | None:
+    """The schema an answer must follow (canonical JSON), or None for free text."""
+    if response_format in (None, {}):
+        return None
+    if not isinstance(response_format, Mapping):
         raise InvalidRequestError(
-            "response_format other than 'text' is not supported by the local model yet.",
+            '\'response_format\' must be an object such as {"type": "json_object"}.',
             param="response_format",
         )
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            f"response_format.type {kind!r} is not supported; use 'text', 'json_object' or "
+            "'json_schema'.",
+            param="response_format",
+        )
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, Mapping) else None
+    if not isinstance(schema, Mapping):
+        raise InvalidRequestError(
+            "response_format.json_schema.schema must be a JSON Schema object, as in "
+            '{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}.',
+            param="response_format",
+        )
+    _check_schema(schema)
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidRequestError(
+            f"response_format.json_schema.schema is {len(text)} characters; the limit is "
+            f"{MAX_SCHEMA_CHARS}.",
+            param="response_format",
+        )
+    return text
 
 
-def _format_type(response_format: Any) -> Any:
-    if isinstance(response_format, Mapping):
-        return response_format.get("type")
-    return getattr(response_format, "type", response_format)
+def _check_schema(schema: Mapping[str, Any]) -> None:
+    from jsonschema import Draft202012Validator, SchemaError, validators
+
+    try:
+        validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(root)"
+        raise InvalidRequestError(
+            f"response_format.json_schema.schema is not a valid JSON Schema at {where}: "
+            f"{exc.message}",
+            param="response_format",
+        ) from exc
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:

@@ -58,8 +58,9 @@ def client(gateway):
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def aclient(gateway):
+    """A new async client per test: its connections belong to the test's own event loop."""
     from openai import AsyncOpenAI
 
     return AsyncOpenAI(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from custom_handlers.errors import InvalidRequestError
@@ -83,7 +85,6 @@ def test_text_parts_are_joined_and_developer_is_a_system_turn():
         (USER, {"tools": [{"type": "function"}]}, "'tools' is not supported"),
         (USER, {"logprobs": True}, "'logprobs' is not supported"),
         (USER, {"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
-        (USER, {"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 def test_bad_requests_name_the_problem(messages, params, needle):
@@ -100,3 +101,43 @@ def test_n_above_one_is_refused_when_streaming():
 
 def test_harmless_defaults_are_accepted():
     parse(presence_penalty=0, frequency_penalty=0.0, response_format={"type": "text"}, tools=[])
+
+
+def test_response_format_json_schema_becomes_a_canonical_schema():
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    request = parse(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+    assert request.json_schema == json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+def test_response_format_json_object_and_text():
+    assert parse(response_format={"type": "json_object"}).json_schema == '{"type":"object"}'
+    assert parse(response_format={"type": "text"}).json_schema is None
+    assert parse().json_schema is None
+
+
+@pytest.mark.parametrize(
+    ("response_format", "needle"),
+    [
+        ("json", "must be an object"),
+        ({"type": "yaml"}, "'yaml' is not supported"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "JSON Schema object"),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}, "valid JSON Schema"),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"schema": {"properties": {"a": {"minLength": -1}}}},
+            },
+            "properties/a/minLength",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"enum": ["x" * 70000]}}},
+            "the limit is 65536",
+        ),
+    ],
+)
+def test_bad_response_format_is_refused(response_format, needle):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(response_format=response_format)
+    assert needle in info.value.message

@@ -1,0 +1,224 @@
+"""JSON-constrained output on the local model, through the real gateway.
+
+The tiny model is random: unconstrained it writes garbage, so every valid answer here is the
+constraint's doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.integration
+
+LOCAL = "qwen3-4b"
+ASK = [{"role": "user", "content": "three cat breeds"}]
+
+VALUES = {
+    "type": "object",
+    "properties": {
+        "values": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 20},
+            "minItems": 3,
+            "maxItems": 3,
+        }
+    },
+    "required": ["values"],
+    "additionalProperties": False,
+}
+MIXED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "fox", "owl"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "pos": {
+            "type": "object",
+            "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}},
+            "required": ["x"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "kind", "count", "score", "ok", "tags", "pos"],
+    "additionalProperties": False,
+}
+REFS = {
+    "$defs": {
+        "creature": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 2, "maxLength": 8},
+                "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+            },
+            "required": ["name", "legs"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "array",
+    "items": {"$ref": "#/$defs/creature"},
+    "minItems": 1,
+    "maxItems": 3,
+}
+SCHEMAS = {"values": VALUES, "mixed": MIXED, "refs": REFS}
+
+
+def json_schema(name: str, schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def ask(client, schema_name=None, *, seed=0, max_tokens=300, **kwargs):
+    if schema_name is not None:
+        kwargs["response_format"] = json_schema(schema_name, SCHEMAS[schema_name])
+    return client.chat.completions.create(
+        model=LOCAL, messages=ASK, temperature=1.0, seed=seed, max_tokens=max_tokens, **kwargs
+    )
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_every_answer_is_valid_for_many_seeds(client, name):
+    for seed in range(10):
+        r = ask(client, name, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", (seed, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), SCHEMAS[name])
+
+
+def test_the_same_request_unconstrained_is_not_json(client):
+    texts = [ask(client, seed=seed, max_tokens=40).choices[0].message.content for seed in range(3)]
+    for text in texts:
+        with pytest.raises(ValueError):
+            json.loads(text)
+
+
+def test_json_object_yields_objects(client):
+    finished = []
+    for seed in range(10):
+        r = ask(client, seed=seed, response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            finished.append(json.loads(r.choices[0].message.content))
+    assert finished, "no json_object answer finished within 300 tokens"
+    assert all(isinstance(value, dict) for value in finished)
+
+
+def test_streamed_constrained_text_is_the_same_valid_json(client):
+    whole = ask(client, "mixed", seed=4).choices[0].message.content
+    chunks = list(ask(client, "mixed", seed=4, stream=True))
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3
+    assert "".join(pieces) == whole
+    jsonschema.validate(json.loads(whole), MIXED)
+
+
+def test_running_out_of_tokens_says_length(client):
+    r = ask(client, "values", max_tokens=6)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    with pytest.raises(ValueError):
+        json.loads(r.choices[0].message.content)
+
+
+def test_n_choices_are_each_valid(client):
+    r = ask(client, "refs", seed=3, n=3)
+    assert len(r.choices) == 3
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), REFS)
+
+
+BAD_SCHEMAS = {
+    "unknown type": ({"type": "foo"}, "not a valid JSON Schema"),
+    "type not a string": ({"type": 5}, "not a valid JSON Schema"),
+    "broken pattern": (
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a|b"}}},
+        "not a valid JSON Schema",
+    ),
+    "lookbehind pattern (valid, not enforceable)": (
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}},
+        "cannot enforce",
+    ),
+    "dangling $ref": (
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+        "cannot enforce",
+    ),
+    "remote $ref": ({"$ref": "https://example.com/schema.json"}, "cannot enforce"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SCHEMAS))
+def test_invalid_or_unenforceable_schema_gets_400(gateway, name):
+    schema, needle = BAD_SCHEMAS[name]
+    body = {
+        "model": LOCAL,
+        "messages": ASK,
+        "max_tokens": 20,
+        "response_format": json_schema("bad", schema),
+    }
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("response_format", "needle"),
+    [
+        ({"type": "xml"}, "response_format.type 'xml' is not supported"),
+        ({"type": "json_schema"}, "json_schema.schema must be a JSON Schema object"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}},
+            "JSON Schema object",
+        ),
+    ],
+)
+def test_malformed_response_format_gets_400(gateway, response_format, needle):
+    body = {"model": LOCAL, "messages": ASK, "max_tokens": 5, "response_format": response_format}
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_constrained_and_free_requests_in_flight_together(client, aclient):
+    free_alone = [ask(client, seed=s, max_tokens=30).choices[0].message.content for s in range(3)]
+
+    async def together():
+        free = [
+            aclient.chat.completions.create(
+                model=LOCAL, messages=ASK, temperature=1.0, seed=s, max_tokens=30
+            )
+            for s in range(3)
+        ]
+        constrained = [
+            aclient.chat.completions.create(
+                model=LOCAL,
+                messages=ASK,
+                temperature=1.0,
+                seed=s,
+                max_tokens=300,
+                response_format=json_schema("values", VALUES),
+            )
+            for s in range(3)
+        ]
+        return await asyncio.gather(*free, *constrained)
+
+    answers = asyncio.run(together())
+    assert [a.choices[0].message.content for a in answers[:3]] == free_alone
+    for answer in answers[3:]:
+        jsonschema.validate(json.loads(answer.choices[0].message.content), VALUES)
