@@ -116,10 +116,25 @@ class FakeOpenAI:
 
     It answers ``echo: <last user message>`` (streamed when asked) and records each request with
     its Authorization header, so tests can see what the gateway forwarded.
+
+    A request with a ``json_schema`` ``response_format`` gets JSON that fits the schema (distinct
+    strings ``fake value 1``, ``fake value 2``, ...; arrays of ``minItems`` items). For the
+    client's error tests, a key in ``invalid_keys`` gets OpenAI's 401 "Incorrect API key", and a
+    trigger word anywhere in the messages picks another answer:
+
+    - ``[fake:429]``: 429 with ``Retry-After: <retry_after>``;
+    - ``[fake:slow]``: waits ``slow_seconds`` before answering;
+    - ``[fake:lines]``: ignores ``response_format`` and answers numbered plain lines instead.
+
+    (A 401 makes LiteLLM pause the deployment for a few seconds: give a wrong key only to a
+    gateway of your own, never to the shared one.)
     """
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.invalid_keys: set[str] = set()
+        self.retry_after = 7
+        self.slow_seconds = 5.0
         self.port = free_port()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -155,16 +170,26 @@ class FakeOpenAI:
                 )
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
-                text = "echo: " + str(body["messages"][-1]["content"])
+                trigger = _trigger(body)
+                key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                if key in fake.invalid_keys:
+                    return self._send(401, _INVALID_KEY)
+                if trigger == "429":
+                    return self._send(429, _RATE_LIMITED, {"Retry-After": str(fake.retry_after)})
+                if trigger == "slow":
+                    time.sleep(fake.slow_seconds)
+                text = _answer_text(body, trigger)
                 if body.get("stream"):
                     return self._stream(body["model"], text)
                 self._send(200, _completion(body["model"], text))
 
-            def _send(self, status: int, payload: dict) -> None:
+            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -187,6 +212,67 @@ class FakeOpenAI:
                 self.wfile.flush()
 
         return Handler
+
+
+_INVALID_KEY = {
+    "error": {
+        "message": "Incorrect API key provided: sk-fake-***. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+}
+_RATE_LIMITED = {
+    "error": {
+        "message": "Rate limit reached for gpt-4o-mini on requests per min (RPM).",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+def _trigger(body: dict) -> str | None:
+    text = json.dumps(body.get("messages", []))
+    for word in ("429", "slow", "lines"):
+        if f"[fake:{word}]" in text:
+            return word
+    return None
+
+
+def _answer_text(body: dict, trigger: str | None) -> str:
+    """The echo, or for a ``json_schema`` request JSON that fits it (numbered lines if told)."""
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") != "json_schema":
+        return "echo: " + str(body["messages"][-1]["content"])
+    counter = iter(range(1, 10_000))
+    value = _fake_json(response_format["json_schema"].get("schema", {}), counter)
+    if trigger == "lines":
+        lines = (f"{i}. {v}" for i, v in enumerate(_strings_in(value), 1))
+        return "Here are the values:\n" + "\n".join(lines)
+    return json.dumps(value)
+
+
+def _fake_json(schema: dict, counter):
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _fake_json(v, counter) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        count = schema.get("minItems", schema.get("maxItems", 3))
+        return [_fake_json(schema.get("items", {}), counter) for _ in range(count)]
+    if kind in ("integer", "number"):
+        return next(counter)
+    if kind == "boolean":
+        return True
+    return f"fake value {next(counter)}"
+
+
+def _strings_in(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for item in items for s in _strings_in(item)]
 
 
 def _completion(model: str, text: str) -> dict:
