@@ -8,8 +8,8 @@ schema took about 1 ms. Its masking kernel, like outlines_core's, is ``torch.com
 cold on CPU for the first constrained request); ``_apply_bitmask`` below is the same arithmetic in
 eager mode, so no request ever pays a compile stall, and torch's compiler is never imported.
 
-One ``JsonLogitsProcessor`` per request: it keeps one matcher per row (choice), so every row of the
-batch it is given is constrained independently.
+Each constrained row (one choice of one request) has its own ``JsonMatcher``; rows of a batch are
+constrained independently, next to unconstrained rows.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class JsonConstraints:
             raise _unenforceable("; ".join(messages))
         return grammar
 
-    def processor(self, grammar: str, rows: int) -> JsonLogitsProcessor:
-        return JsonLogitsProcessor(self.llg_tokenizer(), grammar, rows)
+    def matcher(self, grammar: str) -> JsonMatcher:
+        return JsonMatcher(self.llg_tokenizer(), grammar)
 
 
 def _unenforceable(reason: str) -> InvalidRequestError:
@@ -74,39 +74,47 @@ def _unenforceable(reason: str) -> InvalidRequestError:
     )
 
 
-class JsonLogitsProcessor:
-    """A transformers logits processor: masks every token that would break the row's JSON.
+class JsonMatcher:
+    """Where one row's answer stands in its grammar: what may come next, given what came."""
+
+    def __init__(self, llg_tokenizer: Any, grammar: str):
+        from llguidance import LLMatcher
+
+        self._matcher = LLMatcher(llg_tokenizer, grammar)
+        self.vocab_size = llg_tokenizer.vocab_size
+
+    def consume(self, token: int) -> None:
+        if not self._matcher.is_stopped() and not self._matcher.is_error():
+            self._matcher.consume_token(token)
+
+    def fill(self, bitmask, row: int) -> None:
+        """Write the allowed-token bits for the next token into ``bitmask[row]`` (numpy, int32)."""
+        import llguidance.numpy
+
+        if self._matcher.is_error():  # cannot happen for tokens we allowed; never mask everything
+            bitmask[row].fill(-1)
+        else:
+            llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask, row)
+
+
+def mask_logits(logits, rows: list[int], matchers: list[JsonMatcher]) -> None:
+    """Set to -inf, in ``logits[rows]``, every token that would break that row's JSON.
 
     Once a row's JSON is complete only end-of-turn is allowed, so the answer ends there with
     ``finish_reason: stop``; if ``max_tokens`` comes first the engine reports ``length``.
     """
+    # llguidance.numpy, not llguidance.torch: importing the latter imports torch's compiler
+    # (2.7 s measured here) for a kernel we replace anyway.
+    import llguidance.numpy
+    import torch
 
-    def __init__(self, llg_tokenizer: Any, grammar: str, rows: int):
-        # llguidance.numpy, not llguidance.torch: importing the latter imports torch's compiler
-        # (2.7 s measured here) for a kernel we replace anyway.
-        import llguidance.numpy
-        import torch
-        from llguidance import LLMatcher
-
-        self._matchers = [LLMatcher(llg_tokenizer, grammar) for _ in range(rows)]
-        self._array = llguidance.numpy.allocate_token_bitmask(rows, llg_tokenizer.vocab_size)
-        self._bitmask = torch.from_numpy(self._array)  # shares memory with the array
-        self._fill = llguidance.numpy.fill_next_token_bitmask
-        self._started = False
-
-    def __call__(self, input_ids, scores):
-        if self._started:
-            for matcher, token in zip(self._matchers, input_ids[:, -1].tolist(), strict=True):
-                if not matcher.is_stopped() and not matcher.is_error():
-                    matcher.consume_token(token)
-        self._started = True
-        for i, matcher in enumerate(self._matchers):
-            if matcher.is_error():  # a finished row being padded: leave its logits alone
-                self._bitmask[i].fill_(-1)
-            else:
-                self._fill(matcher, self._array, i)
-        _apply_bitmask(scores, self._bitmask.to(scores.device, non_blocking=True))
-        return scores
+    bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), matchers[0].vocab_size)
+    for i, matcher in enumerate(matchers):
+        matcher.fill(bitmask, i)
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index]
+    _apply_bitmask(masked, torch.from_numpy(bitmask).to(logits.device, non_blocking=True))
+    logits[index] = masked
 
 
 def _apply_bitmask(scores, bitmask) -> None:

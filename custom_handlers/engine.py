@@ -1,26 +1,34 @@
-"""The generation thread: a queue of jobs, sampling, stop handling and cancellation.
+"""The generation thread: continuous batching of every request's choices, token by token.
 
-Generation never runs on the proxy's event loop. Jobs are run by one worker thread; each job carries
-its own output channel (a ``Sink``) and a cancel flag that the decoding loop checks every token, so
-a caller who goes away stops its generation within a token.
+Generation never runs on the proxy's event loop. One worker thread owns a batch of rows (one row
+per choice of a request). Between two decoding steps, new requests join (their prompt is prefilled
+on its own, then its KV cache joins the batch's) and finished or cancelled rows leave. Each row has
+its own sampling parameters, seed, stop strings, token budget and, where asked, JSON constraint.
 
-Events a job emits, in order: ``Delta`` (text for one choice), ``Finish`` (one per choice), then
-``Done``; or ``Failed`` then ``Done``.
+Each job carries its own output channel (a ``Sink``) and a cancel flag checked before every step,
+so a caller who goes away leaves the batch at the next step. Events a job emits, in order:
+``Delta`` (text for one choice), ``Finish`` (one per choice), then ``Done``; or ``Failed``, then
+``Done``.
+
+Why not transformers' own continuous batching: it has no per-request seed and applies custom
+logits processors (our JSON constraint) to the whole batch; and ``generate`` batches cannot take a
+request that arrives while they run. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
-from custom_handlers.errors import LocalLLMError, ModelUnavailableError
+from custom_handlers.constraints import JsonMatcher, mask_logits
+from custom_handlers.errors import LocalLLMError, ModelUnavailableError, OverloadedError
+from custom_handlers.kvbatch import KVBatch
 from custom_handlers.loader import LoadedModel, ModelHolder
 from custom_handlers.request import SamplingParams
+from custom_handlers.sampling import RowSampling, row_sampling, sample
 from custom_handlers.text import TextPipeline
 
 log = logging.getLogger("custom_handlers.engine")
@@ -87,6 +95,7 @@ class Job:
     sink: SyncSink | AsyncSink
     grammar: str | None = None  # llguidance grammar the answer must follow (JSON output)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    open_rows: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -106,16 +115,51 @@ class Job:
             self.cancel()
 
 
-class Engine:
-    """Runs jobs one after another on a dedicated thread, started on first use."""
+@dataclass
+class _Row:
+    """One choice of one job, in the batch."""
 
-    def __init__(self, holder: ModelHolder):
+    job: Job
+    index: int
+    pipeline: TextPipeline
+    sampling: RowSampling
+    matcher: JsonMatcher | None
+    length: int  # tokens of this row in the KV cache
+    last: int = -1  # the token sampled last, fed at the next step
+    count: int = 0  # tokens generated
+    done: bool = False
+
+
+class Engine:
+    """Runs all jobs' rows as one continuously changing batch on a dedicated thread."""
+
+    def __init__(self, holder: ModelHolder, max_rows: int = 16, max_queue: int = 64):
         self._holder = holder
+        self.max_rows = max_rows
+        self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue()
+        self._waiting: Job | None = None  # taken from the queue, waiting for room in the batch
+        self._rows: list[_Row] = []
+        self._batch = KVBatch()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.peak_rows = 0  # the largest batch so far (rows)
+
+    @property
+    def running(self) -> int:
+        return len({id(r.job) for r in self._rows})
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize() + (self._waiting is not None)
 
     def submit(self, job: Job) -> Job:
+        if self.queued >= self.max_queue:
+            raise OverloadedError(
+                f"The local model is busy: {self.queued} requests are waiting already "
+                f"(LOCAL_LLM_MAX_QUEUE={self.max_queue}). Retry in a few seconds.",
+                retry_after=2,
+            )
         self._ensure_thread()
         self._jobs.put(job)
         return job
@@ -129,123 +173,167 @@ class Engine:
                 self._thread.start()
 
     def _run(self) -> None:
+        import torch  # the thread starts with the first local request: torch is loaded by then
+
         while True:
-            job = self._jobs.get()
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    self._drop_finished()
+                    if self._rows:
+                        self._step()
+            except Exception as exc:  # a failed step fails the batch, never the thread
+                self._fail_batch(exc)
+
+    # ---- joining ------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Take queued jobs while the batch has room; wait for one when the batch is empty."""
+        while True:
+            job = self._next_job(block=not self._rows)
+            if job is None:
+                return
             if job.cancelled:
                 job.emit(Done())
                 continue
+            if self._rows and len(self._rows) + job.sampling.n > self.max_rows:
+                self._waiting = job
+                return
             try:
-                self._generate(job)
+                self._prefill(job)
             except LocalLLMError as exc:
-                job.emit(Failed(exc))
+                _fail(job, exc)
             except Exception as exc:
-                job.emit(Failed(_internal_error(exc)))
-            job.emit(Done())
+                _fail(job, _internal_error(exc))
 
-    def _generate(self, job: Job) -> None:
+    def _next_job(self, block: bool) -> Job | None:
+        if self._waiting is not None:
+            job, self._waiting = self._waiting, None
+            return job
+        try:
+            return self._jobs.get(block=block)
+        except queue.Empty:
+            return None
+
+    def _prefill(self, job: Job) -> None:
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import DynamicCache
 
         loaded = self._holder.get()
-        tracker = _ChoiceTracker(job, loaded)
-        # One row per choice (not num_return_sequences, which greedy decoding refuses for n > 1).
-        input_ids = torch.tensor([job.prompt_ids] * job.sampling.n, device=loaded.model.device)
-        processors = LogitsProcessorList()
-        if job.grammar is not None:
-            processors.append(loaded.constraints.processor(job.grammar, job.sampling.n))
-        if job.sampling.seed is not None:
-            torch.manual_seed(job.sampling.seed)
-        with torch.inference_mode():
-            loaded.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=_generation_config(loaded, job),
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-            )
-        if job.cancelled:
-            log.info(
-                "Generation cancelled by the caller after %d tokens (max_tokens %d)",
-                tracker.generated,
-                job.max_new_tokens,
-            )
-        tracker.finish_open_choices()
+        model, n = loaded.model, job.sampling.n
+        cache = DynamicCache(config=model.config)
+        input_ids = torch.tensor([job.prompt_ids], device=model.device)
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.expand(n, -1).clone()
+        rows = [self._new_row(job, i, loaded) for i in range(n)]
+        job.open_rows = n
+        tokens = self._choose(rows, logits)
+        self._batch.add(cache, n, len(job.prompt_ids))
+        self._rows.extend(rows)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+        self._advance(rows, tokens, loaded.eos_token_ids)
 
+    def _new_row(self, job: Job, index: int, loaded: LoadedModel) -> _Row:
+        sampling = row_sampling(
+            job.sampling, loaded.generation_defaults, loaded.model.device, index
+        )
+        matcher = loaded.constraints.matcher(job.grammar) if job.grammar else None
+        pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop)
+        return _Row(job, index, pipeline, sampling, matcher, length=len(job.prompt_ids))
 
-class _ChoiceTracker:
-    """A transformers StoppingCriteria that turns each new token into text for its choice.
+    # ---- one decoding step for every row -------------------------------------------------------
 
-    Called by ``generate`` once per decoding step with all rows; it emits text as it is produced and
-    tells ``generate`` which rows are finished (end of turn, a stop string, max_tokens, or cancel).
-    """
-
-    def __init__(self, job: Job, loaded: LoadedModel):
-        n = job.sampling.n
-        self._job = job
-        self._eos = loaded.eos_token_ids
-        self._pipelines = [TextPipeline(loaded.tokenizer, job.sampling.stop) for _ in range(n)]
-        self._counts = [0] * n
-        self._done = [False] * n
-
-    @property
-    def generated(self) -> int:
-        return max(self._counts)
-
-    def __call__(self, input_ids, scores, **kwargs):
+    def _step(self) -> None:
         import torch
 
-        if self._job.cancelled:
-            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i, token in enumerate(input_ids[:, -1].tolist()):
-            if not self._done[i]:
-                self._step(i, token)
-        return torch.tensor(self._done, dtype=torch.bool, device=input_ids.device)
+        loaded = self._holder.get()
+        device = loaded.model.device
+        input_ids = torch.tensor([[r.last] for r in self._rows], device=device)
+        positions = torch.tensor([[r.length] for r in self._rows], device=device)
+        mask = self._batch.step_mask()
+        out = loaded.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._batch.cache,
+            use_cache=True,
+        )
+        self._batch.mask = mask
+        for row in self._rows:
+            row.length += 1
+        tokens = self._choose(self._rows, out.logits[:, -1].float())
+        self._advance(self._rows, tokens, loaded.eos_token_ids)
 
-    def _step(self, i: int, token: int) -> None:
-        self._counts[i] += 1
-        if token in self._eos:
-            return self._finish(i, "stop")
-        text = self._pipelines[i].push(token)
-        if text:
-            self._job.emit(Delta(i, text))
-        if self._pipelines[i].stopped:
-            self._finish(i, "stop")
-        elif self._counts[i] >= self._job.max_new_tokens:
-            self._finish(i, "length")
+    def _choose(self, rows: list[_Row], logits) -> list[int]:
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
+        return sample(logits, [r.sampling for r in rows])
 
-    def _finish(self, i: int, reason: str) -> None:
-        tail = self._pipelines[i].flush()
+    def _advance(self, rows: list[_Row], tokens: list[int], eos: frozenset[int]) -> None:
+        for row, token in zip(rows, tokens, strict=True):
+            if row.done or row.job.cancelled:
+                continue
+            row.last = token
+            row.count += 1
+            if row.matcher is not None:
+                row.matcher.consume(token)
+            if token in eos:
+                self._finish(row, "stop")
+                continue
+            text = row.pipeline.push(token)
+            if text:
+                row.job.emit(Delta(row.index, text))
+            if row.pipeline.stopped:
+                self._finish(row, "stop")
+            elif row.count >= row.job.max_new_tokens:
+                self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        tail = row.pipeline.flush()
         if tail:
-            self._job.emit(Delta(i, tail))
-        self._done[i] = True
-        self._job.emit(Finish(i, reason, self._counts[i]))
+            row.job.emit(Delta(row.index, tail))
+        row.done = True
+        row.job.emit(Finish(row.index, reason, row.count))
+        row.job.open_rows -= 1
+        if row.job.open_rows == 0:
+            row.job.emit(Done())
 
-    def finish_open_choices(self) -> None:
-        """Rows ``generate`` ended without us seeing their end (it hit its own length limit)."""
-        if self._job.cancelled:
-            return
-        for i, done in enumerate(self._done):
-            if not done:
-                self._finish(i, "length")
+    # ---- leaving ----------------------------------------------------------------------------
+
+    def _drop_finished(self) -> None:
+        """Finished rows and rows of cancelled jobs leave the batch (and free their cache)."""
+        keep, gone = [], {}
+        for i, row in enumerate(self._rows):
+            if row.job.cancelled and not row.done:
+                gone[id(row.job)] = row
+            elif not row.done:
+                keep.append(i)
+        for row in gone.values():
+            log.info(
+                "Generation cancelled by the caller after %d tokens (max_tokens %d)",
+                row.count,
+                row.job.max_new_tokens,
+            )
+            row.job.emit(Done())
+        if len(keep) != len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _fail_batch(self, exc: Exception) -> None:
+        error = exc if isinstance(exc, LocalLLMError) else _internal_error(exc)
+        for job in {id(r.job): r.job for r in self._rows if not r.done}.values():
+            _fail(job, error)
+        self._rows, self._batch = [], KVBatch()
+        self._holder.release_cached_memory()
 
 
-def _generation_config(loaded: LoadedModel, job: Job) -> Any:
-    s = job.sampling
-    gc = copy.deepcopy(loaded.model.generation_config)
-    gc.max_new_tokens = job.max_new_tokens
-    gc.max_length = None
-    gc.num_return_sequences = 1
-    gc.pad_token_id = loaded.pad_token_id
-    if s.greedy:
-        gc.do_sample, gc.temperature, gc.top_p, gc.top_k = False, None, None, None
-        return gc
-    defaults = loaded.generation_defaults
-    gc.do_sample = True
-    gc.temperature = s.temperature if s.temperature is not None else defaults["temperature"]
-    gc.top_p = s.top_p if s.top_p is not None else defaults["top_p"]
-    top_k = s.top_k if s.top_k is not None else defaults["top_k"]
-    gc.top_k = top_k or None  # 0 means "no top-k"
-    return gc
+def _fail(job: Job, error: LocalLLMError) -> None:
+    job.emit(Failed(error))
+    job.emit(Done())
 
 
 def _internal_error(exc: Exception) -> LocalLLMError:

@@ -4,7 +4,8 @@
      └── LocalLLMError                      500  something broke inside the gateway
           ├── InvalidRequestError           400  the caller's request is wrong
           │    └── ContextLengthExceededError 400  prompt + max_tokens > the model's context
-          └── ModelUnavailableError         503  the local model cannot be loaded or run right now
+          ├── ModelUnavailableError         503  the local model cannot be loaded or run right now
+          └── OverloadedError               503  too many requests queued (with Retry-After)
 
 Messages say what is wrong and how to fix it; they never carry a stack trace.
 """
@@ -39,3 +40,13 @@ class ContextLengthExceededError(InvalidRequestError):
 class ModelUnavailableError(LocalLLMError):
     status_code = 503
     type = "service_unavailable"
+
+
+class OverloadedError(LocalLLMError):
+    status_code = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message, code="overloaded")
+        self.retry_after = retry_after
+        self.headers = {"retry-after": str(retry_after)}

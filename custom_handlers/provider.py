@@ -44,8 +44,8 @@ class LocalLLM(CustomLLM):
     def __init__(self, holder: ModelHolder | None = None) -> None:
         super().__init__()
         self.holder = holder or ModelHolder()
-        self.engine = Engine(self.holder)
         self._settings: LocalModelSettings | None = None
+        self.engine = Engine(self.holder, self.settings.max_batch_size, self.settings.max_queue)
         self._load_lock: asyncio.Lock | None = None
 
     @property

@@ -45,6 +45,14 @@ class LocalModelSettings(BaseSettings):
         description="Output budget of a request without max_tokens (capped by the context left).",
     )
     max_n: int = Field(8, ge=1, description="Largest 'n' (choices per request) accepted.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Most rows (choices of requests) decoded together in one batch."
+    )
+    max_queue: int = Field(
+        64,
+        ge=0,
+        description="Most requests waiting for room in the batch; beyond: 503 + Retry-After.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Allow custom modelling code from the model repo (off: Qwen3 needs none).",

@@ -8,6 +8,9 @@ import pytest
 
 from tests.servers import ROOT, FakeOpenAI, Gateway
 
+# LiteLLM fetches its price map from the network at import unless told not to (no network here).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 FAKE_OPENAI_KEY = "sk-fake-upstream-key"
 
 

@@ -268,7 +268,29 @@ def test_bad_input_gets_400_with_a_clear_message(gateway, name):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert expected in error["message"]
-    assert "Traceback" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert "Traceback" not in error["message"] and "litellm." not in error["message"]
+
+
+def test_errors_name_the_parameter(gateway):
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={"model": LOCAL, "messages": FOX, "temperature": 9},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.json()["error"]["param"] == "temperature"
+
+
+def test_bad_input_on_a_stream_gets_400_before_any_chunk(gateway):
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={"model": LOCAL, "messages": FOX, "max_tokens": 5000, "stream": True},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert "context_length_exceeded" in r.json()["error"]["message"]
 
 
 def test_unknown_model_gets_400_naming_it(client):

@@ -1,0 +1,78 @@
+"""Next-token choice for a batch whose rows each have their own sampling parameters.
+
+One vectorised pass for all sampled rows (temperature, top-k, top-p), greedy rows by argmax. Each
+row draws its randomness from its own ``torch.Generator``, so a seeded request gives the same
+answer whatever else shares the batch. Sampling uses the Gumbel-max trick: the argmax of
+``logits + Gumbel noise`` is a draw from ``softmax(logits)``, and the noise comes per row.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RowSampling:
+    greedy: bool
+    temperature: float
+    top_p: float
+    top_k: int  # 0: no top-k
+    generator: Any  # torch.Generator on the model's device, or None when greedy
+
+
+def row_sampling(sampling, defaults: dict, device, choice: int) -> RowSampling:
+    """Per-row settings from a request's ``SamplingParams`` and the checkpoint's defaults."""
+    import torch
+
+    if sampling.greedy:
+        return RowSampling(True, 1.0, 1.0, 0, None)
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed + choice * 1_000_003) % 2**63)  # n > 1: each choice its own draw
+    return RowSampling(
+        greedy=False,
+        temperature=_or(sampling.temperature, defaults["temperature"]),
+        top_p=_or(sampling.top_p, defaults["top_p"]),
+        top_k=_or(sampling.top_k, defaults["top_k"]),
+        generator=generator,
+    )
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def sample(logits, rows: list[RowSampling]) -> list[int]:
+    """One token id per row of ``logits`` ([rows, vocab], float32, already masked)."""
+    import torch
+
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    greedy = [i for i, r in enumerate(rows) if r.greedy]
+    drawn = [i for i, r in enumerate(rows) if not r.greedy]
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if drawn:
+        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    return tokens.tolist()
+
+
+def _draw(logits, rows: list[RowSampling]):
+    import torch
+
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([r.temperature for r in rows], device=device).unsqueeze(1)
+    top_k = torch.tensor([r.top_k or vocab for r in rows], device=device).unsqueeze(1)
+    top_p = torch.tensor([r.top_p for r in rows], device=device).unsqueeze(1)
+    ordered, order = torch.sort(logits / temperature, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    ordered = ordered.masked_fill(ranks >= top_k, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the first always stays
+    ordered = ordered.masked_fill(before > top_p, float("-inf"))
+    noise = torch.stack(
+        [torch.rand(vocab, generator=r.generator, device=device) for r in rows]
+    ).clamp_(min=torch.finfo(torch.float32).tiny)
+    choice = (ordered - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+    return order.gather(1, choice).squeeze(1)

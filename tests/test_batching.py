@@ -1,0 +1,192 @@
+"""Continuous batching: requests decoded together each get exactly what they asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import pytest
+
+from custom_handlers.errors import OverloadedError
+from custom_handlers.loader import ModelHolder
+from custom_handlers.provider import LocalLLM
+from custom_handlers.settings import LocalModelSettings
+from tests.servers import Gateway
+
+LOCAL = "qwen3-4b"
+
+
+def _messages(i: int) -> list[dict]:
+    # Prompts of different lengths, so rows are padded differently in the batch.
+    return [{"role": "user", "content": "a fox " * (1 + 3 * i) + f"number {i}"}]
+
+
+def _requests(stop_a: str, stop_b: str) -> list[dict]:
+    return [
+        {"messages": _messages(0), "temperature": 0, "max_tokens": 16},
+        {"messages": _messages(1), "temperature": 0, "max_tokens": 16},
+        {"messages": _messages(2), "temperature": 1.0, "seed": 21, "max_tokens": 16},
+        {"messages": _messages(3), "temperature": 0.7, "top_p": 0.9, "seed": 5, "max_tokens": 16},
+        {"messages": _messages(4), "temperature": 1.0, "seed": 8, "max_tokens": 40, "stop": stop_a},
+        {
+            "messages": _messages(5),
+            "temperature": 1.0,
+            "seed": 9,
+            "max_tokens": 40,
+            "stop": [stop_b, "zz-never"],
+        },
+        {"messages": _messages(6), "temperature": 1.0, "seed": 3, "max_tokens": 3},
+        {"messages": _messages(7), "temperature": 0, "max_tokens": 7},
+    ]
+
+
+def _outcome(response) -> tuple:
+    choice = response.choices[0]
+    return choice.message.content, choice.finish_reason, response.usage.completion_tokens
+
+
+def _piece(text: str) -> str:
+    for start in range(3, len(text) - 2):
+        if text[start : start + 2].strip() and "\ufffd" not in text[start : start + 2]:
+            return text[start : start + 2]
+    pytest.fail(f"no stop candidate in {text!r}")
+
+
+@pytest.mark.integration
+def test_each_request_in_a_mixed_batch_gets_what_it_gets_alone(client, aclient):
+    def alone(body):
+        return client.chat.completions.create(model=LOCAL, **body)
+
+    full_a = alone({**_requests("x", "y")[4], "stop": None}).choices[0].message.content
+    full_b = alone({**_requests("x", "y")[5], "stop": None}).choices[0].message.content
+    bodies = _requests(_piece(full_a), _piece(full_b))
+    expected = [_outcome(alone(body)) for body in bodies]
+
+    async def together():
+        return await asyncio.gather(
+            *(aclient.chat.completions.create(model=LOCAL, **body) for body in bodies)
+        )
+
+    got = [_outcome(r) for r in asyncio.run(together())]
+    assert got == expected
+    assert got[4][1] == got[5][1] == "stop"  # the stop strings ended those two
+    assert got[6][1:] == ("length", 3) and got[7][1:] == ("length", 7)
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_model_dir):
+    return LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
+
+
+def test_requests_arriving_together_share_the_batch(handler):
+    async def burst():
+        return await asyncio.gather(
+            *(
+                handler.acompletion(
+                    "x", _messages(i), optional_params={"max_tokens": 20, "temperature": 0}
+                )
+                for i in range(6)
+            )
+        )
+
+    answers = asyncio.run(burst())
+    assert len(answers) == 6
+    assert handler.engine.peak_rows >= 4  # decoded together, not one after another
+
+
+def test_a_cancelled_request_leaves_the_batch_at_once(handler):
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    logging.getLogger("custom_handlers.engine").addHandler(capture)
+
+    async def scenario():
+        keeps = asyncio.create_task(
+            handler.acompletion(
+                "x", _messages(1), optional_params={"max_tokens": 300, "temperature": 0}
+            )
+        )
+        leaves = handler.astreaming("x", _messages(2), optional_params={"max_tokens": 1500})
+        await leaves.__anext__()
+        await leaves.aclose()  # the client went away
+        deadline = time.monotonic() + 5
+        while handler.engine.running > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        running_after_cancel = handler.engine.running
+        return running_after_cancel, await keeps
+
+    try:
+        running, kept = asyncio.run(scenario())
+    finally:
+        logging.getLogger("custom_handlers.engine").removeHandler(capture)
+    assert running <= 1
+    assert kept.choices[0].finish_reason in ("stop", "length")
+    cancelled = [r for r in records if "cancelled by the caller" in r.getMessage()]
+    assert len(cancelled) == 1 and cancelled[0].args[0] < 50
+
+
+def test_a_full_queue_refuses_with_retry_after(tiny_model_dir):
+    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
+    local.engine.max_rows, local.engine.max_queue = 1, 1
+    long = {"max_tokens": 1500, "temperature": 1.0}
+
+    async def scenario():
+        running = local.astreaming("x", _messages(0), optional_params=long)
+        await running.__anext__()  # in the batch, which is now full
+        waiting = asyncio.create_task(local.acompletion("x", _messages(1), optional_params=long))
+        while local.engine.queued < 1:
+            await asyncio.sleep(0.001)
+        with pytest.raises(OverloadedError) as info:
+            await local.acompletion("x", _messages(2), optional_params=long)
+        await running.aclose()
+        waiting.cancel()
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.status_code == 503 and error.retry_after >= 1
+    assert "LOCAL_LLM_MAX_QUEUE=1" in error.message
+
+
+@pytest.mark.integration
+def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, tmp_path):
+    gw = Gateway(
+        env={
+            "LOCAL_LLM_MODEL": str(tiny_model_dir),
+            "LOCAL_LLM_MAX_BATCH_SIZE": "1",
+            "LOCAL_LLM_MAX_QUEUE": "1",
+        },
+        workdir=tmp_path,
+    ).start()
+    body = {"model": LOCAL, "messages": _messages(0), "max_tokens": 1900, "stream": True}
+
+    async def scenario(http: httpx.AsyncClient):
+        await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 1})
+        async with http.stream("POST", "/v1/chat/completions", json=body) as first:
+            lines = first.aiter_lines()  # kept: a dropped iterator closes the response
+            await anext(lines)  # running: the batch (1 row) is full
+            queued = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            await asyncio.sleep(0.5)  # the second request is waiting in the queue
+            refused = await http.post("/v1/chat/completions", json={**body, "stream": False})
+        queued.cancel()
+        await asyncio.sleep(0.5)
+        after = await http.post(
+            "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}
+        )
+        return refused, after
+
+    async def run():
+        async with httpx.AsyncClient(
+            base_url=gw.base_url, timeout=120, headers={"Authorization": f"Bearer {gw.key}"}
+        ) as http:
+            return await scenario(http)
+
+    try:
+        refused, after = asyncio.run(run())
+    finally:
+        gw.stop()
+    assert refused.status_code == 503, refused.text
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "busy" in refused.json()["error"]["message"]
+    assert after.status_code == 200  # served again once the queue drained
