@@ -28,6 +28,7 @@ from client._doctor import Check, diagnose
 from client._errors import (
     ClientError,
     ConfigurationError,
+    ContextLengthError,
     GatewayAuthError,
     GatewayError,
     GatewayTimeoutError,
@@ -51,6 +52,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConfigurationError",
+    "ContextLengthError",
     "ExpandedPrompt",
     "GatewayAuthError",
     "GatewayError",

@@ -16,7 +16,13 @@ import httpx
 
 from client import _prompts
 from client._config import Settings, load_settings
-from client._errors import LibraryError, ResponseError, VariableExistsError
+from client._errors import (
+    ClientError,
+    ContextLengthError,
+    LibraryError,
+    ResponseError,
+    VariableExistsError,
+)
 from client._library import Library, Variable, check_name
 from client._llm import AsyncTransport, Completion, Transport
 from client._prompts import ChatRequest
@@ -28,7 +34,8 @@ Plan = Generator[ChatRequest, Completion, T]
 Progress = Callable[[str], None]
 
 DEFAULT_VALUE_COUNT = 20
-VALUE_ROUNDS = 3  # asks for the values still missing, at most this many times in all
+MAX_BATCH = 25  # values asked for in one request
+WEAK_ROUNDS = 3  # rounds bringing under half of what they asked for, before giving up
 
 
 @dataclass(frozen=True)
@@ -63,21 +70,56 @@ def enhance_plan(prompt: str, instruction: str = "") -> Plan[str]:
 
 
 def values_plan(name: str, context_prompt: str, count: int) -> Plan[list[str]]:
+    """Ask for the values still missing, in batches, until there are ``count`` distinct ones.
+
+    A batch that does not fit the model's context is made smaller. A round that brings less than
+    half of what it asked for is a weak one; after ``WEAK_ROUNDS`` of them the plan gives up.
+    """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     values: list[str] = []
-    model = "the model"
-    for _ in range(VALUE_ROUNDS):
-        request = _prompts.values_request(name, context_prompt, count - len(values), values)
-        completion = yield request
+    batch, weak, model = min(count, MAX_BATCH), 0, "the model"
+    while len(values) < count:
+        want = min(count - len(values), batch)
+        request = _prompts.values_request(name, context_prompt, want, _recent(values))
+        try:
+            completion = yield request
+        except ContextLengthError as exc:
+            batch = _smaller_batch(exc, want, _prompts.value_length_limit(name))
+            continue
         model = f"Model '{completion.model}'"
-        values = distinct(values + extract_values(completion.text))
-        if len(values) >= count:
-            return values[:count]
-    raise ResponseError(
-        f"{model} gave {len(values)} distinct values for __{name}__ of the {count} asked for, "
-        f"in {VALUE_ROUNDS} tries. Try again, ask for fewer, or choose another model (LLM_MODEL)."
-    )
+        before, values = len(values), distinct(values + extract_values(completion.text))
+        if 2 * (len(values) - before) < want:
+            weak += 1
+        if weak >= WEAK_ROUNDS and len(values) < count:
+            raise ResponseError(
+                f"{model} gave {len(values)} distinct values for __{name}__ of the {count} asked "
+                "for. Try again, ask for fewer, or choose another model (LLM_MODEL)."
+            )
+    return values[:count]
+
+
+def _recent(values: list[str], max_chars: int = 1200) -> list[str]:
+    """The latest values, as many as fit in ``max_chars``: what the model is told to avoid."""
+    kept, used = [], 0
+    for value in reversed(values):
+        used += len(value) + 2
+        if used > max_chars:
+            break
+        kept.append(value)
+    return kept[::-1]
+
+
+def _smaller_batch(exc: ContextLengthError, want: int, max_chars: int) -> int:
+    """A batch whose answer fits the context the error reported; re-raises when none can."""
+    if exc.context_tokens and exc.prompt_tokens:
+        room = exc.context_tokens - exc.prompt_tokens - 32
+        fits = room // (max_chars + 3)
+    else:
+        fits = want // 2
+    if fits < 1 or fits >= want:
+        raise exc
+    return fits
 
 
 def variable_plan(
@@ -130,10 +172,16 @@ def expand_plan(
 
 
 def _run(plan: Plan[T], complete: Callable[[ChatRequest], Completion]) -> T:
+    """Drive a plan with blocking calls; a failed call is raised inside the plan."""
     try:
         request = next(plan)
         while True:
-            request = plan.send(complete(request))
+            try:
+                answer = complete(request)
+            except ClientError as exc:
+                request = plan.throw(exc)
+            else:
+                request = plan.send(answer)
     except StopIteration as stop:
         return stop.value
     finally:
@@ -141,10 +189,16 @@ def _run(plan: Plan[T], complete: Callable[[ChatRequest], Completion]) -> T:
 
 
 async def _arun(plan: Plan[T], complete) -> T:
+    """Drive a plan with awaited calls (the twin of ``_run``)."""
     try:
         request = next(plan)
         while True:
-            request = plan.send(await complete(request))
+            try:
+                answer = await complete(request)
+            except ClientError as exc:
+                request = plan.throw(exc)
+            else:
+                request = plan.send(answer)
     except StopIteration as stop:
         return stop.value
     finally:

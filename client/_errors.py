@@ -16,6 +16,8 @@
      │    ├── ProviderAuthError          the cloud provider's own key is missing or wrong
      │    │                              (.provider, .env_var)
      │    └── RequestError               any other refusal (.status_code)
+     │         └── ContextLengthError     prompt + answer exceed the model's context
+     │                                    (.context_tokens, .prompt_tokens when known)
      └── ResponseError               the model answered, but with nothing usable
 
 Only the library raises them; only the CLI turns them into one line on stderr and an exit code.
@@ -27,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "ClientError",
     "ConfigurationError",
+    "ContextLengthError",
     "GatewayAuthError",
     "GatewayError",
     "GatewayTimeoutError",
@@ -145,3 +148,22 @@ class RequestError(GatewayError):
 
 class ResponseError(ClientError):
     """The model answered, but its answer could not be used (empty, too few values)."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt and the answer's budget exceed the model's context (HTTP 400).
+
+    ``context_tokens`` and ``prompt_tokens`` are read from the message when it gives them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        context_tokens: int | None = None,
+        prompt_tokens: int | None = None,
+        **kwargs,
+    ):
+        self.context_tokens = context_tokens
+        self.prompt_tokens = prompt_tokens
+        super().__init__(message, **kwargs)

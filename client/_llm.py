@@ -27,6 +27,7 @@ import openai
 from client._config import Settings
 from client._errors import (
     ClientError,
+    ContextLengthError,
     GatewayAuthError,
     GatewayTimeoutError,
     GatewayUnreachableError,
@@ -47,6 +48,7 @@ _KEY_TROUBLE = re.compile(
 )
 _MISSING = re.compile(r"missing|not set|no key|no api key", re.IGNORECASE)
 _CANNOT_CONNECT = re.compile(r"APIConnectionError|Cannot connect|Connection refused", re.I)
+_CONTEXT = re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages", re.S)
 _RETRY_IN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s\b|sec|second)", re.IGNORECASE)
 _KEY_VARS = {
     "openai": "OPENAI_API_KEY",
@@ -250,6 +252,15 @@ def _translate_status(exc, settings, model, available, where) -> ClientError:
     if status == 503:
         return ModelUnavailableError(
             f"Model '{model}' cannot answer now: {short_detail(message)} (see the gateway's log).",
+            **where,
+        )
+    if status == 400 and ("context_length_exceeded" in message or _CONTEXT.search(message)):
+        found = _CONTEXT.search(message)
+        return ContextLengthError(
+            f"The request is too long for model '{model}': {short_detail(message)}",
+            context_tokens=int(found.group(1)) if found else None,
+            prompt_tokens=int(found.group(2)) if found else None,
+            status_code=status,
             **where,
         )
     return RequestError(

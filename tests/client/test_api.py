@@ -13,6 +13,7 @@ PUBLIC = [
     "Client",
     "ClientError",
     "ConfigurationError",
+    "ContextLengthError",
     "ExpandedPrompt",
     "GatewayAuthError",
     "GatewayError",

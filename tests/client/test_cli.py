@@ -280,8 +280,10 @@ def test_the_installed_command_runs_the_done_when_examples(on_gateway, _isolated
     )
     assert enhance.returncode == 0, enhance.stderr
     assert len(enhance.stdout.rstrip("\n").split("\n")) == 1
+    # Exactly as in the README: 20 values by default, more than the tiny model's 2048-token context
+    # holds in one answer, so this also checks that the batch is made to fit.
     expand = subprocess.run(
-        [installed(), "expand", TEMPLATE, "--values", "3"],
+        [installed(), "expand", TEMPLATE],
         capture_output=True,
         text=True,
         env=env,
@@ -289,6 +291,8 @@ def test_the_installed_command_runs_the_done_when_examples(on_gateway, _isolated
     )
     assert expand.returncode == 0, expand.stderr
     assert len(expand.stdout.rstrip("\n").split("\n")) == 3
+    saved = (_isolated / "library" / "mythical_creature.md").read_text(encoding="utf-8")
+    assert len([line for line in saved.split("\n") if line and not line.startswith("#")]) == 20
     assert "\x1b[" not in expand.stdout + expand.stderr
 
 

@@ -7,6 +7,7 @@ the integration tests check the same cases end to end.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from client import (
     AsyncClient,
     Client,
     ConfigurationError,
+    ContextLengthError,
     GatewayAuthError,
     GatewayTimeoutError,
     GatewayUnreachableError,
@@ -154,10 +156,53 @@ def test_missing_values_are_asked_for_again_without_repeats(unit_client, fake):
 
 
 def test_too_few_values_after_every_try_is_an_error(unit_client, fake):
-    for _ in range(3):
+    for _ in range(4):
         fake.reply('{"values": ["Siamese"]}')
     with pytest.raises(ResponseError, match="1 distinct values for __cat_breed__ of the 2"):
         unit_client.generate_prompt_variable_values("cat_breed", "", 2)
+    assert len(fake.chats) == 4  # 1 of 2 (half: fine), then three rounds bringing nothing
+
+
+def asked(body) -> int:
+    return body["response_format"]["json_schema"]["schema"]["properties"]["values"]["minItems"]
+
+
+def test_many_values_come_in_batches(unit_client, fake):
+    fake.reply(json.dumps({"values": [f"v{i}" for i in range(25)]}))
+    fake.reply(json.dumps({"values": [f"v{i}" for i in range(25, 40)]}))
+    values = unit_client.generate_prompt_variable_values("thing", "", 40)
+    assert values == [f"v{i}" for i in range(40)]
+    assert [asked(body) for body in fake.chats] == [25, 15]
+    # What to avoid is bounded: the most recent values only.
+    assert "v24" in fake.chats[1]["messages"][-1]["content"]
+
+
+def test_a_batch_too_long_for_the_context_is_made_to_fit(unit_client, fake):
+    fake.error(
+        400,
+        "litellm.BadRequestError: ZlocalException - context_length_exceeded: This model's maximum "
+        "context length is 2048 tokens. However, you requested 2193 tokens (501 in the messages, "
+        "1692 in the completion).",
+        type="invalid_request_error",
+    )
+    fake.reply(json.dumps({"values": [f"v{i}" for i in range(18)]}))
+    fake.reply(json.dumps({"values": ["v18", "v19"]}))
+    assert len(unit_client.generate_prompt_variable_values("thing", "", 20)) == 20
+    # (2048 - 501 - 32) // (80 + 3) = 18 values fit.
+    assert [asked(body) for body in fake.chats] == [20, 18, 2]
+
+
+def test_a_prompt_too_long_for_the_context_is_an_error(unit_client, fake):
+    fake.error(
+        400,
+        "litellm.BadRequestError: ZlocalException - context_length_exceeded: This model's maximum "
+        "context length is 2048 tokens. However, you requested 2600 tokens (2500 in the messages, "
+        "100 in the completion).",
+    )
+    with pytest.raises(ContextLengthError) as caught:
+        unit_client.generate_prompt_variable_values("thing", "", 1)
+    assert (caught.value.context_tokens, caught.value.prompt_tokens) == (2048, 2500)
+    assert "too long for model 'qwen3-4b'" in str(caught.value)
 
 
 def test_a_model_refusing_response_format_is_asked_again_without_it(unit_client, fake):
@@ -267,8 +312,8 @@ def test_a_local_model_that_cannot_load(unit_client, fake):
 
 
 def test_other_refusals_keep_their_status_and_message(unit_client, fake):
-    fake.error(400, "litellm.BadRequestError: ZlocalException - context_length_exceeded: ...")
-    with pytest.raises(RequestError, match=r"HTTP 400\): ZlocalException - context_length") as c:
+    fake.error(400, "litellm.BadRequestError: ZlocalException - 'top_p' must be above 0, got 0.")
+    with pytest.raises(RequestError, match=r"HTTP 400\): ZlocalException - 'top_p' must") as c:
         unit_client.enhance_prompt("a fox")
     assert c.value.status_code == 400
 
