@@ -10,7 +10,10 @@ what this gateway actually answers (LiteLLM 1.108 with our auth hook):
   (500), naming the provider (``OpenAIException``, ``Missing Anthropic API Key``);
 - an unknown model: 400 ``Invalid model name passed in model=...``;
 - a rate limit: 429, the provider's ``Retry-After`` passed on as ``llm_provider-retry-after``; a
-  model paused after failures: 429 ``all_deployments_in_cooldown`` with ``retry-after``.
+  model paused after failures: 429 ``all_deployments_in_cooldown`` with ``retry-after``;
+- the local model's own errors as it wrote them (the gateway's failure hook unwraps them): 400
+  ``context_length_exceeded: This model's maximum context length is ...``, 503 when it cannot
+  load, 503 with ``retry-after`` when its queue is full.
 """
 
 from __future__ import annotations
@@ -249,6 +252,8 @@ def _translate_status(exc, settings, model, available, where) -> ClientError:
             "(e.g. OLLAMA_API_BASE).",
             **where,
         )
+    if status == 503 and retry_after(exc, message) is not None:  # a full queue: busy, not broken
+        return _rate_limit_error(exc, message, model, where)
     if status == 503:
         return ModelUnavailableError(
             f"Model '{model}' cannot answer now: {short_detail(message)} (see the gateway's log).",
@@ -321,6 +326,8 @@ def _rate_limit_error(exc, message: str, model, where) -> RateLimitError:
         text = (
             f"The gateway paused model '{model}' after recent failures (its log says why); {when}."
         )
+    elif getattr(exc, "status_code", None) == 503:
+        text = f"Model '{model}' is busy; {when}. The gateway said: {short_detail(message)}"
     else:
         text = f"Model '{model}' is rate limited by its provider; {when}."
     return RateLimitError(text, retry_after=seconds, **where)

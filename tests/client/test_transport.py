@@ -283,6 +283,18 @@ def test_rate_limits_say_when_to_retry(unit_client, fake, message, headers, seco
         assert f"retry in {seconds:g} s" in str(caught.value)
 
 
+def test_a_busy_local_model_says_when_to_retry(unit_client, fake):
+    busy = (
+        "The local model is busy: 64 requests are waiting already (LOCAL_LLM_MAX_QUEUE=64). "
+        "Retry in a few seconds."
+    )
+    fake.error(503, busy, type="service_unavailable", headers={"retry-after": "2"})
+    with pytest.raises(RateLimitError) as caught:
+        unit_client.enhance_prompt("a fox")
+    assert caught.value.retry_after == 2
+    assert str(caught.value).startswith("Model 'qwen3-4b' is busy; retry in 2 s. The gateway said:")
+
+
 def test_unreachable_gateway_names_the_url_and_how_to_start_it(unit_client, fake):
     fake.fail(httpx.ConnectError("Connection refused"))
     with pytest.raises(GatewayUnreachableError) as caught:
