@@ -57,6 +57,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+# typer has its own Exit and Abort (not click's subclasses); both kinds end a command on purpose.
+_PASS_THROUGH = (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort)
+
+
 def _handles_errors(command: Callable) -> Callable:
     """Every failure becomes one line on stderr and exit status 1, never a traceback."""
 
@@ -64,7 +68,7 @@ def _handles_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except _PASS_THROUGH:  # typer's and click's own exits and usage errors
             raise
         except ClientError as exc:
             _fail(str(exc))
@@ -198,7 +202,8 @@ def models() -> None:
         for name in names:
             typer.echo(name)
         return
-    table = Table("", "model", box=None, title=f"Models at {settings.gateway_url}")
+    out.print(Text(f"Models at {settings.gateway_url} (* is LLM_MODEL)", style="bold"))
+    table = Table("", "model", box=None, show_header=False)
     for name in names:
         table.add_row("*" if name == settings.model_name else "", name)
     out.print(table)

@@ -310,3 +310,30 @@ def test_the_installed_command_fails_in_one_line(_isolated):
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: Cannot reach")
+
+
+def run_on_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its stdin, stdout and stderr."""
+    master, slave = os.openpty()
+    process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_on_a_terminal_output_is_decorated(on_gateway, _isolated):
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    status, output = run_on_terminal([installed(), "models"], env)
+    assert status == 0, output
+    assert "\x1b[" in output  # colours and the spinner's cursor control
+    assert "Models at" in output and "(* is LLM_MODEL)" in output
+    assert any(line.split() == ["*", "qwen3-4b"] for line in output.splitlines())

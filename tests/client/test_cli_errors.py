@@ -51,6 +51,7 @@ def test_doctor_says_the_gateway_is_down(cli, monkeypatch):
     result = cli("doctor")
     assert result.exit_code == 1
     assert result.stdout.splitlines()[-1].startswith(f"✗ gateway: Nothing answers at {url}")
+    assert result.stderr == ""  # the checks say it all; no extra error line
 
 
 def test_wrong_gateway_key(on_gateway, cli, monkeypatch):
