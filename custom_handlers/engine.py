@@ -86,6 +86,28 @@ class AsyncSink:
     async def get(self) -> Event:
         return await self._queue.get()
 
+    async def get_ready(self) -> list[Event]:
+        """The next event and every one already waiting, consecutive text of a choice joined.
+
+        A stream whose reader falls behind the model then sends fewer, larger chunks instead of
+        queueing up one chunk per token: each chunk costs the proxy the same, whatever its size.
+        """
+        events = [await self._queue.get()]
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return coalesce(events)
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    out: list[Event] = []
+    for event in events:
+        last = out[-1] if out else None
+        if isinstance(event, Delta) and isinstance(last, Delta) and last.index == event.index:
+            out[-1] = Delta(event.index, last.text + event.text)
+        else:
+            out.append(event)
+    return out
+
 
 @dataclass
 class Job:

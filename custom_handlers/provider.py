@@ -74,9 +74,12 @@ class LocalLLM(CustomLLM):
         request = self._parse(messages, optional_params, stream=True)
         job = await self._start(request, AsyncSink())
         try:
-            while not isinstance(event := await job.sink.get(), Done):
-                _raise_if_failed(event)
-                yield _chunk(job, event)
+            while True:
+                for event in await job.sink.get_ready():
+                    if isinstance(event, Done):
+                        return
+                    _raise_if_failed(event)
+                    yield _chunk(job, event)
         finally:
             job.cancel()
 

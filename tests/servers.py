@@ -35,6 +35,7 @@ class Gateway:
     workdir: Path
     port: int = field(default_factory=free_port)
     key: str = MASTER_KEY
+    config: Path = CONFIG
     process: subprocess.Popen | None = None
 
     @property
@@ -57,7 +58,7 @@ class Gateway:
                 [
                     str(litellm),
                     "--config",
-                    str(CONFIG),
+                    str(self.config),
                     "--host",
                     "127.0.0.1",
                     "--port",

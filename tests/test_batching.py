@@ -190,3 +190,25 @@ def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, t
     assert int(refused.headers["retry-after"]) >= 1
     assert "busy" in refused.json()["error"]["message"]
     assert after.status_code == 200  # served again once the queue drained
+
+
+def test_waiting_text_of_a_choice_is_sent_as_one_chunk():
+    from custom_handlers.engine import Delta, Done, Finish, coalesce
+
+    events = [
+        Delta(0, "a"),
+        Delta(0, "b"),
+        Delta(1, "x"),
+        Delta(0, "c"),
+        Finish(0, "stop", 3),
+        Delta(0, "d"),
+        Done(),
+    ]
+    assert coalesce(events) == [
+        Delta(0, "ab"),
+        Delta(1, "x"),
+        Delta(0, "c"),
+        Finish(0, "stop", 3),
+        Delta(0, "d"),
+        Done(),
+    ]
