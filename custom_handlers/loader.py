@@ -87,20 +87,25 @@ def load_model(settings: LocalModelSettings) -> LoadedModel:
 
         device = _resolve_device(settings.device, torch)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source, trust_remote_code=settings.trust_remote_code
+            source,
+            subfolder=settings.tokenizer_folder,
+            trust_remote_code=settings.trust_remote_code,
         )
         config = transformers.AutoConfig.from_pretrained(
-            source, trust_remote_code=settings.trust_remote_code
+            source, subfolder=settings.model_folder, trust_remote_code=settings.trust_remote_code
         )
         dtype = _resolve_dtype(settings.dtype, device, torch)
         quant_kwargs, quantization = _quantization(settings, config, device, dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
             source,
+            subfolder=settings.model_folder,
             dtype=dtype,
             device_map=device if device != "cpu" else None,
             trust_remote_code=settings.trust_remote_code,
+            output_loading_info=True,
             **quant_kwargs,
         )
+        _tie_missing_lm_head(model, loading_info, settings)
     except ModelUnavailableError:
         raise
     except Exception as exc:  # any failure to load is reported the same way: clearly, once
@@ -136,11 +141,24 @@ def _check_source(settings: LocalModelSettings) -> str:
     looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if settings.model_folder and not (path / settings.model_folder / "config.json").is_file():
+            raise ModelUnavailableError(
+                f"The local model cannot be loaded: {settings.source_label} has no "
+                f"{settings.model_folder}/config.json. Set LOCAL_LLM_SUBFOLDER to the folder of "
+                "LOCAL_LLM_MODEL that holds the model's config.json (Z-Image: text_encoder), or "
+                "leave it empty for a plain model folder."
+            )
+        if not (path / settings.model_folder / "config.json").is_file():
             raise ModelUnavailableError(
                 f"The local model cannot be loaded: {settings.source_label} is a directory "
                 "without a config.json. Point LOCAL_LLM_MODEL at a Hugging Face model folder "
                 f"or a repo id (default {DEFAULT_MODEL!r})."
+            )
+        if not (path / settings.tokenizer_folder).is_dir():
+            raise ModelUnavailableError(
+                f"The local model cannot be loaded: {source!r} has no tokenizer folder "
+                f"{settings.tokenizer_folder!r}. Set LOCAL_LLM_TOKENIZER_SUBFOLDER to the folder "
+                "that holds tokenizer.json (Z-Image: tokenizer)."
             )
         return str(path)
     if looks_like_path:
@@ -150,6 +168,30 @@ def _check_source(settings: LocalModelSettings) -> str:
             f"(default {DEFAULT_MODEL!r}) and restart the gateway."
         )
     return source
+
+
+def _tie_missing_lm_head(model, loading_info: dict, settings: LocalModelSettings) -> None:
+    """Give a checkpoint saved without an output layer the one it was trained with.
+
+    A text encoder such as Z-Image's is saved from the base ``Qwen3Model``: layers and embeddings,
+    no ``lm_head``. ``AutoModelForCausalLM`` still builds ``Qwen3ForCausalLM`` from its config
+    (it picks the class by ``model_type``, not by ``architectures``) and loads the base weights
+    under ``model.``. With ``tie_word_embeddings: true`` (Qwen3-4B's) transformers ties the head
+    to the embeddings itself; with it false the head would be random and the output noise. Qwen3-4B
+    was trained with tied embeddings, so a missing head is the embedding matrix: tie it.
+    """
+    if "lm_head.weight" not in loading_info.get("missing_keys", ()):
+        return
+    output = model.get_output_embeddings()
+    if output is None:
+        return
+    output.weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+    log.warning(
+        "%s has no lm_head weights (a base-model checkpoint, such as a text encoder): tied the "
+        "output layer to the input embeddings.",
+        settings.source_label,
+    )
 
 
 def _load_error(settings: LocalModelSettings, exc: Exception) -> ModelUnavailableError:

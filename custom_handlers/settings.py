@@ -57,7 +57,33 @@ class LocalModelSettings(BaseSettings):
         False,
         description="Allow custom modelling code from the model repo (off: Qwen3 needs none).",
     )
+    subfolder: str = Field(
+        "",
+        description=(
+            "Folder inside LOCAL_LLM_MODEL that holds the model's config.json and weights, e.g. "
+            "'text_encoder' for Z-Image's Qwen3 text encoder; empty: the top level."
+        ),
+    )
+    tokenizer_subfolder: str | None = Field(
+        None,
+        description=(
+            "Folder inside LOCAL_LLM_MODEL that holds the tokenizer, e.g. 'tokenizer' for "
+            "Z-Image; unset: the same as LOCAL_LLM_SUBFOLDER."
+        ),
+    )
+
+    @property
+    def tokenizer_folder(self) -> str:
+        """The tokenizer's subfolder: LOCAL_LLM_TOKENIZER_SUBFOLDER, else LOCAL_LLM_SUBFOLDER."""
+        folder = self.subfolder if self.tokenizer_subfolder is None else self.tokenizer_subfolder
+        return folder.strip().strip("/")
+
+    @property
+    def model_folder(self) -> str:
+        return self.subfolder.strip().strip("/")
 
     @property
     def source_label(self) -> str:
+        if self.model_folder:
+            return f"LOCAL_LLM_MODEL={self.model!r} (LOCAL_LLM_SUBFOLDER={self.model_folder!r})"
         return f"LOCAL_LLM_MODEL={self.model!r}"
