@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import _load_builder
+from bench._common import machine_line, model_or_tiny
 from tests.servers import Gateway
 
 CLIENTS = (1, 4, 8, 32)
@@ -149,13 +148,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(_load_builder().build(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, tmp)
         rows = run(model, args.tokens, args.requests, Path(tmp))
-    print(
-        f"Machine: {platform.machine()}, Python {platform.python_version()}; model: "
-        f"{args.model or 'tiny random Qwen3'}; {args.tokens} tokens a request, "
-        f"{args.requests} requests a client\n"
-    )
+    print(machine_line(args.model, f"{args.tokens} tokens a request, {args.requests} a client"))
     print(
         "| clients | gateway tokens/s | gateway TTFT p50 / p95 (ms) | generate, one at a time "
         "(tokens/s) | generate, one padded batch (tokens/s) |\n|---|---|---|---|---|"

@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
+from bench._common import model_or_tiny, print_measures
 from custom_handlers.loader import ModelHolder
 from custom_handlers.provider import LocalLLM
 from custom_handlers.settings import LocalModelSettings
-from tests.conftest import _load_builder
 
 ASK = [{"role": "user", "content": "list values"}]
 FIRST = {
@@ -115,15 +113,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(_load_builder().build(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, tmp)
         rows = asyncio.run(run(model, args.tokens, args.runs))
-    print(
-        f"Machine: {platform.machine()}, Python {platform.python_version()}; "
-        f"model: {args.model or 'tiny random Qwen3'}\n"
-    )
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_measures(args.model, rows)
     print("\nschemas:", json.dumps(FIRST), json.dumps(ENDLESS))
 
 

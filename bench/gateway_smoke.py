@@ -9,7 +9,6 @@ Prints a Markdown table; figures go into docs/benchmarks.md with the command and
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import _load_builder
+from bench._common import model_or_tiny, print_measures
 from tests.servers import Gateway
 
 
@@ -96,15 +95,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(_load_builder().build(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, tmp)
         rows = run(model, args.runs, args.tokens)
-    print(
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"Python {platform.python_version()}; model: {args.model or 'tiny random Qwen3'}\n"
-    )
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_measures(args.model, rows)
 
 
 if __name__ == "__main__":

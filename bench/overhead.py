@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import tempfile
 import time
@@ -21,12 +20,12 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench._common import model_or_tiny, print_measures
 from bench.echo_handler import echo
 from custom_handlers.loader import ModelHolder
 from custom_handlers.provider import LocalLLM, _encode_prompt
 from custom_handlers.request import parse_chat_request
 from custom_handlers.settings import LocalModelSettings
-from tests.conftest import _load_builder
 from tests.servers import CONFIG, ROOT, Gateway
 
 ASK = [{"role": "user", "content": "a fox in a forest"}]
@@ -135,15 +134,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(_load_builder().build(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, tmp)
         rows = run(model, args.runs)
-    print(
-        f"Machine: {platform.machine()}, Python {platform.python_version()}; "
-        f"model: {args.model or 'tiny random Qwen3'}; medians of {args.runs}\n"
-    )
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_measures(args.model, rows, f"medians of {args.runs}")
 
 
 if __name__ == "__main__":

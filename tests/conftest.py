@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -77,3 +78,20 @@ def _no_stray_dotenv(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("LOCAL_LLM_", "LITELLM_PROXY_", "LLM_")):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def cancelled_generations():
+    """Token counts of the generations the engine reports as cancelled during the test."""
+    counts: list[int] = []
+    capture = logging.Handler()
+
+    def record(rec: logging.LogRecord) -> None:
+        if "cancelled by the caller" in rec.getMessage():
+            counts.append(rec.args[0])
+
+    capture.emit = record
+    logger = logging.getLogger("custom_handlers.engine")
+    logger.addHandler(capture)
+    yield counts
+    logger.removeHandler(capture)

@@ -92,6 +92,15 @@ class Gateway:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
+    def chat(self, body: dict) -> httpx.Response:
+        """POST /v1/chat/completions with the gateway's key, as raw HTTP (status, headers, body)."""
+        return httpx.post(
+            f"{self.base_url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=60,
+        )
+
     def mapped_libraries(self) -> str:
         """The shared objects mapped into the gateway process (to see whether torch is loaded)."""
         return Path(f"/proc/{self.process.pid}/maps").read_text()

@@ -27,11 +27,8 @@ def broken_local_gateway(fake_openai, tmp_path_factory):
 
 
 def chat(gw: Gateway, model: str) -> httpx.Response:
-    return httpx.post(
-        f"{gw.base_url}/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        headers={"Authorization": f"Bearer {gw.key}"},
-        timeout=60,
+    return gw.chat(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     )
 
 

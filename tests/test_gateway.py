@@ -259,12 +259,7 @@ BAD_REQUESTS = {
 def test_bad_input_gets_400_with_a_clear_message(gateway, name):
     patch, expected = BAD_REQUESTS[name]
     body = {"model": LOCAL, "messages": FOX, "max_tokens": 4, **patch}
-    r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=60,
-    )
+    r = gateway.chat(body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert expected in error["message"]
@@ -273,22 +268,12 @@ def test_bad_input_gets_400_with_a_clear_message(gateway, name):
 
 
 def test_errors_name_the_parameter(gateway):
-    r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions",
-        json={"model": LOCAL, "messages": FOX, "temperature": 9},
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=60,
-    )
+    r = gateway.chat({"model": LOCAL, "messages": FOX, "temperature": 9})
     assert r.json()["error"]["param"] == "temperature"
 
 
 def test_bad_input_on_a_stream_gets_400_before_any_chunk(gateway):
-    r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions",
-        json={"model": LOCAL, "messages": FOX, "max_tokens": 5000, "stream": True},
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=60,
-    )
+    r = gateway.chat({"model": LOCAL, "messages": FOX, "max_tokens": 5000, "stream": True})
     assert r.status_code == 400
     assert "context_length_exceeded" in r.json()["error"]["message"]
 
@@ -312,12 +297,7 @@ def test_malformed_json_gets_400(gateway):
 def test_gateway_still_serves_after_bad_input(gateway, client):
     for name in BAD_REQUESTS:
         patch, _ = BAD_REQUESTS[name]
-        httpx.post(
-            f"{gateway.base_url}/v1/chat/completions",
-            json={"model": LOCAL, "messages": FOX, **patch},
-            headers={"Authorization": f"Bearer {gateway.key}"},
-            timeout=60,
-        )
+        gateway.chat({"model": LOCAL, "messages": FOX, **patch})
     assert greedy(client, max_tokens=3).usage.completion_tokens >= 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import jsonschema
 import pytest
 
@@ -162,12 +161,7 @@ def test_invalid_or_unenforceable_schema_gets_400(gateway, name):
         "max_tokens": 20,
         "response_format": json_schema("bad", schema),
     }
-    r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=60,
-    )
+    r = gateway.chat(body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
 
@@ -185,12 +179,7 @@ def test_invalid_or_unenforceable_schema_gets_400(gateway, name):
 )
 def test_malformed_response_format_gets_400(gateway, response_format, needle):
     body = {"model": LOCAL, "messages": ASK, "max_tokens": 5, "response_format": response_format}
-    r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=60,
-    )
+    r = gateway.chat(body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
 
