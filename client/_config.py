@@ -240,23 +240,43 @@ def _repo_notice(repo: str) -> str:
     return f"LLM_REPO is deprecated: rename it to LLM_MODEL (LLM_MODEL={repo})."
 
 
-def write_env_file(path: Path, values: dict[str, str]) -> Path:
-    """Set ``values`` in a .env file: existing lines for those names are replaced, others kept.
+def write_env_file(
+    path: Path,
+    values: dict[str, str | None],
+    *,
+    notes: dict[str, str] | None = None,
+    header: str | None = None,
+) -> Path:
+    """Set ``values`` in a .env file; every other line, comments included, is kept as it is.
 
-    The file is rewritten atomically and left owner-only (it may hold a key).
+    A name's existing line is replaced (every such line, so a later duplicate cannot win); a
+    ``None`` value removes the name's lines. A name not in the file is appended, after its comment
+    from ``notes`` if there is one. A new file starts with the comment ``header``. The file is
+    rewritten atomically and left owner-only (it may hold a key).
     """
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    if not path.is_file() and header:
+        lines = [f"# {line}".rstrip() for line in header.splitlines()]
     pending = dict(values)
-    for i, line in enumerate(lines):
+    kept: list[str] = []
+    for line in lines:
         match = re.match(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
-        if match and match.group(1) in pending:
-            lines[i] = _env_line(match.group(1), pending.pop(match.group(1)))
-    lines += [_env_line(name, value) for name, value in pending.items()]
+        name = match.group(1) if match else None
+        if name not in values:
+            kept.append(line)
+        elif values[name] is not None and name in pending:
+            kept.append(_env_line(name, pending.pop(name)))
+    for name, value in pending.items():
+        if value is None:
+            continue
+        if notes and name in notes:
+            kept += ["", *(f"# {line}".rstrip() for line in notes[name].splitlines())]
+        kept.append(_env_line(name, value))
     folder = path.resolve().parent
     fd, tmp = tempfile.mkstemp(prefix=".env.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+            handle.write("\n".join(kept) + "\n")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

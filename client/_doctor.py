@@ -111,3 +111,12 @@ def _check_answer(transport: Transport, model: str) -> list[Check]:
     except ClientError as exc:
         return [Check("answer", False, str(exc))]
     return [Check("answer", True, f"{model} answered in {time.monotonic() - started:.1f} s")]
+
+
+def gateway_answers(settings: Settings, timeout: float = 3.0) -> bool:
+    """Whether something answers 200 at the gateway's /health/liveliness."""
+    try:
+        response = httpx.get(f"{settings.gateway_url}/health/liveliness", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200

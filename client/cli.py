@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -24,9 +25,11 @@ from rich.table import Table
 from rich.text import Text
 
 from client._client import DEFAULT_VALUE_COUNT, Client
-from client._config import Settings, load_settings, write_env_file
-from client._doctor import Check, diagnose
+from client._config import Settings, load_settings
+from client._doctor import Check, diagnose, gateway_answers
 from client._errors import ClientError
+from client._gateway_config import GatewayConfig, config_path
+from client._setup import Choice, Plan, apply, key_advice, make_plan, options_choice, read_env
 from client._template import parse_template
 
 app = typer.Typer(
@@ -222,41 +225,192 @@ def doctor(model: ModelOption = None) -> None:
 
 
 @app.command()
-@_handles_errors
 def setup(
+    local: Annotated[
+        bool, typer.Option("--local", help="Use the local Qwen3-4B (no questions).")
+    ] = False,
+    z_image: Annotated[
+        bool,
+        typer.Option("--z-image", help="Use Z-Image's Qwen3 text encoder as the local model."),
+    ] = False,
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            "--provider",
+            help="Use a cloud model: openai, anthropic, ollama or other (no questions).",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="With --provider: its model id (gpt-4o, claude-sonnet-4-5, qwen3:4b, or for "
+            "other a LiteLLM id such as gemini/gemini-2.5-flash). Alone: the gateway model to "
+            "use (LLM_MODEL).",
+        ),
+    ] = None,
+    alias: Annotated[
+        str | None,
+        typer.Option("--alias", help="With --provider: the model_name to give a new model."),
+    ] = None,
+    local_model: Annotated[
+        str | None,
+        typer.Option(
+            "--local-model",
+            help="With --local or --z-image: repo id or folder (LOCAL_LLM_MODEL).",
+        ),
+    ] = None,
+    save_key: Annotated[
+        bool,
+        typer.Option(
+            "--save-key",
+            help="With --provider: save the provider key from the environment in ./.env.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Ask nothing: keep the current choice or defaults.")
+    ] = False,
     url: Annotated[str | None, typer.Option("--url", help="The gateway's URL.")] = None,
     key: Annotated[str | None, typer.Option("--key", help="The gateway's key.")] = None,
-    model: ModelOption = None,
     library: Annotated[
         Path | None, typer.Option("--library", help="The variable library folder.")
     ] = None,
 ) -> None:
-    """Save the client's settings to ./.env (other lines are kept), then run doctor."""
-    chosen = {
-        "LITELLM_PROXY_API_BASE": url,
-        "LITELLM_PROXY_API_KEY": key,
-        "LLM_MODEL": model,
-        "LOCAL_LIBRARY_DIR": str(library) if library is not None else None,
+    """Choose the LLM (local, cloud, or Z-Image's encoder); write ./.env and proxy_config.yaml.
+
+    On a terminal, without options, it asks. Then it runs doctor and says what to run next.
+
+    Exit status: 0 saved (also when the gateway is not running yet); 1 an error, or a running
+    gateway that fails the check; 130 cancelled (nothing changed).
+    """
+    _setup(locals())
+
+
+@_handles_errors
+def _setup(options: dict) -> None:
+    try:
+        planned = _plan_setup(options)
+    except KeyboardInterrupt:  # nothing is written before the plan is confirmed
+        _note("\nSetup cancelled: nothing was changed.", "yellow")
+        raise typer.Exit(130) from None
+    if planned is None:
+        _note("Nothing was changed.", "yellow")
+        return
+    plan, choice = planned
+    _save(plan, choice)
+    _finish_setup(plan)
+
+
+def _plan_setup(options: dict) -> tuple[Plan, Choice] | None:
+    """The changes the options (or, on a terminal without options, the answers) ask for."""
+    client_values = {
+        "LITELLM_PROXY_API_BASE": options["url"],
+        "LITELLM_PROXY_API_KEY": options["key"],
+        "LOCAL_LIBRARY_DIR": str(options["library"]) if options["library"] else None,
     }
-    if all(value is None for value in chosen.values()):
-        if not sys.stdin.isatty():
-            _fail("nothing to save: pass --url, --key, --model or --library.")
-        chosen = _ask_settings(load_settings(warn=False))
-    path = write_env_file(Path(".env"), {k: v for k, v in chosen.items() if v})
-    _note(f"Saved {', '.join(k for k, v in chosen.items() if v)} to {path.resolve()}", "green")
-    doctor(model=None)
+    client_values = {k: v for k, v in client_values.items() if v}
+    chooses = [options["local"], options["z_image"], options["provider"] is not None]
+    if sum(chooses) > 1:
+        _fail("choose one of --local, --z-image and --provider.")
+    env_file = read_env()
+    interactive = not (any(chooses) or options["yes"] or client_values or options["model"])
+    if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        _fail(
+            "setup asks its questions on a terminal; in a script pass --local, --z-image, "
+            "--provider NAME [--model ID], or --yes (see z-explorer setup --help)."
+        )
+    if not (any(chooses) or options["yes"] or interactive):  # client settings only
+        if options["model"]:
+            client_values["LLM_MODEL"] = options["model"]
+        choice, config = Choice("client"), None
+    else:
+        config = GatewayConfig(config_path())
+        choice = _choose(options, config, env_file, interactive)
+    choice = replace(choice, client={**choice.client, **client_values})
+    plan = make_plan(choice, config)
+    if interactive and not _confirmed(plan):
+        return None
+    return plan, choice
 
 
-def _ask_settings(current: Settings) -> dict[str, str | None]:
-    url = typer.prompt("Gateway URL", default=current.gateway_url)
-    key = typer.prompt(
-        "Gateway key (empty: keep the current one)",
-        default="",
-        show_default=False,
-        hide_input=True,
+def _confirmed(plan: Plan) -> bool:
+    if plan.empty:
+        return True
+    console = _stderr()
+    console.print(Text("Changes:", style="bold"))
+    for line in plan.summary():
+        console.print(Text(f"  {line}"))
+    from client._wizard import confirm
+
+    return confirm("Save these changes?")
+
+
+def _choose(options: dict, config: GatewayConfig, env_file: dict, interactive: bool) -> Choice:
+    if interactive:
+        from client._wizard import Wizard  # questionary: imported only to ask
+
+        return Wizard(config, env_file, _stderr()).run()
+    return options_choice(
+        local=options["local"],
+        z_image=options["z_image"],
+        provider_name=options["provider"],
+        model=options["model"],
+        alias=options["alias"],
+        local_model=options["local_model"],
+        save_key=options["save_key"],
+        config=config,
+        env_file=env_file,
     )
-    model = typer.prompt("Model", default=current.model_name)
-    return {"LITELLM_PROXY_API_BASE": url, "LITELLM_PROXY_API_KEY": key, "LLM_MODEL": model}
+
+
+def _save(plan: Plan, choice: Choice) -> None:
+    if plan.empty:
+        _note("Nothing to change: the settings already say this.", "green")
+    else:
+        apply(plan)
+        _note("Saved:", "green")
+        for line in plan.summary():
+            _note(f"  {line}", "green")
+    for name in plan.shadowed():
+        _note(
+            f"warning: {name} is also set in this shell's environment, which wins over ./.env: "
+            f"run `unset {name}` (and remove it from your shell profile) for this to apply.",
+            "bold yellow",
+        )
+    for line in key_advice(choice, read_env(plan.env_path)):
+        _note(line, "yellow")
+
+
+def _finish_setup(plan: Plan) -> None:
+    """Run doctor and say what to run next. A gateway that is not running yet is the expected
+    state after a first setup (exit 0); any other failed check exits 1."""
+    settings = load_settings(warn=False)
+    running = gateway_answers(settings)
+    if running and plan.gateway_side:
+        _note(
+            f"The gateway at {settings.gateway_url} is running with the old settings: stop it "
+            "(Ctrl-C in its terminal), start it again with `uv run z-explorer-gateway`, then "
+            "check with `uv run z-explorer doctor`.",
+            "bold yellow",
+        )
+        return
+    with _working("Checking") as progress:
+        checks = diagnose(settings, on_progress=progress)
+    _print_checks(checks)
+    failed = {check.name for check in checks if check.ok is False}
+    if not failed:
+        _note('Ready. Next: uv run z-explorer enhance "a cute fox"', "bold green")
+        return
+    if failed == {"gateway"} and not running:
+        _note(
+            "Next: start the gateway in this folder and leave it running:\n"
+            "  uv run z-explorer-gateway\n"
+            'then, in another terminal: uv run z-explorer enhance "a cute fox"',
+            "bold",
+        )
+        return
+    raise typer.Exit(1)
 
 
 def _print_checks(checks: list[Check]) -> None:

@@ -186,11 +186,11 @@ def test_setup_saves_dotenv_and_runs_doctor(gateway, cli, _isolated):
     result = cli("setup", "--url", gateway.base_url, "--key", gateway.key, "--model", CLOUD)
     assert result.exit_code == 0, (result.stdout, result.stderr)
     env = _isolated / ".env"
-    assert env.read_text().split("\n") == [
+    settings = [line for line in env.read_text().split("\n") if line and line[0] != "#"]
+    assert settings == [
         f"LITELLM_PROXY_API_BASE={gateway.base_url}",
         f"LITELLM_PROXY_API_KEY={gateway.key}",
         f"LLM_MODEL={CLOUD}",
-        "",
     ]
     assert env.stat().st_mode & 0o777 == 0o600
     assert f"✓ answer: {CLOUD} answered" in result.stdout
