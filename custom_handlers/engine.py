@@ -21,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from custom_handlers.constraints import JsonMatcher, mask_logits
@@ -116,6 +117,7 @@ class Job:
     max_new_tokens: int
     sink: SyncSink | AsyncSink
     grammar: str | None = None  # llguidance grammar the answer must follow (JSON output)
+    keep_alive: float | None = None  # seconds the model stays loaded after this job
     _cancelled: threading.Event = field(default_factory=threading.Event)
     open_rows: int = 0
 
@@ -155,10 +157,14 @@ class _Row:
 class Engine:
     """Runs all jobs' rows as one continuously changing batch on a dedicated thread."""
 
-    def __init__(self, holder: ModelHolder, max_rows: int = 16, max_queue: int = 64):
+    def __init__(
+        self, holder: ModelHolder, max_rows: int = 16, max_queue: int = 64, keep_alive: float = 300
+    ):
         self._holder = holder
         self.max_rows = max_rows
         self.max_queue = max_queue
+        self.keep_alive = keep_alive
+        self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._waiting: Job | None = None  # taken from the queue, waiting for room in the batch
         self._rows: list[_Row] = []
@@ -229,13 +235,30 @@ class Engine:
                 _fail(job, _internal_error(exc))
 
     def _next_job(self, block: bool) -> Job | None:
+        """The next job; with ``block``, waits for one, unloading the model when it idles out."""
         if self._waiting is not None:
             job, self._waiting = self._waiting, None
             return job
+        timeout = self._idle_left() if block else None
         try:
-            return self._jobs.get(block=block)
+            return self._jobs.get(block=block, timeout=timeout)
         except queue.Empty:
+            if block:
+                self._unload_at = None
+                self._holder.unload()
             return None
+
+    def _idle_left(self) -> float | None:
+        """Seconds until the idle model is unloaded; None: no unload pending."""
+        if self._unload_at is None or self._holder.loaded is None:
+            return None
+        return max(0.0, self._unload_at - time.monotonic())
+
+    def _job_done(self, job: Job) -> None:
+        """The last job to finish sets how long the model stays loaded (as Ollama does)."""
+        keep_alive = self.keep_alive if job.keep_alive is None else job.keep_alive
+        self._unload_at = None if keep_alive < 0 else time.monotonic() + keep_alive
+        job.emit(Done())
 
     def _prefill(self, job: Job) -> None:
         import torch
@@ -322,7 +345,7 @@ class Engine:
         row.job.emit(Finish(row.index, reason, row.count))
         row.job.open_rows -= 1
         if row.job.open_rows == 0:
-            row.job.emit(Done())
+            self._job_done(row.job)
 
     # ---- leaving ----------------------------------------------------------------------------
 
@@ -340,7 +363,7 @@ class Engine:
                 row.count,
                 row.job.max_new_tokens,
             )
-            row.job.emit(Done())
+            self._job_done(row.job)
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in keep]
             self._batch.keep(keep)

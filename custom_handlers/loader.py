@@ -6,6 +6,7 @@ time. torch and transformers are imported here, on that first load, and nowhere 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -68,6 +69,25 @@ class ModelHolder:
                 raise
             self._failure = None
             return self._loaded
+
+    def unload(self) -> bool:
+        """Drop the model and give its memory back; the next ``get`` loads it again.
+
+        Only the engine calls this, with its batch empty, so no request is using the model.
+        """
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            return False
+        on_gpu = loaded.device.startswith("cuda")
+        del loaded
+        gc.collect()  # the model's modules hold reference cycles
+        if on_gpu:
+            import torch
+
+            torch.cuda.empty_cache()
+        log.info("Unloaded the local model; its memory is released")
+        return True
 
     def release_cached_memory(self) -> None:
         """Give the allocator's cached, unused device memory back (the one place that does)."""

@@ -45,7 +45,12 @@ class LocalLLM(CustomLLM):
         super().__init__()
         self.holder = holder or ModelHolder()
         self._settings: LocalModelSettings | None = None
-        self.engine = Engine(self.holder, self.settings.max_batch_size, self.settings.max_queue)
+        self.engine = Engine(
+            self.holder,
+            self.settings.max_batch_size,
+            self.settings.max_queue,
+            self.settings.keep_alive,
+        )
         self._load_lock: asyncio.Lock | None = None
 
     @property
@@ -138,7 +143,7 @@ class LocalLLM(CustomLLM):
 
     def _job(self, loaded, request: ChatRequest, prompt_ids: list[int], grammar, sink) -> Job:
         max_new = _output_budget(loaded, request, len(prompt_ids), self.settings.default_max_tokens)
-        return Job(prompt_ids, request.sampling, max_new, sink, grammar)
+        return Job(prompt_ids, request.sampling, max_new, sink, grammar, request.keep_alive)
 
 
 # Below this many characters of messages (and no new schema to compile), templating and

@@ -57,6 +57,7 @@ class ChatRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     json_schema: str | None = None  # canonical JSON of the schema the answer must follow
+    keep_alive: float | None = None  # seconds to keep the model loaded after this request
 
 
 def parse_chat_request(
@@ -81,7 +82,21 @@ def parse_chat_request(
         )
     # stream_options.include_usage is LiteLLM's business: the final chunk always carries usage.
     json_schema = _json_schema(params.get("response_format"))
-    return ChatRequest(_messages(messages), sampling, stream, json_schema)
+    keep_alive = _keep_alive(params.get("keep_alive"))
+    return ChatRequest(_messages(messages), sampling, stream, json_schema, keep_alive)
+
+
+def _keep_alive(value: Any) -> float | None:
+    """Ollama's knob, in seconds: 0 unloads the model right after this request, -1 never."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (value < 0 and value != -1):
+        raise InvalidRequestError(
+            "'keep_alive' must be a number of seconds (0 or more, or -1 for never), "
+            f"got {value!r}.",
+            param="keep_alive",
+        )
+    return float(value)
 
 
 def _reject_unsupported(params: Mapping[str, Any]) -> None:

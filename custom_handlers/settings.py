@@ -48,6 +48,15 @@ class LocalModelSettings(BaseSettings):
     max_batch_size: int = Field(
         16, ge=1, description="Most rows (choices of requests) decoded together in one batch."
     )
+    keep_alive: float = Field(
+        300,
+        ge=-1,
+        description=(
+            "Seconds the model stays loaded after the last request; then it is unloaded and its "
+            "(GPU) memory returned; the next request loads it again. 0: unload after each "
+            "request; -1: never. A request may set its own with keep_alive in the body."
+        ),
+    )
     max_queue: int = Field(
         64,
         ge=0,
