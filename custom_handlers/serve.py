@@ -61,8 +61,28 @@ def litellm_command(args: list[str], config: Path) -> list[str]:
     return command + args
 
 
+def check_one_worker(args: list[str]) -> str | None:
+    """An error message if ``args`` ask for several worker processes, else None.
+
+    Each LiteLLM worker process would load its own copy of the local model onto the same GPU.
+    """
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_workers=") else None
+        if arg == "--num_workers" and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None and value.strip() != "1":
+            return (
+                f"error: --num_workers {value}: each worker process would load its own copy of "
+                "the local model onto the GPU. Run one worker (the default); it serves requests "
+                "concurrently and batches them. To scale out, see docs/scaling.md."
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if (problem := check_one_worker(args)) is not None:
+        sys.exit(problem)
     config = Path(os.environ.get("Z_EXPLORER_GATEWAY_CONFIG", "proxy_config.yaml"))
     if not config.is_file():
         sys.exit(

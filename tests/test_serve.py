@@ -46,3 +46,11 @@ def test_binds_to_loopback_unless_told_otherwise(tmp_path):
     ]
     assert "127.0.0.1" not in serve.litellm_command(["--host", "0.0.0.0"], tmp_path)[3:4]
     assert serve.litellm_command(["--host", "0.0.0.0"], tmp_path).count("--host") == 1
+
+
+def test_several_workers_are_refused_with_the_reason():
+    assert serve.check_one_worker(["--port", "4000"]) is None
+    assert serve.check_one_worker(["--num_workers", "1"]) is None
+    for args in (["--num_workers", "4"], ["--num_workers=2"]):
+        message = serve.check_one_worker(args)
+        assert "own copy of the local model" in message and "docs/scaling.md" in message
