@@ -33,6 +33,7 @@ class LoadedModel:
     dtype: str
     quantization: str  # "none", "bnb-4bit" (quantized on load) or "pre-quantized (<method>)"
     context_length: int
+    max_token_chars: int  # the longest text one token stands for
     eos_token_ids: frozenset[int]
     pad_token_id: int
     generation_defaults: dict[str, Any]
@@ -138,6 +139,7 @@ def load_model(settings: LocalModelSettings) -> LoadedModel:
         dtype=str(dtype).removeprefix("torch."),
         quantization=quantization,
         context_length=_context_length(config, tokenizer),
+        max_token_chars=_max_token_chars(tokenizer),
         eos_token_ids=_eos_ids(model, tokenizer),
         pad_token_id=_pad_id(model, tokenizer),
         generation_defaults=_generation_defaults(model),
@@ -272,6 +274,12 @@ def _context_length(config, tokenizer) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return int(min(tokenizer.model_max_length, 32768))
+
+
+def _max_token_chars(tokenizer) -> int:
+    """How many characters one token can cover, at most: bounds a prompt's length in tokens."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max(longest, 1)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

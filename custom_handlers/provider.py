@@ -121,6 +121,7 @@ class LocalLLM(CustomLLM):
 
     async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
         loaded = await self._load()
+        _check_prompt_size(loaded, request)
         if _is_small(request):  # under a millisecond: a thread hop would cost more than it saves
             prompt_ids, grammar = _prepare(loaded, request)
         else:
@@ -129,6 +130,7 @@ class LocalLLM(CustomLLM):
 
     def _start_sync(self, request: ChatRequest) -> Job:
         loaded = self.holder.get()
+        _check_prompt_size(loaded, request)
         prompt_ids, grammar = _prepare(loaded, request)
         return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, SyncSink()))
 
@@ -154,6 +156,17 @@ SMALL_PROMPT_CHARS = 4000
 def _is_small(request: ChatRequest) -> bool:
     chars = sum(len(m["content"]) for m in request.messages)
     return chars < SMALL_PROMPT_CHARS and request.json_schema is None
+
+
+def _check_prompt_size(loaded: LoadedModel, request: ChatRequest) -> None:
+    """Refuse at once messages that cannot fit, before tokenizing megabytes of text."""
+    chars = sum(len(m["content"]) for m in request.messages)
+    if chars > loaded.context_length * loaded.max_token_chars:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {loaded.context_length} tokens, and the "
+            f"messages ({chars} characters) cannot fit in it. Please reduce the length of the "
+            "messages."
+        )
 
 
 def _prepare(loaded: LoadedModel, request: ChatRequest) -> tuple[list[int], str | None]:

@@ -248,6 +248,10 @@ BAD_REQUESTS = {
         "tools",
     ),
     "context exceeded by max_tokens": ({"max_tokens": 5000}, "context_length_exceeded"),
+    "megabytes of prompt": (
+        {"messages": [{"role": "user", "content": "fox " * 1_000_000}], "max_tokens": 10},
+        "cannot fit",
+    ),
     "context exceeded by prompt": (
         {"messages": [{"role": "user", "content": "fox " * 3000}], "max_tokens": 10},
         "context_length_exceeded",
@@ -321,6 +325,15 @@ def test_missing_or_wrong_key_gets_401(gateway, headers, route):
     assert r.json()["error"]["type"] == "authentication_error"
     assert "sk-wrong-key-987" not in r.text
     assert gateway.key not in r.text
+
+
+def test_keys_never_reach_the_log(gateway, client):
+    httpx.get(f"{gateway.base_url}/v1/models", headers={"Authorization": "Bearer sk-leak-me-4321"})
+    greedy(client, max_tokens=2)
+    log = gateway.log()
+    assert "sk-leak-me-4321" not in log
+    assert gateway.key not in log
+    assert "sk-fake-upstream-key" not in log
 
 
 def test_models_lists_every_alias(client):
