@@ -29,7 +29,7 @@ from client._providers import (
     key_vars_for,
     provider,
 )
-from client._setup_checks import check_local_folder
+from client._setup_checks import check_local_folder, ollama_status
 from custom_handlers.settings import DEFAULT_MODEL as DEFAULT_LOCAL_SOURCE
 
 ENV_FILE = Path(".env")
@@ -311,10 +311,13 @@ def _cloud_choice(prov, model, alias, save_key, config, env_file) -> Choice:
 
 
 def key_advice(choice: Choice, env_file: dict[str, str]) -> list[str]:
-    """For each key the chosen cloud model still lacks: where to get it and the export line."""
+    """For each key the chosen cloud model still lacks: where to get it and the export line
+    (for Ollama, which needs none: whether it answers and has the model)."""
     if choice.kind != "cloud":
         return []
     prov = PROVIDERS[provider_of(choice.litellm_model)]
+    if prov.name == "ollama":
+        return [ollama_status(choice.litellm_model.split("/", 1)[1])]
     lines = []
     for var in key_vars_for(prov, choice.litellm_model):
         if key_status(var, env_file) is None:

@@ -359,11 +359,13 @@ def test_other_provider_takes_a_litellm_model_id(project, cli):
     assert "https://docs.litellm.ai/docs/providers/gemini" in result.stderr
 
 
-def test_ollama_needs_no_key(project, cli):
+def test_ollama_needs_no_key(project, cli, monkeypatch):
+    monkeypatch.setenv("OLLAMA_API_BASE", f"http://127.0.0.1:{free_port()}")
     result = cli("setup", "--provider", "ollama", "--model", "llama3.2")
     assert result.exit_code == 0, result.stderr
     assert models_in(project / "proxy_config.yaml")["ollama-llama3.2"] == "ollama_chat/llama3.2"
     assert "export" not in result.stderr
+    assert "Ollama does not answer at" in result.stderr and "ollama pull llama3.2" in result.stderr
 
 
 @pytest.mark.parametrize(
