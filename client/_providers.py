@@ -147,6 +147,17 @@ def _litellm_check(litellm_model: str) -> dict:
     only the process environment counts, as LiteLLM sees it.
     """
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
+    # Importing LiteLLM loads a .env into os.environ; setup must keep seeing the environment the
+    # user's shell gave it, or it would take the file's old values for the shell's.
+    saved = dict(os.environ)
+    try:
+        return _ask_litellm(litellm_model)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _ask_litellm(litellm_model: str) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # LiteLLM prints hints on errors
         import litellm
 

@@ -318,12 +318,15 @@ def key_advice(choice: Choice, env_file: dict[str, str]) -> list[str]:
     prov = PROVIDERS[provider_of(choice.litellm_model)]
     if prov.name == "ollama":
         return [ollama_status(choice.litellm_model.split("/", 1)[1])]
-    lines = []
-    for var in key_vars_for(prov, choice.litellm_model):
-        if key_status(var, env_file) is None:
-            lines += [
-                f"{var} is not set. Get a key at {key_url(prov, choice.litellm_model)}, then, in "
-                "the shell where you start the gateway (nothing is saved to disk):",
-                f"  export {var}=<your key>",
-            ]
-    return lines
+    missing = [v for v in key_vars_for(prov, choice.litellm_model) if not key_status(v, env_file)]
+    if not missing:
+        return []
+    url = key_url(prov, choice.litellm_model)
+    if prov.name == "other":
+        where = f"LiteLLM looks for {' or '.join(missing)} for {choice.litellm_model} (see {url})"
+    else:
+        where = f"{missing[0]} is not set. Get a key at {url}"
+    return [
+        f"{where}, then, in the shell where you start the gateway (nothing is saved to disk):",
+        *(f"  export {var}=<your key>" for var in missing),
+    ]
