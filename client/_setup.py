@@ -29,7 +29,7 @@ from client._providers import (
     key_vars_for,
     provider,
 )
-from client._setup_checks import check_local_folder, ollama_status
+from client._setup_checks import check_local_folder, ollama_status, z_image_cache_note
 from custom_handlers.settings import DEFAULT_MODEL as DEFAULT_LOCAL_SOURCE
 
 ENV_FILE = Path(".env")
@@ -244,7 +244,7 @@ def provider_of(litellm_model: str | None) -> str:
 
 def _shown(name: str, value: str) -> str:
     """A value fit to print: secrets show only their first 3 and last 4 characters."""
-    if not any(part in name for part in ("KEY", "TOKEN", "SECRET")):
+    if not {"KEY", "TOKEN", "SECRET", "PASSWORD"} & set(name.split("_")):
         return value
     return f"{value[:3]}…{value[-4:]}" if len(value) >= 16 else "****"
 
@@ -310,9 +310,14 @@ def _cloud_choice(prov, model, alias, save_key, config, env_file) -> Choice:
     return Choice("cloud", litellm_model=litellm_model, alias=name, keys_to_store=keys)
 
 
-def key_advice(choice: Choice, env_file: dict[str, str]) -> list[str]:
-    """For each key the chosen cloud model still lacks: where to get it and the export line
-    (for Ollama, which needs none: whether it answers and has the model)."""
+def advice(choice: Choice, env_file: dict[str, str]) -> list[str]:
+    """What to know after saving: for each key the chosen cloud model still lacks, where to get
+    it and the export line; for Ollama, whether it answers; for a local model, a missing GPU or
+    a Z-Image download."""
+    if choice.kind == "z-image":
+        return [z_image_cache_note(choice.local_source or Z_IMAGE_SOURCE)]
+    if choice.kind == "local" and not has_nvidia_gpu():
+        return ["No NVIDIA GPU found (nvidia-smi): the local model will run on the CPU, slowly."]
     if choice.kind != "cloud":
         return []
     prov = PROVIDERS[provider_of(choice.litellm_model)]

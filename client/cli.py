@@ -29,7 +29,7 @@ from client._config import Settings, load_settings
 from client._doctor import Check, diagnose, gateway_answers
 from client._errors import ClientError
 from client._gateway_config import GatewayConfig, config_path
-from client._setup import Choice, Plan, apply, key_advice, make_plan, options_choice, read_env
+from client._setup import Choice, Plan, advice, apply, make_plan, options_choice, read_env
 from client._template import parse_template
 
 app = typer.Typer(
@@ -297,12 +297,12 @@ def _setup(options: dict) -> None:
     if planned is None:
         _note("Nothing was changed.", "yellow")
         return
-    plan, choice = planned
-    _save(plan, choice)
+    plan, choice, asked = planned
+    _save(plan, choice, asked)
     _finish_setup(plan)
 
 
-def _plan_setup(options: dict) -> tuple[Plan, Choice] | None:
+def _plan_setup(options: dict) -> tuple[Plan, Choice, bool] | None:
     """The changes the options (or, on a terminal without options, the answers) ask for."""
     client_values = {
         "LITELLM_PROXY_API_BASE": options["url"],
@@ -331,7 +331,7 @@ def _plan_setup(options: dict) -> tuple[Plan, Choice] | None:
     plan = make_plan(choice, config)
     if interactive and not _confirmed(plan):
         return None
-    return plan, choice
+    return plan, choice, interactive
 
 
 def _confirmed(plan: Plan) -> bool:
@@ -364,7 +364,7 @@ def _choose(options: dict, config: GatewayConfig, env_file: dict, interactive: b
     )
 
 
-def _save(plan: Plan, choice: Choice) -> None:
+def _save(plan: Plan, choice: Choice, asked: bool) -> None:
     if plan.empty:
         _note("Nothing to change: the settings already say this.", "green")
     else:
@@ -378,7 +378,9 @@ def _save(plan: Plan, choice: Choice) -> None:
             f"run `unset {name}` (and remove it from your shell profile) for this to apply.",
             "bold yellow",
         )
-    for line in key_advice(choice, read_env(plan.env_path)):
+    if asked and choice.kind != "cloud":
+        return  # the wizard said it before the question
+    for line in advice(choice, read_env(plan.env_path)):
         _note(line, "yellow")
 
 

@@ -317,7 +317,10 @@ def test_switching_between_local_and_z_image(project, cli, tiny_model_dir):
     (z_image / "text_encoder").mkdir(parents=True)
     (z_image / "tokenizer").mkdir()
     shutil.copy(tiny_model_dir / "config.json", z_image / "text_encoder")
-    assert cli("setup", "--z-image", "--local-model", str(z_image)).exit_code == 0
+    result = cli("setup", "--z-image", "--local-model", str(z_image))
+    assert result.exit_code == 0, result.stderr
+    assert ".env: LOCAL_LLM_TOKENIZER_SUBFOLDER=tokenizer" in result.stderr  # not a secret
+    assert f"The text encoder is read from {z_image}/text_encoder." in result.stderr
     env = env_of(project)
     assert (env["LOCAL_LLM_SUBFOLDER"], env["LOCAL_LLM_TOKENIZER_SUBFOLDER"]) == (
         "text_encoder",
@@ -333,6 +336,7 @@ def test_z_image_from_the_hub_by_default(project, cli):
     result = cli("setup", "--z-image")
     assert result.exit_code == 0, result.stderr
     assert env_of(project)["LOCAL_LLM_MODEL"] == "Tongyi-MAI/Z-Image-Turbo"
+    assert "Tongyi-MAI/Z-Image-Turbo is" in result.stderr and "Hugging Face cache" in result.stderr
 
 
 def test_save_key_stores_the_key_from_the_environment(project, cli, monkeypatch):
