@@ -59,7 +59,7 @@ class LocalModelSettings(BaseSettings):
     )
     max_queue: int = Field(
         64,
-        ge=0,
+        ge=1,
         description="Most requests waiting for room in the batch; beyond: 503 + Retry-After.",
     )
     trust_remote_code: bool = Field(

@@ -109,3 +109,11 @@ def test_a_failed_load_is_reported_to_a_burst_once_then_retried(tmp_path):
         with pytest.raises(ModelUnavailableError):
             holder.get()
     assert len(calls) == 1
+
+
+def test_a_queue_of_zero_is_refused_at_start(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("LOCAL_LLM_MAX_QUEUE", "0")  # it would refuse every request
+    with pytest.raises(ValidationError, match="max_queue"):
+        LocalModelSettings()
