@@ -15,6 +15,15 @@ from custom_handlers.settings import LocalModelSettings
 from tests.servers import Gateway
 
 LOCAL = "qwen3-4b"
+# A JSON array that cannot be finished: end-of-turn is never allowed, so a request with it runs its
+# whole budget (the random model would otherwise end it at a random token).
+ENDLESS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "endless",
+        "schema": {"type": "array", "items": {"type": "string"}, "minItems": 100000},
+    },
+}
 
 
 def _messages(i: int) -> list[dict]:
@@ -102,7 +111,9 @@ def test_a_cancelled_request_leaves_the_batch_at_once(handler, cancelled_generat
                 "x", _messages(1), optional_params={"max_tokens": 300, "temperature": 0}
             )
         )
-        leaves = handler.astreaming("x", _messages(2), optional_params={"max_tokens": 1500})
+        leaves = handler.astreaming(
+            "x", _messages(2), optional_params={"max_tokens": 1500, "response_format": ENDLESS}
+        )
         await leaves.__anext__()
         await leaves.aclose()  # the client went away
         deadline = time.monotonic() + 5
@@ -120,13 +131,14 @@ def test_a_cancelled_request_leaves_the_batch_at_once(handler, cancelled_generat
 def test_a_full_queue_refuses_with_retry_after(tiny_model_dir):
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
     local.engine.max_rows, local.engine.max_queue = 1, 1
-    long = {"max_tokens": 1500, "temperature": 1.0}
+    long = {"max_tokens": 1500, "temperature": 1.0, "response_format": ENDLESS}
 
     async def scenario():
         running = local.astreaming("x", _messages(0), optional_params=long)
         await running.__anext__()  # in the batch, which is now full
         waiting = asyncio.create_task(local.acompletion("x", _messages(1), optional_params=long))
-        while local.engine.queued < 1:
+        deadline = time.monotonic() + 30
+        while local.engine.queued < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         with pytest.raises(OverloadedError) as info:
             await local.acompletion("x", _messages(2), optional_params=long)
@@ -149,7 +161,13 @@ def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, t
         },
         workdir=tmp_path,
     ).start()
-    body = {"model": LOCAL, "messages": _messages(0), "max_tokens": 1900, "stream": True}
+    body = {
+        "model": LOCAL,
+        "messages": _messages(0),
+        "max_tokens": 1900,
+        "stream": True,
+        "response_format": ENDLESS,
+    }
 
     async def scenario(http: httpx.AsyncClient):
         await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 1})
