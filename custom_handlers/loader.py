@@ -83,19 +83,22 @@ class ModelHolder:
         on_gpu = loaded.device.startswith("cuda")
         del loaded
         gc.collect()  # the model's modules hold reference cycles
-        if on_gpu:
-            import torch
-
-            torch.cuda.empty_cache()
+        _empty_device_cache(on_gpu)
         log.info("Unloaded the local model; its memory is released")
         return True
 
     def release_cached_memory(self) -> None:
-        """Give the allocator's cached, unused device memory back (the one place that does)."""
-        if self._loaded is not None and self._loaded.device.startswith("cuda"):
-            import torch
+        """Give the allocator's cached, unused device memory back (after a failed step)."""
+        loaded = self._loaded
+        _empty_device_cache(loaded is not None and loaded.device.startswith("cuda"))
 
-            torch.cuda.empty_cache()
+
+def _empty_device_cache(on_gpu: bool) -> None:
+    """The one place that empties the device cache."""
+    if on_gpu:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def load_model(settings: LocalModelSettings) -> LoadedModel:
