@@ -44,7 +44,7 @@ class LocalLLM(CustomLLM):
     def __init__(self, holder: ModelHolder | None = None) -> None:
         super().__init__()
         self.holder = holder or ModelHolder()
-        self._settings: LocalModelSettings | None = None
+        self.settings = LocalModelSettings()
         self.engine = Engine(
             self.holder,
             self.settings.max_batch_size,
@@ -52,12 +52,6 @@ class LocalLLM(CustomLLM):
             self.settings.keep_alive,
         )
         self._load_lock: asyncio.Lock | None = None
-
-    @property
-    def settings(self) -> LocalModelSettings:
-        if self._settings is None:
-            self._settings = LocalModelSettings()
-        return self._settings
 
     # ---- LiteLLM entry points -------------------------------------------------------------
 
@@ -121,7 +115,6 @@ class LocalLLM(CustomLLM):
 
     async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
         loaded = await self._load()
-        _check_prompt_size(loaded, request)
         if _is_small(request):  # under a millisecond: a thread hop would cost more than it saves
             prompt_ids, grammar = _prepare(loaded, request)
         else:
@@ -130,7 +123,6 @@ class LocalLLM(CustomLLM):
 
     def _start_sync(self, request: ChatRequest) -> Job:
         loaded = self.holder.get()
-        _check_prompt_size(loaded, request)
         prompt_ids, grammar = _prepare(loaded, request)
         return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, SyncSink()))
 
@@ -171,6 +163,7 @@ def _check_prompt_size(loaded: LoadedModel, request: ChatRequest) -> None:
 
 def _prepare(loaded: LoadedModel, request: ChatRequest) -> tuple[list[int], str | None]:
     """Prompt ids, and the compiled grammar when the answer must be JSON (cached per schema)."""
+    _check_prompt_size(loaded, request)
     grammar = loaded.constraints.grammar(request.json_schema) if request.json_schema else None
     return _encode_prompt(loaded, request), grammar
 
