@@ -18,10 +18,12 @@ request that arrives while they run. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from custom_handlers.constraints import JsonMatcher, mask_logits
@@ -140,6 +142,25 @@ class Job:
 
 
 @dataclass
+class Release:
+    """A request to unload the model once every job queued before it is done.
+
+    Jobs submitted after it wait, and load the model again when their turn comes.
+    """
+
+    on_done: Callable[[], None] | None = None  # called on the engine thread when done
+    released: bool = False  # a model was unloaded (False: none was loaded)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self, released: bool) -> None:
+        self.released = released
+        self.done.set()
+        if self.on_done is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                self.on_done()
+
+
+@dataclass
 class _Row:
     """One choice of one job, in the batch."""
 
@@ -165,12 +186,15 @@ class Engine:
         self.max_queue = max_queue
         self.keep_alive = keep_alive
         self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
-        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._jobs: queue.Queue[Job | Release] = queue.Queue()
+        self._releases_queued = 0  # Release markers in ``_jobs`` (not requests)
+        self._release: Release | None = None  # taken from the queue: the batch drains, then unload
         self._waiting: Job | None = None  # taken from the queue, waiting for room in the batch
+        self._last_done = time.monotonic()  # when the last job finished (idle time)
         self._rows: list[_Row] = []
         self._batch = KVBatch()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._lock = threading.Lock()  # thread start, release markers count
         self.peak_rows = 0  # the largest batch so far (rows)
 
     @property
@@ -179,7 +203,35 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize() + (self._waiting is not None)
+        return max(0, self._jobs.qsize() - self._releases_queued) + (self._waiting is not None)
+
+    def state(self) -> dict[str, object]:
+        """Requests running and queued, idle time and the pending unload (for GET /local/state)."""
+        running, queued = self.running, self.queued
+        busy = bool(running or queued or self._release)
+        idle_left = None if busy else self._idle_left()
+        return {
+            "requests": {"running": running, "queued": queued},
+            "idle_seconds": None if busy else round(time.monotonic() - self._last_done, 3),
+            "keep_alive_seconds": self.keep_alive,
+            "unload_in_seconds": None if idle_left is None else round(idle_left, 3),
+        }
+
+    def release(self, on_done: Callable[[], None] | None = None) -> Release:
+        """Unload the model once the jobs queued so far are done; ``Release.done`` says when.
+
+        Callable from any thread. With no model loaded nor loading it is done at once, without
+        starting the engine thread (which would import torch on a gateway that never used it).
+        """
+        marker = Release(on_done)
+        if self._holder.loaded is None and not self._holder.loading:
+            marker.finish(False)
+            return marker
+        self._ensure_thread()
+        with self._lock:
+            self._releases_queued += 1
+            self._jobs.put(marker)
+        return marker
 
     def submit(self, job: Job) -> Job:
         if self.queued >= self.max_queue:
@@ -193,7 +245,7 @@ class Engine:
         return job
 
     def _ensure_thread(self) -> None:
-        with self._start_lock:
+        with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="local-llm-engine", daemon=True
@@ -216,11 +268,23 @@ class Engine:
     # ---- joining ------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Take queued jobs while the batch has room; wait for one when the batch is empty."""
+        """Take queued jobs while the batch has room; wait for one when the batch is empty.
+
+        After a ``Release`` is taken nobody joins: the batch drains, then the model is unloaded.
+        """
         while True:
+            if self._release is not None:
+                if self._rows:
+                    return
+                self._unload_for(self._release)
             job = self._next_job(block=not self._rows)
             if job is None:
                 return
+            if isinstance(job, Release):
+                with self._lock:
+                    self._releases_queued -= 1
+                self._release = job
+                continue
             if job.cancelled:
                 job.emit(Done())
                 continue
@@ -234,7 +298,16 @@ class Engine:
             except Exception as exc:
                 _fail(job, _internal_error(exc))
 
-    def _next_job(self, block: bool) -> Job | None:
+    def _unload_for(self, marker: Release) -> None:
+        self._release = None
+        self._unload_at = None
+        released = False
+        try:
+            released = self._holder.unload()
+        finally:
+            marker.finish(released)
+
+    def _next_job(self, block: bool) -> Job | Release | None:
         """The next job; with ``block``, waits for one, unloading the model when it idles out."""
         if self._waiting is not None:
             job, self._waiting = self._waiting, None
@@ -257,7 +330,8 @@ class Engine:
     def _job_done(self, job: Job) -> None:
         """The last job to finish sets how long the model stays loaded (as Ollama does)."""
         keep_alive = self.keep_alive if job.keep_alive is None else job.keep_alive
-        self._unload_at = None if keep_alive < 0 else time.monotonic() + keep_alive
+        self._last_done = time.monotonic()
+        self._unload_at = None if keep_alive < 0 else self._last_done + keep_alive
         job.emit(Done())
 
     def _prefill(self, job: Job) -> None:

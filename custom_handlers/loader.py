@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class LoadedModel:
     pad_token_id: int
     generation_defaults: dict[str, Any]
     load_seconds: float
+    model_bytes: int  # parameters and buffers, as placed (4-bit weights count as 4-bit)
     constraints: JsonConstraints
 
 
@@ -47,10 +49,16 @@ class ModelHolder:
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._failure: tuple[float, ModelUnavailableError] | None = None
+        self.loading = False  # a load is under way (state reports; nothing waits on it)
 
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last load failed, until a load succeeds."""
+        return self._failure[1].message if self._failure else None
 
     def get(self) -> LoadedModel:
         """The loaded model; loads it first if needed. Raises ``ModelUnavailableError``."""
@@ -62,12 +70,15 @@ class ModelHolder:
             if self._failure and time.monotonic() - self._failure[0] < RETRY_AFTER_FAILURE_S:
                 raise self._failure[1]
             settings = self._settings_factory()
+            self.loading = True
             try:
                 self._loaded = load_model(settings)
             except ModelUnavailableError as exc:
                 self._failure = (time.monotonic(), exc)
                 log.error("%s", exc)
                 raise
+            finally:
+                self.loading = False
             self._failure = None
             return self._loaded
 
@@ -86,6 +97,36 @@ class ModelHolder:
         _empty_device_cache(on_gpu)
         log.info("Unloaded the local model; its memory is released")
         return True
+
+    def memory(self) -> dict[str, int | None]:
+        """Bytes held by the model, and the device's own figures when CUDA is in use.
+
+        Never imports torch: on a gateway that has not used the local model, torch is not loaded.
+        """
+        loaded = self._loaded
+        report: dict[str, int | None] = dict.fromkeys(
+            (
+                "model_bytes",
+                "device_allocated_bytes",
+                "device_reserved_bytes",
+                "device_free_bytes",
+                "device_total_bytes",
+            )
+        )
+        report["model_bytes"] = loaded.model_bytes if loaded else None
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return report
+        device = loaded.device if loaded and loaded.device.startswith("cuda") else None
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        free, total = torch.cuda.mem_get_info(device)
+        report.update(
+            device_allocated_bytes=torch.cuda.memory_allocated(device),
+            device_reserved_bytes=torch.cuda.memory_reserved(device),
+            device_free_bytes=free,
+            device_total_bytes=total,
+        )
+        return report
 
     def release_cached_memory(self) -> None:
         """Give the allocator's cached, unused device memory back (after a failed step)."""
@@ -147,6 +188,7 @@ def load_model(settings: LocalModelSettings) -> LoadedModel:
         pad_token_id=_pad_id(model, tokenizer),
         generation_defaults=_generation_defaults(model),
         load_seconds=time.perf_counter() - started,
+        model_bytes=int(model.get_memory_footprint()),
         constraints=JsonConstraints(model, tokenizer),
     )
     loaded.constraints.warm_up()

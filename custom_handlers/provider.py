@@ -106,6 +106,43 @@ class LocalLLM(CustomLLM):
         finally:
             job.cancel()
 
+    # ---- the model's state and release (GET /local/state, POST /local/release) ----------------
+
+    def state(self) -> dict[str, object]:
+        """What is loaded where, the memory it holds, and the requests it serves."""
+        loaded = self.holder.loaded
+        return {
+            "loaded": loaded is not None,
+            "loading": self.holder.loading,
+            "source": LocalModelSettings().model,  # read now: the next load uses the current value
+            "device": loaded.device if loaded else None,
+            "dtype": loaded.dtype if loaded else None,
+            "quantization": loaded.quantization if loaded else None,
+            "context_length": loaded.context_length if loaded else None,
+            "load_seconds": round(loaded.load_seconds, 3) if loaded else None,
+            "memory": self.holder.memory(),
+            **self.engine.state(),
+            "last_error": self.holder.last_error,
+        }
+
+    async def release(self) -> dict[str, object]:
+        """Unload the model once the requests before this call are done; then its state."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        started = time.monotonic()
+        marker = self.engine.release(on_done=wake)
+        if not marker.done.is_set():
+            await done
+        return {
+            "released": marker.released,
+            "waited_seconds": round(time.monotonic() - started, 3),
+            "state": self.state(),
+        }
+
     # ---- internals --------------------------------------------------------------------------
 
     def _parse(self, messages, optional_params, *, stream: bool) -> ChatRequest:

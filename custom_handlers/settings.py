@@ -96,3 +96,18 @@ class LocalModelSettings(BaseSettings):
         if self.model_folder:
             return f"LOCAL_LLM_MODEL={self.model!r} (LOCAL_LLM_SUBFOLDER={self.model_folder!r})"
         return f"LOCAL_LLM_MODEL={self.model!r}"
+
+
+class GatewaySettings(BaseSettings):
+    """Settings of the gateway as a whole (every model, cloud ones included)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    max_request_mb: float = Field(
+        32,
+        ge=0,
+        description=(
+            "Largest request body accepted, in MiB; a larger one gets 413 before it is read into "
+            "memory (GATEWAY_MAX_REQUEST_MB). 0: no limit."
+        ),
+    )

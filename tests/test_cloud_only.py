@@ -19,6 +19,7 @@ def broken_local_gateway(fake_openai, tmp_path_factory):
             "LOCAL_LLM_MODEL": MISSING,
             "OPENAI_BASE_URL": fake_openai.base_url,
             "OPENAI_API_KEY": "sk-fake-upstream-key",
+            "GATEWAY_MAX_REQUEST_MB": "1",
         },
         workdir=tmp_path_factory.mktemp("cloud-only"),
     ).start()
@@ -32,14 +33,17 @@ def chat(gw: Gateway, model: str) -> httpx.Response:
     )
 
 
-def test_cloud_use_and_health_checks_never_import_torch(broken_local_gateway):
+def test_cloud_use_health_checks_and_local_state_never_import_torch(broken_local_gateway):
     gw = broken_local_gateway
+    auth = {"Authorization": f"Bearer {gw.key}"}
     assert chat(gw, "gpt-4o-mini").json()["choices"][0]["message"]["content"] == "echo: hi"
-    health = httpx.get(
-        f"{gw.base_url}/health", headers={"Authorization": f"Bearer {gw.key}"}, timeout=120
-    )
+    health = httpx.get(f"{gw.base_url}/health", headers=auth, timeout=120)
     assert health.status_code == 200
     assert "qwen3-4b" not in health.text and "zlocal" not in health.text
+    state = httpx.get(f"{gw.base_url}/local/state", headers=auth).json()
+    assert state["loaded"] is False and state["memory"]["model_bytes"] is None
+    released = httpx.post(f"{gw.base_url}/local/release", headers=auth, timeout=30).json()
+    assert released["released"] is False  # nothing was loaded: nothing to wait for
     maps = gw.mapped_libraries()
     assert "libtorch" not in maps and "/torch/" not in maps
     assert "libpython" in maps or "python" in maps  # the check reads a live process's maps
@@ -58,3 +62,24 @@ def test_unloadable_local_model_gets_503_naming_the_setting_and_cloud_keeps_work
     assert "Retried" not in message  # no pointless same-model retries before the answer
     assert chat(gw, "gpt-4o-mini").status_code == 200
     assert chat(gw, "qwen3-4b").status_code == 503  # asked again: the same clear answer
+
+
+def test_the_body_limit_is_a_setting(broken_local_gateway):
+    gw = broken_local_gateway  # started with GATEWAY_MAX_REQUEST_MB=1
+    over = "x" * (1024 * 1024 + 1)
+    r = gw.chat({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": over}]})
+    assert r.status_code == 413
+    assert "at most 1 MiB (GATEWAY_MAX_REQUEST_MB)" in r.json()["error"]["message"]
+    under = "x" * (1024 * 1024 - 200)
+    r = gw.chat({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": under}]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_failed_load_shows_in_the_state(broken_local_gateway):
+    gw = broken_local_gateway
+    chat(gw, "qwen3-4b")
+    state = httpx.get(
+        f"{gw.base_url}/local/state", headers={"Authorization": f"Bearer {gw.key}"}
+    ).json()
+    assert state["loaded"] is False
+    assert f"LOCAL_LLM_MODEL='{MISSING}' does not exist" in state["last_error"]

@@ -1,0 +1,86 @@
+"""What the gateway gains when LiteLLM loads our handler: the local model's routes and a body limit.
+
+- ``GET /local/state``: loaded or not, device, dtype, quantization, memory, requests running and
+  queued, seconds idle, when it unloads. Reading it never loads the model (nor imports torch).
+- ``POST /local/release``: unload the model once the requests already sent are done, and return
+  once its memory is given back (Z-Explorer calls it before it loads the image model). Requests
+  sent after it load the model again.
+- Request bodies over ``GATEWAY_MAX_REQUEST_MB`` get 413 before they are read (``body_limit``).
+
+LiteLLM has no setting for extra routes, so ``mount`` adds them to its FastAPI app when the proxy
+imports our handler (during its start-up, from ``custom_provider_map``). Both routes need the
+gateway key, checked as on every other route.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+
+from custom_handlers.auth import user_api_key_auth
+from custom_handlers.body_limit import BodySizeLimit
+from custom_handlers.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from custom_handlers.provider import LocalLLM
+
+log = logging.getLogger("custom_handlers.routes")
+
+STATE_PATH = "/local/state"
+RELEASE_PATH = "/local/release"
+
+
+def mount_on_proxy(provider: LocalLLM) -> None:
+    """Mount on the running LiteLLM proxy's app; nothing when not inside the proxy (tests, CLI)."""
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    if proxy_server is not None:
+        mount(proxy_server.app, provider)
+
+
+def mount(app: FastAPI, provider: LocalLLM) -> None:
+    """Add the routes and the body limit to ``app``; a second call changes nothing."""
+    if getattr(app.state, "local_llm_mounted", False):
+        return
+    app.state.local_llm_mounted = True
+
+    async def require_key(request: Request) -> None:
+        await user_api_key_auth(request, _presented_key(request))
+
+    async def local_state() -> dict:
+        return provider.state()
+
+    async def local_release() -> dict:
+        return await provider.release()
+
+    routes = [
+        APIRoute(STATE_PATH, local_state, methods=["GET"], dependencies=[Depends(require_key)]),
+        APIRoute(
+            RELEASE_PATH, local_release, methods=["POST"], dependencies=[Depends(require_key)]
+        ),
+    ]
+    # First, so no catch-all route of the proxy's (pass-through providers) can shadow them.
+    app.router.routes[:0] = routes
+    _limit_body_size(app, GatewaySettings().max_request_mb)
+
+
+def _presented_key(request: Request) -> str:
+    """The key as LiteLLM reads it: ``Authorization: Bearer <key>``, else ``x-litellm-api-key``."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return request.headers.get("x-litellm-api-key", "").strip()
+
+
+def _limit_body_size(app: FastAPI, max_mb: float) -> None:
+    if max_mb <= 0:
+        log.info("GATEWAY_MAX_REQUEST_MB=0: request bodies are not limited")
+        return
+    max_bytes = int(max_mb * 1024 * 1024)
+    if app.middleware_stack is None:  # the app has not started yet: the usual way
+        app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
+    else:  # mounted during start-up: the stack is built, so wrap it (outermost)
+        app.middleware_stack = BodySizeLimit(app.middleware_stack, max_bytes)
