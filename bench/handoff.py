@@ -8,11 +8,13 @@ read three ways at each point: the device as a whole (GET /local/state: CUDA fre
 "used" includes every process on the GPU), the gateway process's own GPU memory (nvidia-smi,
 which includes its CUDA context), and the process's resident memory (RSS). Without a GPU only
 RSS and the model's own bytes are shown. Without --model it builds the tiny random-weight Qwen3.
+The LOCAL_LLM_* variables of this shell (LOCAL_LLM_DTYPE, ...) reach the gateway.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
@@ -97,7 +99,9 @@ def _row(label: str, snap: dict) -> tuple[str, str]:
 def run(model: str, cycles: int) -> list[tuple[str, str]]:
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        gw = Gateway(env={"LOCAL_LLM_MODEL": model}, workdir=Path(work)).start()
+        settings = {k: v for k, v in os.environ.items() if k.startswith("LOCAL_LLM_")}
+        env = {**settings, "LOCAL_LLM_MODEL": model}
+        gw = Gateway(env=env, workdir=Path(work)).start()
         try:
             headers = {"Authorization": f"Bearer {gw.key}"}
             with httpx.Client(headers=headers, timeout=600) as client:
