@@ -10,6 +10,7 @@ names (``LLM_MODEL``). Settings come from the environment and ``./.env`` (see ``
         print(llm.generate_prompt_variable_values("cat_breed", "a __cat_breed__ on a sofa", 5))
         for item in llm.expand("a __mythical_creature__ in a forest > cinematic : x3"):
             print(item.prompt)
+        llm.release_gpu()  # the local model leaves the GPU before the image model loads
 
 ``AsyncClient`` has the same methods, awaited. Errors are ``ClientError`` subclasses whose
 messages say what to fix; see ``client._errors`` for the tree.
@@ -22,6 +23,7 @@ from client._client import (
     enhance_prompt,
     generate_prompt_variable_values,
     generate_text,
+    release_gpu,
 )
 from client._config import Settings, load_settings
 from client._doctor import Check, diagnose
@@ -44,6 +46,7 @@ from client._errors import (
     VariableExistsError,
 )
 from client._library import Library, Variable
+from client._local import LocalModelState, ReleaseResult
 from client._template import Template, parse_template
 
 __all__ = [
@@ -60,10 +63,12 @@ __all__ = [
     "GatewayUnreachableError",
     "Library",
     "LibraryError",
+    "LocalModelState",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "ProviderAuthError",
     "RateLimitError",
+    "ReleaseResult",
     "RequestError",
     "ResponseError",
     "Settings",
@@ -77,4 +82,5 @@ __all__ = [
     "generate_text",
     "load_settings",
     "parse_template",
+    "release_gpu",
 ]

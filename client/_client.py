@@ -25,6 +25,7 @@ from client._errors import (
 )
 from client._library import Library, Variable, check_name
 from client._llm import AsyncTransport, Completion, Transport
+from client._local import DEFAULT_RELEASE_TIMEOUT, LocalModelState, ReleaseResult
 from client._prompts import ChatRequest
 from client._template import Template, parse_template, substitute
 from client._values import clean_prompt, distinct, extract_values, strip_thinking
@@ -290,6 +291,20 @@ class Client(_Base):
         """The model names the gateway serves."""
         return self._transport.list_models()
 
+    def local_model_state(self) -> LocalModelState:
+        """What the gateway's local model is doing (loaded, memory, requests). Loads nothing."""
+        return self._transport.local_state()
+
+    def release_gpu(self, timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
+        """Unload the gateway's local model and return its device memory to the system.
+
+        The gateway first lets the requests already running or queued finish; this returns once
+        the memory is free, or raises ``GatewayTimeoutError`` after ``timeout`` seconds. A
+        gateway without this route (an older one) raises ``RequestError`` with status 404. The
+        next request to the local model loads it again.
+        """
+        return self._transport.release_local(timeout)
+
     def close(self) -> None:
         self._transport.close()
 
@@ -356,6 +371,12 @@ class AsyncClient(_Base):
     async def list_models(self) -> list[str]:
         return await self._transport.list_models()
 
+    async def local_model_state(self) -> LocalModelState:
+        return await self._transport.local_state()
+
+    async def release_gpu(self, timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
+        return await self._transport.release_local(timeout)
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 
@@ -397,3 +418,9 @@ def generate_prompt_variable_values(
     settings."""
     with Client(model=model) as client:
         return client.generate_prompt_variable_values(name, context_prompt, count)
+
+
+def release_gpu(timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
+    """``Client().release_gpu(timeout)`` with the settings from the environment."""
+    with Client() as client:
+        return client.release_gpu(timeout)

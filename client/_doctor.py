@@ -1,4 +1,8 @@
-"""``diagnose``: check the settings, the gateway, the key and the model, and say what to fix."""
+"""``diagnose``: check the settings, the gateway, the key and the model, and say what to fix.
+
+When every check passes, one more line reports the gateway's local model (``/local/state``):
+loaded or not, where, how much memory, its requests. Reading the state never loads the model.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from dataclasses import dataclass
 import httpx
 
 from client._config import Settings
-from client._errors import ClientError
+from client._errors import ClientError, RequestError
 from client._llm import Transport
+from client._local import describe_state
 from client._prompts import text_request
 
 
@@ -52,6 +57,9 @@ def diagnose(
             checks += found
             if not all(c.ok for c in found):
                 break
+        else:
+            progress("Reading the local model's state")
+            checks.append(_check_local_model(transport))
     finally:
         transport.close()
     return checks
@@ -111,6 +119,18 @@ def _check_answer(transport: Transport, model: str) -> list[Check]:
     except ClientError as exc:
         return [Check("answer", False, str(exc))]
     return [Check("answer", True, f"{model} answered in {time.monotonic() - started:.1f} s")]
+
+
+def _check_local_model(transport: Transport) -> Check:
+    try:
+        state = transport.local_state()
+    except RequestError as exc:
+        if exc.status_code == 404:  # an older gateway: everything else works without the routes
+            return Check("local model", None, str(exc))
+        return Check("local model", False, str(exc))
+    except ClientError as exc:
+        return Check("local model", False, str(exc))
+    return Check("local model", None if state.last_error else True, describe_state(state))
 
 
 def gateway_answers(settings: Settings, timeout: float = 3.0) -> bool:

@@ -21,7 +21,8 @@
      └── ResponseError               the model answered, but with nothing usable
 
 Only the library raises them; only the CLI turns them into one line on stderr and an exit code.
-Foreign errors (the OpenAI SDK's) are translated in one place, ``client._llm.translate``.
+Foreign errors (the OpenAI SDK's) are translated in one place, ``client._llm`` (``translate``, and
+``translate_local`` for the gateway's /local routes).
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ what this gateway actually answers (LiteLLM 1.108 with our auth hook):
 - the local model's own errors as it wrote them (the gateway's failure hook unwraps them): 400
   ``context_length_exceeded: This model's maximum context length is ...``, 503 when it cannot
   load, 503 with ``retry-after`` when its queue is full.
+
+The gateway's own ``/local/state`` and ``/local/release`` routes are called through the same SDK
+client (its generic ``get``/``post``), so they share the URL, the key, the timeout and the HTTP
+client; ``translate_local`` maps their errors (a 404: a gateway without those routes).
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ from client._errors import (
     RateLimitError,
     RequestError,
     ResponseError,
+)
+from client._local import (
+    RELEASE_ROUTE,
+    STATE_ROUTE,
+    LocalModelState,
+    ReleaseResult,
+    release_of,
+    state_of,
 )
 from client._prompts import ChatRequest
 
@@ -105,9 +117,26 @@ class Transport:
         except openai.APIError as exc:
             raise translate(exc, self.settings, model=None) from exc
 
+    def local_state(self) -> LocalModelState:
+        """GET /local/state: the local model's state (it never loads the model)."""
+        return state_of(self._local(STATE_ROUTE))
+
+    def release_local(self, timeout: float) -> ReleaseResult:
+        """POST /local/release: unload the local model once the requests before it are done."""
+        return release_of(self._local(RELEASE_ROUTE, timeout))
+
     def close(self) -> None:
         if self._sdk is not None:
             self._sdk.close()
+
+    def _local(self, route: str, timeout: float | None = None) -> Any:
+        url, options = local_call(self.settings, route, timeout)
+        try:
+            if route == RELEASE_ROUTE:
+                return self.sdk.post(url, cast_to=object, body={}, options=options)
+            return self.sdk.get(url, cast_to=object, options=options)
+        except openai.APIError as exc:
+            raise translate_local(exc, self.settings, route, timeout) from exc
 
     def _translate(self, exc: openai.APIError, model: str) -> ClientError:
         available = None
@@ -149,9 +178,24 @@ class AsyncTransport:
         except openai.APIError as exc:
             raise translate(exc, self.settings, model=None) from exc
 
+    async def local_state(self) -> LocalModelState:
+        return state_of(await self._local(STATE_ROUTE))
+
+    async def release_local(self, timeout: float) -> ReleaseResult:
+        return release_of(await self._local(RELEASE_ROUTE, timeout))
+
     async def aclose(self) -> None:
         if self._sdk is not None:
             await self._sdk.close()
+
+    async def _local(self, route: str, timeout: float | None = None) -> Any:
+        url, options = local_call(self.settings, route, timeout)
+        try:
+            if route == RELEASE_ROUTE:
+                return await self.sdk.post(url, cast_to=object, body={}, options=options)
+            return await self.sdk.get(url, cast_to=object, options=options)
+        except openai.APIError as exc:
+            raise translate_local(exc, self.settings, route, timeout) from exc
 
     async def _translate(self, exc: openai.APIError, model: str) -> ClientError:
         available = None
@@ -161,13 +205,16 @@ class AsyncTransport:
         return translate(exc, self.settings, model=model, available=available)
 
 
+def http_timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(10.0, seconds))
+
+
 def sdk_options(settings: Settings, http_client: Any) -> dict[str, Any]:
-    seconds = settings.timeout_seconds
     options = {
         "base_url": settings.base_url,
         # Always explicit: the SDK would otherwise send OPENAI_API_KEY to the gateway.
         "api_key": settings.api_key or "",
-        "timeout": httpx.Timeout(seconds, connect=min(10.0, seconds)),
+        "timeout": http_timeout(settings.timeout_seconds),
         "max_retries": 0,  # one clear answer, fast; a rate-limit error says when to retry
     }
     if http_client is not None:
@@ -185,6 +232,14 @@ def chat_options(request: ChatRequest, model: str) -> dict[str, Any]:
     if request.response_format is not None:
         options["response_format"] = request.response_format
     return options
+
+
+def local_call(settings: Settings, route: str, timeout: float | None) -> tuple[str, dict]:
+    """The URL of a /local route (beside /v1, not under it) and the SDK's request options."""
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a number of seconds above 0, got {timeout!r}")
+    options = {"timeout": http_timeout(timeout)} if timeout is not None else {}
+    return f"{settings.gateway_url}{route}", options
 
 
 def completion_of(response: Any, model: str) -> Completion:
@@ -231,6 +286,42 @@ def translate(
             **where,
         )
     return _translate_status(exc, settings, model, available, where)
+
+
+def translate_local(
+    exc: openai.APIError, settings: Settings, route: str, timeout: float | None
+) -> ClientError:
+    """The client's exception for a failed call to one of the gateway's /local routes."""
+    where = {"model": None, "base_url": settings.gateway_url}
+    url = f"{settings.gateway_url}{route}"
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, openai.APITimeoutError):
+        seconds = timeout if timeout is not None else settings.timeout_seconds
+        if route == RELEASE_ROUTE:
+            text = (
+                f"The gateway at {settings.gateway_url} did not release the local model within "
+                f"{seconds:g} s: it first waits for the requests already running or queued. Give "
+                "it longer (release_gpu(timeout=...), `z-explorer release-gpu --timeout`), or see "
+                "the gateway's log."
+            )
+        else:
+            text = f"No answer from {url} within {seconds:g} s: see the gateway's log."
+        return GatewayTimeoutError(text, **where)
+    if status == 404:
+        return RequestError(
+            f"The gateway at {settings.gateway_url} has no local-model routes ({route} answered "
+            "404): it is older than this client, or was not started with this project's "
+            "proxy_config.yaml. Start it in the project folder with `uv run z-explorer-gateway`.",
+            status_code=404,
+            **where,
+        )
+    if status is None or status == 401:  # unreachable, or our key: the usual words
+        return translate(exc, settings, model=None)
+    detail = short_detail(error_message(exc))
+    said = "" if detail.startswith("Error code:") else f": {detail}"  # the SDK's, for no body
+    return RequestError(
+        f"{url} answered HTTP {status}{said} (see the gateway's log).", status_code=status, **where
+    )
 
 
 def _translate_status(exc, settings, model, available, where) -> ClientError:

@@ -29,6 +29,7 @@ from client._config import Settings, load_settings
 from client._doctor import Check, diagnose, gateway_answers
 from client._errors import ClientError
 from client._gateway_config import GatewayConfig, config_path
+from client._local import DEFAULT_RELEASE_TIMEOUT, describe_release
 from client._setup import Choice, Plan, advice, apply, make_plan, options_choice, read_env
 from client._template import parse_template
 
@@ -222,6 +223,32 @@ def doctor(model: ModelOption = None) -> None:
     _print_checks(checks)
     if any(check.ok is False for check in checks):
         raise typer.Exit(1)
+
+
+@app.command("release-gpu")
+@_handles_errors
+def release_gpu(
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", min=1, help="Seconds to wait for running requests and the release."
+        ),
+    ] = DEFAULT_RELEASE_TIMEOUT,
+) -> None:
+    """Unload the gateway's local model and give its GPU memory back (e.g. for the image model).
+
+    Requests already running or queued finish first; the next request loads the model again.
+    """
+    settings = _settings()
+    with Client(settings) as client, _working("Releasing the local model") as progress:
+        before = client.local_model_state()
+        if before.running_requests or before.queued_requests:
+            progress(
+                f"Releasing the local model after {before.running_requests} running and "
+                f"{before.queued_requests} queued requests"
+            )
+        result = client.release_gpu(timeout)
+    typer.echo(describe_release(before, result))
 
 
 @app.command()

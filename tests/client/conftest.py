@@ -44,8 +44,9 @@ class FakeGateway:
     """Canned HTTP answers, in order, for the OpenAI SDK; records every request it gets.
 
     ``reply("text")`` queues a chat completion, ``error(status, message)`` an OpenAI-shaped error
-    body, ``fail(exc)`` an httpx exception (timeout, refused connection). ``GET /v1/models``
-    answers ``models`` unless something is queued for it with ``path="/v1/models"``.
+    body, ``fail(exc)`` an httpx exception (timeout, refused connection), ``answer(path, body)``
+    any JSON. ``GET /v1/models`` answers ``models`` unless something is queued for it with
+    ``path="/v1/models"``.
     """
 
     def __init__(self) -> None:
@@ -77,9 +78,21 @@ class FakeGateway:
     def fail(self, exc: Exception, path: str = "/v1/chat/completions"):
         self.queue.append((path, exc))
 
+    def answer(self, path: str, body, status: int = 200):
+        self.queue.append((path, httpx.Response(status, json=body)))
+
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
-        self.requests.append({"path": request.url.path, "body": body, "headers": request.headers})
+        self.requests.append(
+            {
+                "method": request.method,
+                "url": str(request.url),
+                "path": request.url.path,
+                "body": body,
+                "headers": request.headers,
+                "timeout": request.extensions.get("timeout"),
+            }
+        )
         for i, (path, answer) in enumerate(self.queue):
             if path == request.url.path:
                 del self.queue[i]

@@ -21,10 +21,12 @@ PUBLIC = [
     "GatewayUnreachableError",
     "Library",
     "LibraryError",
+    "LocalModelState",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "ProviderAuthError",
     "RateLimitError",
+    "ReleaseResult",
     "RequestError",
     "ResponseError",
     "Settings",
@@ -38,6 +40,7 @@ PUBLIC = [
     "generate_text",
     "load_settings",
     "parse_template",
+    "release_gpu",
 ]
 
 

@@ -177,8 +177,9 @@ def test_models(on_gateway, cli):
 def test_doctor_all_good(on_gateway, cli, model):
     result = cli("doctor", "--model", model)
     assert result.exit_code == 0, result.stdout
-    assert [line[:1] for line in out_lines(result)] == ["✓"] * 5
+    assert [line[:1] for line in out_lines(result)] == ["✓"] * 6
     assert f"✓ answer: {model} answered in" in result.stdout
+    assert out_lines(result)[-1].startswith("✓ local model: ")
     assert_plain(result)
 
 

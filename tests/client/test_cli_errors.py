@@ -40,7 +40,7 @@ def test_gateway_unreachable_names_the_url_and_how_to_start_it(cli, monkeypatch)
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("LITELLM_PROXY_API_BASE", url)
     monkeypatch.setenv("LITELLM_PROXY_API_KEY", "sk-anything")
-    for command in (["enhance", "a fox"], ["models"], ["vars", "cat_breed"]):
+    for command in (["enhance", "a fox"], ["models"], ["vars", "cat_breed"], ["release-gpu"]):
         assert_one_line_error(cli(*command), url, "uv run z-explorer-gateway")
 
 
@@ -56,7 +56,7 @@ def test_doctor_says_the_gateway_is_down(cli, monkeypatch):
 
 def test_wrong_gateway_key(on_gateway, cli, monkeypatch):
     monkeypatch.setenv("LITELLM_PROXY_API_KEY", "sk-not-the-key")
-    for command in (["enhance", "a fox"], ["models"]):
+    for command in (["enhance", "a fox"], ["models"], ["release-gpu"]):
         line = assert_one_line_error(cli(*command), "refused the key", "LITELLM_PROXY_API_KEY")
         assert "sk-not-the-key" not in line
     doctor = cli("doctor")

@@ -75,7 +75,7 @@ def test_fresh_clone_to_a_local_enhance(tmp_path_factory, tiny_model_dir):
         again = z_explorer(folder, shell, "setup", "--yes")  # the gateway is up now
         assert again.returncode == 0, again.stdout + again.stderr
         assert "Nothing to change" in again.stderr
-        assert [line[:1] for line in again.stdout.splitlines()] == ["✓"] * 5
+        assert [line[:1] for line in again.stdout.splitlines()] == ["✓"] * 6
         assert 'Ready. Next: uv run z-explorer enhance "a cute fox"' in again.stderr
     finally:
         gateway.stop()

@@ -1,0 +1,143 @@
+"""``local_model_state``, ``release_gpu``, ``z-explorer release-gpu`` and doctor's local-model line
+against the real gateway and its tiny local model (``/local/state`` and ``/local/release``).
+
+Each test starts from a known state by releasing the model first: the gateway is shared by the
+session, and other tests load the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import pytest
+
+from client import AsyncClient, Client, GatewayTimeoutError, release_gpu
+
+pytestmark = pytest.mark.integration
+
+LOCAL, CLOUD = "qwen3-4b", "gpt-4o-mini"
+# A JSON array of 100000 integers cannot end: a request asking for it runs to its max_tokens.
+ENDLESS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "numbers",
+        "schema": {"type": "array", "items": {"type": "integer"}, "minItems": 100000},
+    },
+}
+
+
+def start_long_request(gateway, max_tokens: int) -> tuple[threading.Thread, list]:
+    """A local generation of ``max_tokens`` tokens in a thread; its response lands in the list."""
+    body = {
+        "model": LOCAL,
+        "messages": [{"role": "user", "content": "Count."}],
+        "max_tokens": max_tokens,
+        "response_format": ENDLESS,
+    }
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.append(gateway.chat(body)), daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def wait_until_running(client: Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.local_model_state().running_requests < 1:
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.05)
+
+
+def test_state_before_and_after_a_request(on_gateway, tiny_model_dir):
+    with Client(model=LOCAL) as client:
+        client.release_gpu()
+        before = client.local_model_state()
+        again = client.local_model_state()  # reading the state never loads the model
+        client.generate_text("Say hi.", max_tokens=4)
+        after = client.local_model_state()
+    assert (before.loaded, before.loading, again.loaded) == (False, False, False)
+    assert before.source == after.source == str(tiny_model_dir)
+    assert after.loaded and not after.loading
+    assert after.device and after.dtype
+    assert after.load_seconds is not None and after.load_seconds >= 0
+    # Ints; not always 0 here: the gateway may count our request a moment after answering it.
+    assert isinstance(after.running_requests, int) and isinstance(after.queued_requests, int)
+    assert after.running_requests >= 0 and after.queued_requests >= 0
+    assert after.last_error is None
+
+
+def test_release_frees_the_model_and_a_second_release_has_nothing_to_free(on_gateway):
+    with Client(model=LOCAL) as client:
+        client.generate_text("Say hi.", max_tokens=4)
+        first = client.release_gpu()
+        second = client.release_gpu()
+        state = client.local_model_state()
+        client.generate_text("Say hi.", max_tokens=4)  # the next request loads it again
+        reloaded = client.local_model_state()
+    assert first.released is True and first.waited_seconds >= 0
+    assert first.state.loaded is False
+    assert second.released is False and second.state.loaded is False
+    assert state.loaded is False
+    assert reloaded.loaded is True
+
+
+def test_release_waits_for_the_running_request_or_times_out(on_gateway):
+    with Client(model=LOCAL) as client:
+        client.generate_text("Say hi.", max_tokens=4)  # loaded: the timings below are generation's
+        thread, answers = start_long_request(on_gateway, 1500)
+        wait_until_running(client)
+        with pytest.raises(GatewayTimeoutError, match="did not release the local model within"):
+            client.release_gpu(timeout=0.2)
+        thread.join(120)
+        client.release_gpu()  # whatever the timed-out release left, start from nothing loaded
+
+        thread, answers = start_long_request(on_gateway, 300)
+        wait_until_running(client)
+        result = client.release_gpu()
+        thread.join(120)
+    assert answers[0].status_code == 200
+    assert answers[0].json()["choices"][0]["finish_reason"] == "length"  # not cut by the release
+    assert result.released is True and result.waited_seconds > 0
+    assert result.state.loaded is False
+
+
+def test_async_client_and_the_module_level_release(on_gateway):
+    async def twin():
+        async with AsyncClient(model=LOCAL) as client:
+            await client.generate_text("Say hi.", max_tokens=4)
+            return await client.local_model_state(), await client.release_gpu(timeout=120)
+
+    state, result = asyncio.run(twin())
+    assert state.loaded and result.released and not result.state.loaded
+    assert release_gpu().released is False
+
+
+def test_doctor_shows_the_local_model_without_loading_it(on_gateway, cli, tiny_model_dir):
+    with Client() as client:
+        client.release_gpu()
+    cloud = cli("doctor", "--model", CLOUD)
+    assert cloud.exit_code == 0, cloud.stdout
+    last = cloud.stdout.splitlines()[-1]
+    assert last.startswith(f"✓ local model: {tiny_model_dir} not loaded (loads on the next request")
+    with Client() as client:
+        assert client.local_model_state().loaded is False
+
+    local = cli("doctor", "--model", LOCAL)  # its answer check loads the model
+    assert local.exit_code == 0, local.stdout
+    last = local.stdout.splitlines()[-1]
+    assert last.startswith(f"✓ local model: {tiny_model_dir} loaded on ")
+    assert re.search(r"; \d+ running, \d+ queued", last), last
+
+
+def test_cli_release_gpu(on_gateway, cli):
+    with Client(model=LOCAL) as client:
+        client.generate_text("Say hi.", max_tokens=4)
+    first = cli("release-gpu")
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout.startswith("Released the local model (") and first.stdout.count("\n") == 1
+    second = cli("release-gpu", "--timeout", "60")
+    assert second.exit_code == 0, second.stderr
+    assert "was not loaded: nothing to release" in second.stdout
+    assert "\x1b[" not in first.stdout + first.stderr + second.stdout + second.stderr
