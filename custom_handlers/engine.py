@@ -199,7 +199,9 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len({id(r.job) for r in self._rows})
+        """Requests with a row still generating (a finished row waits a step to leave)."""
+        rows = list(self._rows)  # the engine thread may replace the list meanwhile
+        return len({id(r.job) for r in rows if not r.done and not r.job.cancelled})
 
     @property
     def queued(self) -> int:

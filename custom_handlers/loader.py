@@ -50,6 +50,7 @@ class ModelHolder:
         self._loaded: LoadedModel | None = None
         self._failure: tuple[float, ModelUnavailableError] | None = None
         self.loading = False  # a load is under way (state reports; nothing waits on it)
+        self.last_load_seconds: float | None = None  # kept after an unload: what a reload costs
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -80,6 +81,7 @@ class ModelHolder:
             finally:
                 self.loading = False
             self._failure = None
+            self.last_load_seconds = self._loaded.load_seconds
             return self._loaded
 
     def unload(self) -> bool:
@@ -114,9 +116,10 @@ class ModelHolder:
             )
         )
         report["model_bytes"] = loaded.model_bytes if loaded else None
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_initialized():
+        cuda = getattr(sys.modules.get("torch"), "cuda", None)  # None while torch is importing
+        if cuda is None or not getattr(cuda, "is_initialized", lambda: False)():
             return report
+        torch = sys.modules["torch"]
         device = loaded.device if loaded and loaded.device.startswith("cuda") else None
         device = device or torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)

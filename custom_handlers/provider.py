@@ -119,7 +119,7 @@ class LocalLLM(CustomLLM):
             "dtype": loaded.dtype if loaded else None,
             "quantization": loaded.quantization if loaded else None,
             "context_length": loaded.context_length if loaded else None,
-            "load_seconds": round(loaded.load_seconds, 3) if loaded else None,
+            "load_seconds": _rounded(self.holder.last_load_seconds),  # the last load's, if any
             "memory": self.holder.memory(),
             **self.engine.state(),
             "last_error": self.holder.last_error,
@@ -228,6 +228,10 @@ def _output_budget(loaded: LoadedModel, request: ChatRequest, prompt_len: int, d
             f"take {prompt_len}. Please reduce the length of the messages."
         )
     return asked if asked is not None else min(default, context - prompt_len)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _raise_if_failed(event) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+import types
 
 import httpx
 import pytest
@@ -56,6 +58,28 @@ def test_state_while_busy_and_idle(tiny_model_dir):
     assert idle["requests"] == {"running": 0, "queued": 0}
     assert 0 <= idle["idle_seconds"] < 5
     assert 55 < idle["unload_in_seconds"] <= 60
+
+
+def test_a_request_answered_is_no_longer_counted_as_running(tiny_model_dir):
+    local = handler(tiny_model_dir)
+
+    async def scenario():
+        counts = []
+        for _ in range(20):
+            await local.acompletion("x", FOX, optional_params={"max_tokens": 2})
+            counts.append(local.state()["requests"]["running"])
+        return counts
+
+    assert asyncio.run(scenario()) == [0] * 20
+
+
+def test_state_while_torch_is_still_importing(tiny_model_dir, monkeypatch):
+    """A first load imports torch on another thread: a half-imported module has no ``cuda``."""
+    local = handler(tiny_model_dir)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    state = local.state()
+    assert state["memory"]["device_allocated_bytes"] is None
+    assert state["loaded"] is False
 
 
 def test_release_waits_for_the_running_request_then_unloads(tiny_model_dir):
@@ -138,7 +162,9 @@ def test_state_and_release_through_the_gateway(gateway, client):
 
     released = release(gateway)
     assert released["released"] is True and released["state"]["loaded"] is False
-    assert get_state(gateway)["loaded"] is False
+    unloaded = get_state(gateway)
+    assert unloaded["loaded"] is False
+    assert unloaded["load_seconds"] > 0  # the last load's time stays: what a reload may cost
     assert release(gateway)["released"] is False  # nothing left to release
 
     started = time.monotonic()
