@@ -7,16 +7,21 @@ message names the offending field, so the caller can fix it without reading our 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from custom_handlers.errors import InvalidRequestError
+from custom_handlers.settings import LocalModelSettings
 
 # "developer" is OpenAI's newer name for the system turn.
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 16
 MAX_SCHEMA_CHARS = 64 * 1024
+# Objects and arrays inside one another in a schema. A real schema needs a few dozen at most; the
+# validator recurses per level and hit Python's recursion limit (a 500) at about 200.
+MAX_SCHEMA_DEPTH = 64
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 # Parameters that change the answer in ways the local model does not implement: refusing them is
 # better than silently answering as if they had not been sent.
@@ -32,6 +37,55 @@ _UNSUPPORTED = {
     "modalities": "non-text modalities",
 }
 _ZERO_OR_UNSET = ("presence_penalty", "frequency_penalty")
+
+# Body keys that look like a server-only setting of the local model, and the gateway's environment
+# variable that sets it ("": none, the loaded model fixes it). A request that tries one is refused:
+# it cannot change what the server does, and answering as if it had would mislead the caller.
+# keep_alive is per request on purpose; "model" is the alias, never an optional parameter.
+_SERVER_ONLY: dict[str, str] = {
+    **{
+        name: f"LOCAL_LLM_{name.upper()}"
+        for name in LocalModelSettings.model_fields
+        if name not in ("model", "keep_alive")
+    },
+    **dict.fromkeys(
+        ("model_path", "model_dir", "model_name_or_path", "pretrained_model_name_or_path"),
+        "LOCAL_LLM_MODEL",
+    ),
+    **dict.fromkeys(("checkpoint", "repo_id", "revision", "tokenizer"), "LOCAL_LLM_MODEL"),
+    **dict.fromkeys(("device_map", "cuda_device", "gpu_id"), "LOCAL_LLM_DEVICE"),
+    "torch_dtype": "LOCAL_LLM_DTYPE",
+    **dict.fromkeys(
+        (
+            "load_in_4bit",
+            "load_in_8bit",
+            "quantization_config",
+            "bnb_4bit_quant_type",
+            "bnb_4bit_compute_dtype",
+        ),
+        "LOCAL_LLM_QUANTIZATION",
+    ),
+    "batch_size": "LOCAL_LLM_MAX_BATCH_SIZE",
+    **dict.fromkeys(("queue_size", "max_queue_size"), "LOCAL_LLM_MAX_QUEUE"),
+    **dict.fromkeys(("token", "hf_token", "use_auth_token"), "HF_TOKEN"),
+    "cache_dir": "HF_HOME",
+    **dict.fromkeys(
+        (
+            "max_memory",
+            "gpu_memory_utilization",
+            "memory_limit",
+            "max_model_len",
+            "context_length",
+            "max_position_embeddings",
+            "attn_implementation",
+            "low_cpu_mem_usage",
+            "offload_folder",
+            "local_files_only",
+        ),
+        "",
+    ),
+}
+_ENV_PREFIX = "local_llm_"
 
 
 @dataclass(frozen=True)
@@ -64,6 +118,7 @@ def parse_chat_request(
     messages: Any, params: Mapping[str, Any], *, stream: bool = False, max_n: int = 8
 ) -> ChatRequest:
     """Check ``messages`` and LiteLLM's ``optional_params``; raise ``InvalidRequestError``."""
+    _reject_server_only(params)
     _reject_unsupported(params)
     sampling = SamplingParams(
         max_tokens=_max_tokens(params),
@@ -90,13 +145,47 @@ def _keep_alive(value: Any) -> float | None:
     """Ollama's knob, in seconds: 0 unloads the model right after this request, -1 never."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (value < 0 and value != -1):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or (value < 0 and value != -1)
+    ):
         raise InvalidRequestError(
             "'keep_alive' must be a number of seconds (0 or more, or -1 for never), "
             f"got {value!r}.",
             param="keep_alive",
         )
     return float(value)
+
+
+def _reject_server_only(params: Mapping[str, Any]) -> None:
+    """Refuse body keys (top level or a raw ``extra_body``) that name a server-only setting."""
+    nested = params.get("extra_body")
+    nested = nested if isinstance(nested, Mapping) else {}
+    for where, source in (("", params), ("extra_body.", nested)):
+        for name in source:
+            if (env := _server_only_env(name)) is not None:
+                where_name = f"{where}{name}"
+                raise InvalidRequestError(_server_only_message(where_name, env), param=where_name)
+
+
+def _server_only_env(name: Any) -> str | None:
+    """The variable that sets ``name`` on the gateway ("" if none), or None: not a setting."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key.startswith(_ENV_PREFIX):
+        return _SERVER_ONLY.get(key.removeprefix(_ENV_PREFIX), key.upper())
+    return _SERVER_ONLY.get(key)
+
+
+def _server_only_message(name: str, env: str) -> str:
+    if not env:
+        how = "it is fixed by the model the gateway loads and cannot be set per request"
+    else:
+        how = f"set {env} in the gateway's environment (see env.example) instead"
+    return (
+        f"'{name}' is a server-only setting of the local model: {how}. Remove it from the request."
+    )
 
 
 def _reject_unsupported(params: Mapping[str, Any]) -> None:
@@ -142,7 +231,12 @@ def _json_schema(response_format: Any) -> str | None:
             '{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}.',
             param="response_format",
         )
-    _check_schema(schema)
+    if _nests_deeper(schema, MAX_SCHEMA_DEPTH):
+        raise InvalidRequestError(
+            "response_format.json_schema.schema nests objects and arrays more than "
+            f"{MAX_SCHEMA_DEPTH} levels deep; flatten it (a $ref to a $defs entry is one level).",
+            param="response_format",
+        )
     text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidRequestError(
@@ -150,7 +244,24 @@ def _json_schema(response_format: Any) -> str | None:
             f"{MAX_SCHEMA_CHARS}.",
             param="response_format",
         )
+    _check_schema(schema)
     return text
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether objects/arrays in ``value`` nest more than ``limit`` deep (no recursion: the input
+    is what could be deep)."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, Mapping) else item)
+            if isinstance(child, Mapping | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _check_schema(schema: Mapping[str, Any]) -> None:
@@ -163,6 +274,11 @@ def _check_schema(schema: Mapping[str, Any]) -> None:
         raise InvalidRequestError(
             f"response_format.json_schema.schema is not a valid JSON Schema at {where}: "
             f"{exc.message}",
+            param="response_format",
+        ) from exc
+    except RecursionError as exc:  # the depth limit should prevent it; a 400 if it does not
+        raise InvalidRequestError(
+            "response_format.json_schema.schema is too deeply nested to check; flatten it.",
             param="response_format",
         ) from exc
 
@@ -242,7 +358,7 @@ def _number(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"'{name}' must be a number, got {value!r}.", param=name)
     too_low = value <= low if low_open else value < low
-    if too_low or value > high:
+    if too_low or value > high or math.isnan(value):
         bound = f"greater than {low}" if low_open else f"at least {low}"
         raise InvalidRequestError(
             f"'{name}' must be {bound} and at most {high}, got {value}.", param=name

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from custom_handlers.errors import InvalidRequestError
-from custom_handlers.request import parse_chat_request
+from custom_handlers.request import MAX_SCHEMA_DEPTH, parse_chat_request
 
 USER = [{"role": "user", "content": "a fox"}]
 
@@ -141,3 +141,103 @@ def test_bad_response_format_is_refused(response_format, needle):
     with pytest.raises(InvalidRequestError) as info:
         parse(response_format=response_format)
     assert needle in info.value.message
+
+
+# ---- server-only settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [
+        ("model_path", "LOCAL_LLM_MODEL"),
+        ("LOCAL_LLM_MODEL", "LOCAL_LLM_MODEL"),
+        ("local_llm_device", "LOCAL_LLM_DEVICE"),
+        ("device", "LOCAL_LLM_DEVICE"),
+        ("device_map", "LOCAL_LLM_DEVICE"),
+        ("dtype", "LOCAL_LLM_DTYPE"),
+        ("torch_dtype", "LOCAL_LLM_DTYPE"),
+        ("quantization", "LOCAL_LLM_QUANTIZATION"),
+        ("load_in_4bit", "LOCAL_LLM_QUANTIZATION"),
+        ("trust_remote_code", "LOCAL_LLM_TRUST_REMOTE_CODE"),
+        ("subfolder", "LOCAL_LLM_SUBFOLDER"),
+        ("tokenizer_subfolder", "LOCAL_LLM_TOKENIZER_SUBFOLDER"),
+        ("max_batch_size", "LOCAL_LLM_MAX_BATCH_SIZE"),
+        ("max_queue", "LOCAL_LLM_MAX_QUEUE"),
+        ("max_n", "LOCAL_LLM_MAX_N"),
+        ("default_max_tokens", "LOCAL_LLM_DEFAULT_MAX_TOKENS"),
+        ("LOCAL_LLM_KEEP_ALIVE", "LOCAL_LLM_KEEP_ALIVE"),
+        ("Max-Batch-Size", "LOCAL_LLM_MAX_BATCH_SIZE"),
+        ("hf_token", "HF_TOKEN"),
+    ],
+)
+def test_server_only_settings_are_refused_naming_their_variable(name, env):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(**{name: "x"})
+    message = info.value.message
+    assert f"'{name}' is a server-only setting" in message
+    assert env in message
+    assert info.value.param == name
+
+
+@pytest.mark.parametrize("name", ["max_memory", "gpu_memory_utilization", "context_length"])
+def test_settings_fixed_by_the_model_are_refused_too(name):
+    with pytest.raises(InvalidRequestError, match="fixed by the model"):
+        parse(**{name: 1})
+
+
+def test_a_server_only_setting_inside_a_raw_extra_body_is_refused():
+    with pytest.raises(InvalidRequestError) as info:
+        parse(extra_body={"device": "cuda:0"})
+    assert info.value.param == "extra_body.device"
+    assert "LOCAL_LLM_DEVICE" in info.value.message
+
+
+def test_what_litellm_itself_adds_to_optional_params_is_not_a_server_setting():
+    # Seen in optional_params on /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages.
+    parse(
+        max_retries=0,
+        stream_options={"include_usage": True},
+        keep_alive=5,
+        top_k=2,
+        best_of=1,
+        echo=False,
+        store=False,
+        service_tier="auto",
+        parallel_tool_calls=False,
+        extra_body={"keep_alive": 5},
+    )
+
+
+def _nested_properties(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_schema_nested_past_the_limit_is_refused_before_it_is_validated():
+    # 100 levels (200 nested objects) hit the validator's recursion limit: a 500 before the fix.
+    for levels in (33, 100, 400):
+        with pytest.raises(InvalidRequestError, match="more than 64 levels deep") as info:
+            parse(response_format=_json_schema(_nested_properties(levels)))
+        assert info.value.param == "response_format"
+
+
+def test_a_schema_nested_up_to_the_limit_is_accepted():
+    schema = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH - 1):
+        schema = {"type": "array", "items": schema}
+    assert parse(response_format=_json_schema(schema)).json_schema is not None
+    assert parse(response_format=_json_schema(_nested_properties(31))).json_schema is not None
+
+
+def _json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "keep_alive"])
+def test_nan_is_refused(name):
+    # JSON has no NaN, but the gateway's parser accepts it; it passed every range check.
+    with pytest.raises(InvalidRequestError) as info:
+        parse(**{name: float("nan")})
+    assert info.value.param == name
