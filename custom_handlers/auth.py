@@ -3,6 +3,9 @@
 Out of the box this LiteLLM answers a missing key with a 500 (its error path needs a database
 client) and a wrong key with a 400 ("No connected db"). This check answers both with a 401 and an
 OpenAI-shaped error body, and never echoes the key it was given.
+
+Importing it also installs ``body_reader`` (LiteLLM reads the body before it calls this check),
+which answers a body it refuses with this check's 401 when the caller lacks the key.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ import hmac
 
 from fastapi import Request
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
+
+from custom_handlers import body_reader
+
+# The headers LiteLLM takes the key from: OpenAI's, its own, Azure's, Anthropic's and Google's.
+_KEY_HEADERS = ("x-litellm-api-key", "api-key", "x-api-key", "x-goog-api-key")
 
 
 def _master_key() -> str | None:
@@ -29,17 +37,39 @@ def _unauthorized(message: str) -> ProxyException:
     )
 
 
-async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
+def unauthorized_reason(api_key: str | None) -> str | None:
+    """Why ``api_key`` does not open the gateway, or None when it is the gateway's key."""
     master_key = _master_key()
     if not master_key:
-        raise _unauthorized(
-            "The gateway has no master key configured; set LITELLM_MASTER_KEY and restart it."
-        )
+        return "The gateway has no master key configured; set LITELLM_MASTER_KEY and restart it."
     if not api_key:
-        raise _unauthorized(
+        return (
             "No API key provided. Send the gateway key as 'Authorization: Bearer <key>' "
             "(LITELLM_MASTER_KEY on the gateway; LITELLM_PROXY_API_KEY for the Z-Explorer client)."
         )
     if not hmac.compare_digest(api_key.encode(), master_key.encode()):
-        raise _unauthorized("Invalid API key: it does not match the gateway's LITELLM_MASTER_KEY.")
+        return "Invalid API key: it does not match the gateway's LITELLM_MASTER_KEY."
+    return None
+
+
+async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
+    if (reason := unauthorized_reason(api_key)) is not None:
+        raise _unauthorized(reason)
     return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN)
+
+
+def presented_key(request: Request) -> str:
+    """The key as LiteLLM reads it: ``Authorization: Bearer <key>``, else its other key headers."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return next((v.strip() for h in _KEY_HEADERS if (v := request.headers.get(h, ""))), "")
+
+
+def unauthorized(request: Request) -> ProxyException | None:
+    """The 401 for a request without the gateway's key, or None."""
+    reason = unauthorized_reason(presented_key(request))
+    return None if reason is None else _unauthorized(reason)
+
+
+body_reader.install(unauthorized)

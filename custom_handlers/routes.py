@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
-from custom_handlers.auth import user_api_key_auth
+from custom_handlers.auth import presented_key, user_api_key_auth
 from custom_handlers.body_limit import BodySizeLimit
 from custom_handlers.settings import GatewaySettings
 
@@ -48,7 +48,7 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     app.state.local_llm_mounted = True
 
     async def require_key(request: Request) -> None:
-        await user_api_key_auth(request, _presented_key(request))
+        await user_api_key_auth(request, presented_key(request))
 
     async def local_state() -> dict:
         return provider.state()
@@ -65,14 +65,6 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     # First, so no catch-all route of the proxy's (pass-through providers) can shadow them.
     app.router.routes[:0] = routes
     _limit_body_size(app, GatewaySettings().max_request_mb)
-
-
-def _presented_key(request: Request) -> str:
-    """The key as LiteLLM reads it: ``Authorization: Bearer <key>``, else ``x-litellm-api-key``."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
-    return request.headers.get("x-litellm-api-key", "").strip()
 
 
 def _limit_body_size(app: FastAPI, max_mb: float) -> None:

@@ -303,19 +303,40 @@ def test_gateway_still_serves_after_bad_input(gateway, client):
 # ---- auth ---------------------------------------------------------------------------------------
 
 
+# Every route that serves or describes models (LiteLLM's pass-through routes to providers too).
+# Only /health/liveliness and /health/readiness answer without the key.
+KEYED_ROUTES = [
+    "POST /v1/chat/completions",
+    "POST /chat/completions",
+    "POST /engines/qwen3-4b/chat/completions",
+    "POST /openai/deployments/qwen3-4b/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/responses",
+    "POST /v1/messages",
+    "POST /v1/embeddings",
+    "POST /v1/images/generations",
+    "POST /v1/rerank",
+    "POST /utils/token_counter",
+    "POST /openai/v1/chat/completions",
+    "POST /anthropic/v1/messages",
+    "GET /v1/models",
+    "GET /models",
+    "GET /v1/model/info",
+    "GET /model_group/info",
+    "GET /health",
+]  # /local/state and /local/release: tests/test_local_state.py
+
+
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer sk-wrong-key-987"}], ids=["no key", "wrong key"]
 )
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/models", "/chat/completions"])
+@pytest.mark.parametrize("route", KEYED_ROUTES)
 def test_missing_or_wrong_key_gets_401(gateway, headers, route):
-    if route.endswith("models"):
-        r = httpx.get(gateway.base_url + route, headers=headers)
-    else:
-        r = httpx.post(
-            gateway.base_url + route,
-            headers=headers,
-            json={"model": LOCAL, "messages": FOX, "max_tokens": 2},
-        )
+    method, path = route.split()
+    body = {"model": LOCAL, "messages": FOX, "max_tokens": 2, "input": "x", "prompt": "x"}
+    r = httpx.request(
+        method, gateway.base_url + path, headers=headers, json=body if method == "POST" else None
+    )
     assert r.status_code == 401, r.text
     assert r.json()["error"]["type"] == "authentication_error"
     assert "sk-wrong-key-987" not in r.text

@@ -1,0 +1,95 @@
+"""Request bodies are checked as LiteLLM's auth stage reads them, before anything acts on them.
+
+LiteLLM parses the body before it calls our key check (``custom_handlers.auth``), then reads
+``body.get(...)``, checks it for provider endpoints and credentials, and copies it. Left alone,
+these bodies went wrong there, before any callback of ours could answer:
+
+- JSON that is not an object (an array, a string, a number, null): ``.get`` fails, and the error
+  path needs the ``prisma`` package: a bare 500 "Internal Server Error";
+- JSON nested past the parser's limit (about 1000 levels): the parse fails with a RecursionError
+  that LiteLLM swallows, reading the body as ``{}``: the caller was told "'messages' must be a
+  non-empty array" about a body that had them;
+- a body that sets a provider's endpoint or credentials (``api_base``, ``api_key``...): LiteLLM
+  refuses it with a ValueError, answered as a 500, or through a failure hook as an "auth_error";
+- NaN, Infinity and deep nesting (``body_checks.check_json_values``): 500s further on.
+
+``install`` wraps the body reader that LiteLLM's auth module calls. The first two are refused
+like malformed JSON (a 400 whatever the key, as LiteLLM answers malformed bodies). The others get
+a 400 naming the field from a caller with the gateway's key, and a 401 from anyone else. LiteLLM
+raises what the reader raised once its own checks are done, so these answers are the ones sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from litellm.proxy._types import ProxyException
+
+from custom_handlers.body_checks import (
+    check_endpoint_and_credentials,
+    check_gateway_only,
+    check_json_values,
+)
+from custom_handlers.errors import InvalidRequestError
+
+NOT_AN_OBJECT = 'The request body must be a JSON object, as in {"model": ..., "messages": [...]}.'
+UNREADABLE = (
+    "The request body could not be read as JSON: it nests objects or arrays too deeply (about "
+    "1000 levels) or is not valid JSON."
+)
+_EMPTY_OBJECT = re.compile(rb"\{\s*\}")
+
+# The caller's 401, or None when the request carries the gateway's key.
+KeyCheck = Callable[[Any], ProxyException | None]
+
+
+def install(unauthorized: KeyCheck) -> None:
+    """Wrap LiteLLM's auth-stage body reader once (a second call changes nothing)."""
+    from litellm.proxy.auth import user_api_key_auth as litellm_auth
+
+    read = getattr(litellm_auth, "read_request_body", None)
+    if read is None or getattr(read, "checks_json_objects", False):
+        return
+
+    async def read_json_object(request: Any, *args: Any, **kwargs: Any) -> dict:
+        body = await read(request, *args, **kwargs)
+        if not isinstance(body, dict):
+            raise _bad_body(NOT_AN_OBJECT)
+        if not body and await _was_json_read_as_empty(request):
+            raise _bad_body(UNREADABLE)
+        if (refusal := _refusal(request, body)) is not None:
+            raise unauthorized(request) or refusal
+        return body
+
+    read_json_object.checks_json_objects = True
+    litellm_auth.read_request_body = read_json_object
+
+
+def _refusal(request: Any, body: dict) -> ProxyException | None:
+    """A 400 for a body the gateway will not act on, or None."""
+    try:
+        check_json_values(body)
+        check_gateway_only(body)
+        check_endpoint_and_credentials(body, route=request.url.path)
+    except InvalidRequestError as error:
+        return ProxyException(
+            message=error.message, type=error.type, param=error.param, code=error.status_code
+        )
+    return None
+
+
+async def _was_json_read_as_empty(request: Any) -> bool:
+    """Whether a JSON body that is not ``{}`` came back as ``{}`` (a parse LiteLLM swallowed)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type:
+        return False  # forms and binary uploads are LiteLLM's to read
+    raw = (await request.body()).strip()
+    return raw[:1] in (b"{", b"[") and not _EMPTY_OBJECT.fullmatch(raw)
+
+
+def _bad_body(message: str) -> ProxyException:
+    return ProxyException(
+        message=message, type="invalid_request_error", param="request_body", code=400
+    )
