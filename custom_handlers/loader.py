@@ -17,7 +17,12 @@ from typing import Any
 
 from custom_handlers.constraints import JsonConstraints
 from custom_handlers.errors import ModelUnavailableError
-from custom_handlers.settings import DEFAULT_MODEL, LocalModelSettings
+from custom_handlers.settings import (
+    DEFAULT_MODEL,
+    LocalModelSettings,
+    gateway_workers,
+    several_workers_problem,
+)
 
 log = logging.getLogger("custom_handlers.loader")
 
@@ -147,6 +152,8 @@ def _empty_device_cache(on_gpu: bool) -> None:
 
 def load_model(settings: LocalModelSettings) -> LoadedModel:
     """Load tokenizer and model as ``settings`` say; every failure is ``ModelUnavailableError``."""
+    if (workers := gateway_workers()) > 1:
+        raise ModelUnavailableError(several_workers_problem(workers))
     source = _check_source(settings)
     started = time.perf_counter()
     try:

@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 
 from custom_handlers.auth import presented_key, user_api_key_auth
 from custom_handlers.body_limit import BodySizeLimit
-from custom_handlers.settings import GatewaySettings
+from custom_handlers.settings import GatewaySettings, gateway_workers, several_workers_problem
 
 if TYPE_CHECKING:
     from custom_handlers.provider import LocalLLM
@@ -37,8 +37,11 @@ RELEASE_PATH = "/local/release"
 def mount_on_proxy(provider: LocalLLM) -> None:
     """Mount on the running LiteLLM proxy's app; nothing when not inside the proxy (tests, CLI)."""
     proxy_server = sys.modules.get("litellm.proxy.proxy_server")
-    if proxy_server is not None:
-        mount(proxy_server.app, provider)
+    if proxy_server is None:
+        return
+    mount(proxy_server.app, provider)
+    if (workers := gateway_workers()) > 1:  # said at start, in each worker's log
+        log.warning("%s", several_workers_problem(workers))
 
 
 def mount(app: FastAPI, provider: LocalLLM) -> None:

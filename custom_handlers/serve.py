@@ -62,21 +62,24 @@ def litellm_command(args: list[str], config: Path) -> list[str]:
 
 
 def check_one_worker(args: list[str]) -> str | None:
-    """An error message if ``args`` ask for several worker processes, else None.
+    """An error message if ``args`` (or ``NUM_WORKERS``, which LiteLLM reads when the option is
+    not given) ask for several worker processes, else None.
 
     Each LiteLLM worker process would load its own copy of the local model onto the same GPU.
     """
+    option, value = "NUM_WORKERS=", os.environ.get("NUM_WORKERS")
     for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--num_workers=") else None
-        if arg == "--num_workers" and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None and value.strip() != "1":
-            return (
-                f"error: --num_workers {value}: each worker process would load its own copy of "
-                "the local model onto the GPU. Run one worker (the default); it serves requests "
-                "concurrently and batches them. To scale out, see docs/scaling.md."
-            )
-    return None
+        if arg.startswith("--num_workers="):
+            option, value = "--num_workers ", arg.split("=", 1)[1]
+        elif arg == "--num_workers" and i + 1 < len(args):
+            option, value = "--num_workers ", args[i + 1]
+    if value is None or value.strip() in ("", "1"):
+        return None
+    return (
+        f"error: {option}{value}: each worker process would load its own copy of "
+        "the local model onto the GPU. Run one worker (the default); it serves requests "
+        "concurrently and batches them. To scale out, see docs/scaling.md."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

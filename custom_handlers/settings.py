@@ -6,6 +6,7 @@ A client's request body never reaches these: they are read from the gateway's en
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -110,4 +111,23 @@ class GatewaySettings(BaseSettings):
             "Largest request body accepted, in MiB; a larger one gets 413 before it is read into "
             "memory (GATEWAY_MAX_REQUEST_MB). 0: no limit."
         ),
+    )
+
+
+def gateway_workers() -> int:
+    """How many worker processes serve the gateway. LiteLLM sets ``NUM_WORKERS`` from
+    ``--num_workers`` (or takes it from there) before it starts them, whichever server runs them."""
+    try:
+        return max(1, int(os.environ.get("NUM_WORKERS", "1")))
+    except ValueError:
+        return 1
+
+
+def several_workers_problem(workers: int) -> str:
+    """Why the local model is not served by a gateway of ``workers`` (> 1) processes."""
+    return (
+        f"The gateway runs {workers} worker processes (--num_workers / NUM_WORKERS): each would "
+        "load its own copy of the local model onto the GPU, so the local model is not served "
+        "(cloud models are). Start the gateway with one worker, the default: it serves requests "
+        "concurrently and batches them. To scale out, see docs/scaling.md."
     )

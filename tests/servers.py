@@ -37,6 +37,7 @@ class Gateway:
     port: int = field(default_factory=free_port)
     key: str = MASTER_KEY
     config: Path = CONFIG
+    args: list[str] = field(default_factory=list)  # more `litellm` options
     process: subprocess.Popen | None = None
 
     @property
@@ -80,6 +81,7 @@ class Gateway:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    *self.args,
                 ],
                 cwd=self.workdir,
                 env=env,

@@ -48,9 +48,18 @@ def test_binds_to_loopback_unless_told_otherwise(tmp_path):
     assert serve.litellm_command(["--host", "0.0.0.0"], tmp_path).count("--host") == 1
 
 
-def test_several_workers_are_refused_with_the_reason():
+def test_several_workers_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.delenv("NUM_WORKERS", raising=False)
     assert serve.check_one_worker(["--port", "4000"]) is None
     assert serve.check_one_worker(["--num_workers", "1"]) is None
     for args in (["--num_workers", "4"], ["--num_workers=2"]):
         message = serve.check_one_worker(args)
         assert "own copy of the local model" in message and "docs/scaling.md" in message
+
+
+def test_num_workers_in_the_environment_counts_unless_the_option_says_otherwise(monkeypatch):
+    monkeypatch.setenv("NUM_WORKERS", "3")  # LiteLLM reads it when --num_workers is not given
+    message = serve.check_one_worker(["--port", "4000"])
+    assert message.startswith("error: NUM_WORKERS=3:")
+    assert "own copy of the local model" in message
+    assert serve.check_one_worker(["--num_workers", "1"]) is None
