@@ -207,7 +207,11 @@ class FakeOpenAI:
                     return self._send(429, _RATE_LIMITED, {"Retry-After": str(fake.retry_after)})
                 if trigger == "slow":
                     time.sleep(fake.slow_seconds)
-                text = _answer_text(body, trigger)
+                try:
+                    text = _answer_text(body, trigger)
+                except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:
+                    # What OpenAI does with a body it cannot read (the fuzz tests send many).
+                    return self._send(400, _invalid_request(f"cannot read the request: {exc!r}"))
                 if body.get("stream"):
                     return self._stream(body["model"], text)
                 self._send(200, _completion(body["model"], text))
@@ -262,6 +266,17 @@ _RATE_LIMITED = {
 }
 
 
+def _invalid_request(message: str) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
 def _trigger(body: dict) -> str | None:
     text = json.dumps(body.get("messages", []))
     for word in ("429", "slow", "lines"):
@@ -288,7 +303,7 @@ def _fake_json(schema: dict, counter):
     if kind == "object":
         return {k: _fake_json(v, counter) for k, v in schema.get("properties", {}).items()}
     if kind == "array":
-        count = schema.get("minItems", schema.get("maxItems", 3))
+        count = min(schema.get("minItems", schema.get("maxItems", 3)), 1000)
         return [_fake_json(schema.get("items", {}), counter) for _ in range(count)]
     if kind in ("integer", "number"):
         return next(counter)
