@@ -5,7 +5,7 @@ client) and a wrong key with a 400 ("No connected db"). This check answers both 
 OpenAI-shaped error body, and never echoes the key it was given.
 
 Importing it also installs ``body_reader`` (LiteLLM reads the body before it calls this check),
-which answers a body it refuses with this check's 401 when the caller lacks the key.
+which gives a caller without the key this check's 401 before LiteLLM does anything with the body.
 """
 
 from __future__ import annotations
@@ -58,18 +58,19 @@ async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
     return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN)
 
 
-def presented_key(request: Request) -> str:
-    """The key as LiteLLM reads it: ``Authorization: Bearer <key>``, else its other key headers."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
-    return next((v.strip() for h in _KEY_HEADERS if (v := request.headers.get(h, ""))), "")
+def presented_keys(request: Request) -> list[str]:
+    """Every key the request presents: ``Authorization: Bearer <key>`` and LiteLLM's other key
+    headers (LiteLLM picks one of them by its own precedence)."""
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    keys = [bearer] if scheme.lower() == "bearer" else []
+    keys += [request.headers.get(header, "") for header in _KEY_HEADERS]
+    return [key.strip() for key in keys if key.strip()]
 
 
 def unauthorized(request: Request) -> ProxyException | None:
-    """The 401 for a request without the gateway's key, or None."""
-    reason = unauthorized_reason(presented_key(request))
-    return None if reason is None else _unauthorized(reason)
+    """The 401 for a request none of whose keys is the gateway's, or None."""
+    reasons = [unauthorized_reason(key) for key in presented_keys(request) or [None]]
+    return None if None in reasons else _unauthorized(reasons[0])
 
 
 body_reader.install(unauthorized)

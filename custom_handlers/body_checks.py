@@ -157,8 +157,12 @@ def check_json_values(body: Mapping[str, Any]) -> None:
 
     JSON has no NaN, but LiteLLM's parser accepts it, and a provider client then fails to encode
     the body (a 500). Deep nesting made LiteLLM's copying and encoding of a body recurse past
-    Python's limit (a 500 after retries). The walk itself does not recurse.
+    Python's limit (a 500 after retries). The walk itself does not recurse, and names the
+    offending field only once it knows there is one: a 100,000-message body took 0.5 s when every
+    value's path was built, on the event loop.
     """
+    if _finite_and_shallow(list(body.values())):
+        return
     level: list[tuple[str, Any]] = list(_children("", body))
     for _ in range(MAX_BODY_DEPTH):
         for where, value in level:
@@ -174,6 +178,24 @@ def check_json_values(body: Mapping[str, Any]) -> None:
         f"The request nests objects or arrays more than {MAX_BODY_DEPTH} levels deep; flatten it.",
         param=level[0][0].split(".")[0].split("[")[0],
     )
+
+
+def _finite_and_shallow(level: list[Any]) -> bool:
+    """Whether no float in ``level`` (values at depth 1) or below is NaN or infinite, and
+    nothing lies deeper than MAX_BODY_DEPTH."""
+    for _ in range(MAX_BODY_DEPTH):
+        below: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                below.extend(value.values())
+            elif isinstance(value, list):
+                below.extend(value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                return False
+        if not below:
+            return True
+        level = below
+    return False
 
 
 def _children(where: str, value: Any) -> list[tuple[str, Any]]:
@@ -197,7 +219,19 @@ def check_chat_types(body: Mapping[str, Any]) -> None:
             "'messages' must be a non-empty array of {role, content} objects.", param="messages"
         )
     for i, message in enumerate(messages):
-        _check_message(f"messages[{i}]", message)
+        if not _is_plain_message(message):
+            _check_message(f"messages[{i}]", message)
+
+
+def _is_plain_message(message: Any) -> bool:
+    """``{"role": str, "content": str}`` and nothing else: most messages, checked at a glance
+    (checking every field of 100,000 messages took 0.3 s on the event loop)."""
+    return (
+        type(message) is dict
+        and len(message) == 2
+        and type(message.get("role")) is str
+        and type(message.get("content")) is str
+    )
 
 
 def _check_message(where: str, message: Any) -> None:

@@ -14,9 +14,13 @@ these bodies went wrong there, before any callback of ours could answer:
 - NaN, Infinity and deep nesting (``body_checks.check_json_values``): 500s further on.
 
 ``install`` wraps the body reader that LiteLLM's auth module calls. The first two are refused
-like malformed JSON (a 400 whatever the key, as LiteLLM answers malformed bodies). The others get
-a 400 naming the field from a caller with the gateway's key, and a 401 from anyone else. LiteLLM
-raises what the reader raised once its own checks are done, so these answers are the ones sent.
+like malformed JSON (a 400 whatever the key, as LiteLLM answers malformed bodies). Then a caller
+without the gateway's key gets the key check's 401 at once; the others get a 400 naming the field.
+
+LiteLLM raises what the reader raised once its own checks are done, so these answers are the ones
+sent, and it goes on with an empty body meanwhile. That matters for the 401: given the body, its
+failure logging walked every message on the event loop (0.7 s for 100,000 messages), so anyone
+could hold up every request, cloud ones included, without a key.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ def install(unauthorized: KeyCheck) -> None:
             raise _bad_body(NOT_AN_OBJECT)
         if not body and await _was_json_read_as_empty(request):
             raise _bad_body(UNREADABLE)
+        if (denied := unauthorized(request)) is not None:
+            raise denied
         if (refusal := _refusal(request, body)) is not None:
-            raise unauthorized(request) or refusal
+            raise refusal
         return body
 
     read_json_object.checks_json_objects = True

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
-from custom_handlers.auth import presented_key, user_api_key_auth
+from custom_handlers.auth import unauthorized
 from custom_handlers.body_limit import BodySizeLimit
 from custom_handlers.settings import GatewaySettings, gateway_workers, several_workers_problem
 
@@ -51,7 +51,8 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     app.state.local_llm_mounted = True
 
     async def require_key(request: Request) -> None:
-        await user_api_key_auth(request, presented_key(request))
+        if (denied := unauthorized(request)) is not None:
+            raise denied
 
     async def local_state() -> dict:
         return provider.state()

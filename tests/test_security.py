@@ -106,6 +106,18 @@ def test_without_the_key_a_bad_body_learns_only_that_the_key_is_missing(gateway,
     assert error["param"] == "api_key"
 
 
+def test_one_right_key_among_the_headers_is_enough(gateway):
+    """LiteLLM lets x-litellm-api-key win over Authorization; the gateway never refuses what it
+    would accept."""
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={"model": LOCAL, "messages": FOX, "max_tokens": 2},
+        headers={"Authorization": "Bearer sk-wrong-key-987", "x-litellm-api-key": gateway.key},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_the_key_in_anthropics_header_counts_as_the_key(gateway):
     r = httpx.post(
         f"{gateway.base_url}/v1/chat/completions",
