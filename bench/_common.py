@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the model to use and how a result is printed."""
+"""What every benchmark script shares: the model to use, process memory, how a result is printed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,22 @@ import platform
 from pathlib import Path
 
 from tests.conftest import _load_builder
+
+MiB = 1024 * 1024
+
+
+def process_memory(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process, in bytes, from /proc: VmRSS resident now, VmHWM its peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def mib(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / MiB:,.0f} MiB" if value >= 10 * MiB else f"{value / 1024:,.0f} KiB"
 
 
 def model_or_tiny(model: str | None, scratch: str) -> str:

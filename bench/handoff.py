@@ -23,17 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from bench._common import model_or_tiny, print_measures
+from bench._common import MiB, mib, model_or_tiny, print_measures, process_memory
 from tests.servers import Gateway
-
-MiB = 1024 * 1024
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def _process_gpu_bytes(pid: int) -> int | None:
@@ -50,12 +41,6 @@ def _process_gpu_bytes(pid: int) -> int | None:
     return sum(used) * MiB if used else 0
 
 
-def _mib(value: int | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value / MiB:,.0f} MiB" if value >= 10 * MiB else f"{value / 1024:,.0f} KiB"
-
-
 class Probe:
     def __init__(self, gw: Gateway, client: httpx.Client):
         self.gw, self.client = gw, client
@@ -70,7 +55,7 @@ class Probe:
             "device used": None if free is None else total - free,
             "process GPU": _process_gpu_bytes(self.gw.process.pid),
             "allocated": memory["device_allocated_bytes"],
-            "RSS": _rss(self.gw.process.pid),
+            "RSS": process_memory(self.gw.process.pid),
             "model": memory["model_bytes"],
         }
 
@@ -92,7 +77,7 @@ class Probe:
 
 
 def _row(label: str, snap: dict) -> tuple[str, str]:
-    parts = [f"{name} {_mib(value)}" for name, value in snap.items() if value is not None]
+    parts = [f"{name} {mib(value)}" for name, value in snap.items() if value is not None]
     return label, ", ".join(parts)
 
 
