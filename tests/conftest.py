@@ -12,8 +12,6 @@ from tests.servers import ROOT, FakeOpenAI, Gateway
 # LiteLLM fetches its price map from the network at import unless told not to (no network here).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-FAKE_OPENAI_KEY = "sk-fake-upstream-key"
-
 
 def _load_builder():
     spec = importlib.util.spec_from_file_location(
@@ -41,11 +39,7 @@ def fake_openai():
 def gateway(tiny_model_dir, fake_openai, tmp_path_factory):
     """The real gateway: tiny local model as qwen3-4b, the fake upstream behind gpt-4o-mini."""
     gw = Gateway(
-        env={
-            "LOCAL_LLM_MODEL": str(tiny_model_dir),
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_API_KEY": FAKE_OPENAI_KEY,
-        },
+        env=fake_openai.gateway_env(str(tiny_model_dir)),
         workdir=tmp_path_factory.mktemp("gateway"),
     )
     gw.start()

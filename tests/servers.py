@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "proxy_config.yaml"
 MASTER_KEY = "sk-test-" + "0123456789abcdef" * 2
 CANCELLED = "Generation cancelled by the caller after "  # custom_handlers.engine's log line
+FAKE_OPENAI_KEY = "sk-fake-upstream-key"  # what the gateway sends the fake upstream
 
 
 def free_port() -> int:
@@ -171,6 +172,15 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def gateway_env(self, local_model: str, **more: str) -> dict[str, str]:
+        """A gateway's environment: ``local_model`` as qwen3-4b, this server behind gpt-4o-mini."""
+        return {
+            "LOCAL_LLM_MODEL": local_model,
+            "OPENAI_BASE_URL": self.base_url,
+            "OPENAI_API_KEY": FAKE_OPENAI_KEY,
+            **more,
+        }
 
     def start(self) -> FakeOpenAI:
         self._thread.start()

@@ -15,12 +15,7 @@ MISSING = "/nonexistent/models/qwen3-4b"
 @pytest.fixture(scope="module")
 def broken_local_gateway(fake_openai, tmp_path_factory):
     gw = Gateway(
-        env={
-            "LOCAL_LLM_MODEL": MISSING,
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_API_KEY": "sk-fake-upstream-key",
-            "GATEWAY_MAX_REQUEST_MB": "1",
-        },
+        env=fake_openai.gateway_env(MISSING, GATEWAY_MAX_REQUEST_MB="1"),
         workdir=tmp_path_factory.mktemp("cloud-only"),
     ).start()
     yield gw

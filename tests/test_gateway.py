@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from tests.servers import FAKE_OPENAI_KEY
+
 pytestmark = pytest.mark.integration
 
 LOCAL = "qwen3-4b"
@@ -349,7 +351,7 @@ def test_keys_never_reach_the_log(gateway, client):
     log = gateway.log()
     assert "sk-leak-me-4321" not in log
     assert gateway.key not in log
-    assert "sk-fake-upstream-key" not in log
+    assert FAKE_OPENAI_KEY not in log
 
 
 def test_models_lists_every_alias(client):
@@ -396,7 +398,7 @@ def test_cloud_alias_is_routed_to_the_provider(client, fake_openai):
     assert r.choices[0].message.content == "echo: hello cloud"
     sent = fake_openai.requests[before]
     assert sent["body"]["model"] == "gpt-4o-mini"
-    assert sent["authorization"] == "Bearer sk-fake-upstream-key"
+    assert sent["authorization"] == f"Bearer {FAKE_OPENAI_KEY}"
 
 
 def test_cloud_alias_streams(client):

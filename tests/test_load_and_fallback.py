@@ -105,11 +105,7 @@ def fallback_gateway(fake_openai, tmp_path_factory):
     path = work / "proxy_config.yaml"
     path.write_text(yaml.safe_dump(config))
     gw = Gateway(
-        env={
-            "LOCAL_LLM_MODEL": "/nonexistent/model",
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_API_KEY": "sk-fake-upstream-key",
-        },
+        env=fake_openai.gateway_env("/nonexistent/model"),
         workdir=work,
         config=path,
     ).start()

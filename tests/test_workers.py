@@ -23,11 +23,7 @@ PROBLEM = "The gateway runs 2 worker processes (--num_workers / NUM_WORKERS)"
 @pytest.fixture(scope="module")
 def two_workers(tiny_model_dir, fake_openai, tmp_path_factory):
     gw = Gateway(
-        env={
-            "LOCAL_LLM_MODEL": str(tiny_model_dir),
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_API_KEY": "sk-fake-upstream-key",
-        },
+        env=fake_openai.gateway_env(str(tiny_model_dir)),
         workdir=tmp_path_factory.mktemp("two-workers"),
         args=["--num_workers", "2"],
     ).start()

@@ -24,11 +24,7 @@ def misconfigured_gateway(tiny_model_dir, fake_openai, tmp_path_factory):
     """
     fake_openai.invalid_keys.add(WRONG_UPSTREAM_KEY)
     gw = Gateway(
-        env={
-            "LOCAL_LLM_MODEL": str(tiny_model_dir),
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_API_KEY": WRONG_UPSTREAM_KEY,
-        },
+        env=fake_openai.gateway_env(str(tiny_model_dir), OPENAI_API_KEY=WRONG_UPSTREAM_KEY),
         workdir=tmp_path_factory.mktemp("misconfigured-gateway"),
     ).start()
     yield gw

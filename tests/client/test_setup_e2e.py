@@ -16,8 +16,7 @@ import pytest
 from dotenv import dotenv_values
 
 from tests.client.conftest import CLIENT_PREFIXES
-from tests.conftest import FAKE_OPENAI_KEY
-from tests.servers import CONFIG, Gateway, free_port
+from tests.servers import CONFIG, FAKE_OPENAI_KEY, Gateway, free_port
 
 pytestmark = pytest.mark.integration
 
