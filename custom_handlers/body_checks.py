@@ -29,9 +29,9 @@ from litellm.types.llms.openai import ValidUserMessageContentTypes
 
 from custom_handlers.errors import InvalidRequestError
 
-_CONFIG = "proxy_config.yaml"
+CONFIG_FILE = "proxy_config.yaml"  # where each model's settings are, as messages name it
 _HEADERS = "the gateway sets the headers of its calls to providers"
-_MODEL_SETTINGS = f"each model's settings are set in {_CONFIG}"
+_MODEL_SETTINGS = f"each model's settings are set in {CONFIG_FILE}"
 # Body key -> why it is the gateway's to set.
 GATEWAY_ONLY = {
     "api_key": "provider keys are the gateway's (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...); send "
@@ -39,8 +39,8 @@ GATEWAY_ONLY = {
     "organization": "the provider account the gateway's key belongs to is set on the gateway",
     "headers": _HEADERS,
     "extra_headers": _HEADERS,
-    "custom_llm_provider": f"the provider behind each model is set in {_CONFIG}",
-    "num_retries": f"retries are set in {_CONFIG} (router_settings)",
+    "custom_llm_provider": f"the provider behind each model is set in {CONFIG_FILE}",
+    "num_retries": f"retries are set in {CONFIG_FILE} (router_settings)",
     "litellm_params": _MODEL_SETTINGS,
     "model_info": _MODEL_SETTINGS,
 }
@@ -146,7 +146,7 @@ def rejected_request_error(exc: BaseException) -> InvalidRequestError | None:
         field = match.group(1)
         return InvalidRequestError(
             f"'{field}' cannot be set in the request: a model's endpoint and credentials are "
-            f"server-only settings ({_CONFIG} and the gateway's environment). Remove it.",
+            f"server-only settings ({CONFIG_FILE} and the gateway's environment). Remove it.",
             param=field,
         )
     return InvalidRequestError(text.removeprefix(_REJECTED).split(". ")[0].rstrip(".") + ".")

@@ -9,9 +9,10 @@ param and headers; for an endpoint the local model does not serve (embeddings, i
 that says so instead of LiteLLM's 500. Errors from cloud providers are left to LiteLLM, except for
 three of the caller's mistakes that LiteLLM answered with a 500, each now a 400 naming it:
 
-- A body that sets a provider's endpoint or credentials, refused by an endpoint that checks it
-  itself (LiteLLM's RAG, batch and prompt routes): a ``ValueError`` whose error path needs the
-  ``prisma`` package. (The auth stage's own check is answered earlier, by ``body_reader``.)
+- A body that sets a provider's endpoint or credentials: LiteLLM refuses it with a ``ValueError``
+  whose error path needs the ``prisma`` package. The auth stage's check is answered earlier, by
+  ``body_reader``; this covers LiteLLM's other callers of the same check (its RAG, batch and
+  prompt endpoints call ``is_request_body_safe`` themselves; not exercised by a test here).
 - A body nested deeply enough to make LiteLLM's own copying or encoding of it recurse past
   Python's limit (``body_reader`` refuses more than 128 levels first; this is the fallback).
 - A chat field of the wrong type that LiteLLM reads before the pre-call hook (``prompt_id``).
@@ -30,14 +31,13 @@ from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.llms.custom_llm import CustomLLMError
 
-from custom_handlers.body_checks import check_chat_types, rejected_request_error
+from custom_handlers.body_checks import CONFIG_FILE, check_chat_types, rejected_request_error
 from custom_handlers.errors import InvalidRequestError, LocalLLMError
 
 _E = TypeVar("_E", bound=BaseException)
 _RECURSION = "maximum recursion depth exceeded"
 _NOT_IMPLEMENTED = "Not implemented yet!"  # LiteLLM's CustomLLM default for what we do not serve
 _NOT_A_PROVIDER = "is not a valid LlmProviders"
-_CONFIG = "proxy_config.yaml"
 
 
 class ErrorResponse(HTTPException):
@@ -152,7 +152,7 @@ def check_model_name(model: Any, router: Any) -> None:
     raise InvalidRequestError(
         f"'{model}' is the provider id behind the model {' / '.join(map(repr, names))}: call it "
         f'by its name, as in "model": "{names[0]}" (GET /v1/models lists the names). Which '
-        f"provider serves a name is set in {_CONFIG}.",
+        f"provider serves a name is set in {CONFIG_FILE}.",
         param="model",
     )
 
