@@ -2,12 +2,15 @@
 
 LiteLLM imports this file by its path, as a module outside the package, so it holds no logic and
 no state of its own: it hands LiteLLM the one ``LocalLLM`` instance that lives in the installed
-``custom_handlers`` package, and gives the proxy the local model's routes (``routes``).
+``custom_handlers`` package, gives the proxy the local model's routes (``routes``), and applies
+the work-arounds for LiteLLM defects that would crash the process (``litellm_patches``).
 """
 
+from custom_handlers import litellm_patches
 from custom_handlers.provider import local_llm
 from custom_handlers.routes import mount_on_proxy
 
+litellm_patches.apply()
 mount_on_proxy(local_llm)
 
 __all__ = ["local_llm"]

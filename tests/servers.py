@@ -39,6 +39,7 @@ class Gateway:
     key: str = MASTER_KEY
     config: Path = CONFIG
     args: list[str] = field(default_factory=list)  # more `litellm` options
+    launcher: list[str] | None = None  # runs instead of `litellm`, given the same options
     process: subprocess.Popen | None = None
 
     @property
@@ -69,13 +70,13 @@ class Gateway:
         return counts[seen]
 
     def start(self, timeout: float = 180.0) -> Gateway:
-        litellm = Path(sys.executable).with_name("litellm")
+        program = self.launcher or [str(Path(sys.executable).with_name("litellm"))]
         env = {**_clean_environ(), "LITELLM_MASTER_KEY": self.key, **self.env}
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
-                    str(litellm),
+                    *program,
                     "--config",
                     str(self.config),
                     "--host",

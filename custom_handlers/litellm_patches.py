@@ -1,0 +1,44 @@
+"""Work-arounds for LiteLLM defects that crash or corrupt the gateway process, applied at start-up.
+
+Each one says what goes wrong, how it was shown, and when it can go. See docs/troubleshooting.md
+("The gateway died with a segmentation fault") and docs/architecture.md ("Finalizers").
+
+**CustomStreamWrapper.__del__ sets context variables from the garbage collector.**
+LiteLLM 1.108.7's stream wrapper has a ``__del__`` that restores two logging context variables
+(``trace_id``, ``session_id``) with ``ContextVar.set``. The router wraps every streamed response
+in a class it defines per request (``FallbackStreamWrapper``), which puts the wrapper in a reference
+cycle, so only the cyclic garbage collector frees it, and its ``__del__`` runs wherever a
+collection happens to start: on any thread, inside any allocation. When that allocation is the one
+``ContextVar.set`` makes while it copies the context's mapping (``_PyHamt_Assoc``), the finalizer's
+own ``set`` replaces the mapping and frees it under the first one: a use-after-free in CPython
+(python/cpython#148891, fix proposed in python/cpython#148928, not in any 3.11-3.13 release we can
+install). The heap is corrupted and the gateway dies later with SIGSEGV, typically in
+``hamt_node_bitmap_assoc`` under LiteLLM's ``service_target``. ``scripts/hamt_reentry.py``
+reproduces it in 20 lines without LiteLLM, uvloop or threads.
+
+The finalizer is a "best-effort" clean-up of a stream its caller abandoned; in the proxy each
+request runs in its own asyncio task whose context dies with it, so nothing is lost without it.
+Removing it lets the collector free the wrapper without running any code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("custom_handlers.litellm_patches")
+
+
+def apply() -> None:
+    """Apply every work-around; a second call changes nothing."""
+    disarm_stream_finalizer()
+
+
+def disarm_stream_finalizer() -> bool:
+    """Remove ``CustomStreamWrapper.__del__``; True if it was there (and is gone now)."""
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    if "__del__" not in CustomStreamWrapper.__dict__:
+        return False
+    del CustomStreamWrapper.__del__
+    log.debug("CustomStreamWrapper.__del__ removed (python/cpython#148891)")
+    return True
