@@ -18,7 +18,9 @@ request that arrives while they run. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -77,17 +79,61 @@ class SyncSink:
 
 
 class AsyncSink:
-    """Output channel for a caller on an event loop; safe to ``put`` from the worker thread."""
+    """Output channel for a caller on an event loop, fed by the engine thread.
+
+    Safe by construction: the engine thread never touches an asyncio object. It appends the event
+    to a plain deque under a lock and, unless a wake-up is already on its way, schedules one with
+    ``loop.call_soon_threadsafe``, the one loop method made to be called from another thread. The
+    wake-up runs on the loop and resolves the future the reader waits on (created, awaited and
+    resolved on the loop's own thread only), in an empty context of its own rather than a copy of
+    the engine thread's. So a stream costs the loop one call per batch of events the reader had not
+    taken yet, not one per token. See docs/architecture.md, "Events back to the loop".
+    """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._lock = threading.Lock()  # guards _events and _wake_pending, across the two threads
+        self._events: collections.deque[Event] = collections.deque()
+        self._wake_pending = False
+        self._waiter: asyncio.Future[None] | None = None  # the loop's thread only
+        self._context = contextvars.Context()
 
     def put(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        """Engine thread: queue ``event``; RuntimeError if the caller's loop is closed."""
+        with self._lock:
+            self._events.append(event)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._wake, context=self._context)
+        except RuntimeError:
+            with self._lock:
+                self._wake_pending = False
+            raise
+
+    def _wake(self) -> None:
+        """Loop thread: let the reader look at the events again."""
+        with self._lock:
+            self._wake_pending = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _take(self, every: bool) -> list[Event]:
+        while True:
+            with self._lock:
+                if self._events:
+                    if not every:
+                        return [self._events.popleft()]
+                    events = list(self._events)
+                    self._events.clear()
+                    return events
+            self._waiter = self._loop.create_future()
+            await self._waiter
 
     async def get(self) -> Event:
-        return await self._queue.get()
+        return (await self._take(every=False))[0]
 
     async def get_ready(self) -> list[Event]:
         """The next event and every one already waiting, consecutive text of a choice joined.
@@ -95,10 +141,7 @@ class AsyncSink:
         A stream whose reader falls behind the model then sends fewer, larger chunks instead of
         queueing up one chunk per token: each chunk costs the proxy the same, whatever its size.
         """
-        events = [await self._queue.get()]
-        while not self._queue.empty():
-            events.append(self._queue.get_nowait())
-        return coalesce(events)
+        return coalesce(await self._take(every=True))
 
 
 def coalesce(events: list[Event]) -> list[Event]:
