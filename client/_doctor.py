@@ -15,7 +15,7 @@ import httpx
 from client._config import Settings
 from client._errors import ClientError, RequestError
 from client._llm import Transport
-from client._local import describe_state
+from client._local import describe_restarts, describe_state
 from client._prompts import text_request
 
 
@@ -59,7 +59,7 @@ def diagnose(
                 break
         else:
             progress("Reading the local model's state")
-            checks.append(_check_local_model(transport))
+            checks += _check_local_model(transport)
     finally:
         transport.close()
     return checks
@@ -121,16 +121,19 @@ def _check_answer(transport: Transport, model: str) -> list[Check]:
     return [Check("answer", True, f"{model} answered in {time.monotonic() - started:.1f} s")]
 
 
-def _check_local_model(transport: Transport) -> Check:
+def _check_local_model(transport: Transport) -> list[Check]:
     try:
         state = transport.local_state()
     except RequestError as exc:
         if exc.status_code == 404:  # an older gateway: everything else works without the routes
-            return Check("local model", None, str(exc))
-        return Check("local model", False, str(exc))
+            return [Check("local model", None, str(exc))]
+        return [Check("local model", False, str(exc))]
     except ClientError as exc:
-        return Check("local model", False, str(exc))
-    return Check("local model", None if state.last_error else True, describe_state(state))
+        return [Check("local model", False, str(exc))]
+    checks = [Check("local model", None if state.last_error else True, describe_state(state))]
+    if (restarts := describe_restarts(state)) is not None:
+        checks.append(Check("gateway restarts", None, restarts))
+    return checks
 
 
 def gateway_answers(settings: Settings, timeout: float = 3.0) -> bool:

@@ -45,6 +45,8 @@ class LocalModelState:
     keep_alive_seconds: float = -1.0
     unload_in_seconds: float | None = None
     last_error: str | None = None
+    gateway_restarts: int = 0  # times z-explorer-gateway restarted the gateway after it died
+    last_restart: str | None = None  # how it died the last time, and what it was serving
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def state_of(data: Any, route: str = STATE_ROUTE) -> LocalModelState:
         raise _unreadable(route, data)
     memory = _dict(data.get("memory"))
     requests = _dict(data.get("requests"))
+    gateway = _dict(data.get("gateway"))
     keep_alive = _float(data.get("keep_alive_seconds"))
     return LocalModelState(
         loaded=data["loaded"],
@@ -85,7 +88,19 @@ def state_of(data: Any, route: str = STATE_ROUTE) -> LocalModelState:
         keep_alive_seconds=-1.0 if keep_alive is None else keep_alive,
         unload_in_seconds=_float(data.get("unload_in_seconds")),
         last_error=_str(data.get("last_error")),
+        gateway_restarts=_int(gateway.get("restarts")) or 0,
+        last_restart=_describe_death(_dict(gateway.get("last_restart"))),
     )
+
+
+def _describe_death(death: dict) -> str | None:
+    if not death:
+        return None
+    text = f"{death.get('exit', 'an unknown status')} at {death.get('at', '?')}"
+    if (uptime := _float(death.get("uptime_seconds"))) is not None:
+        text += f", {uptime:.0f} s after it started"
+    last = [str(r) for r in death.get("last_requests") or []]
+    return text + (f"; last requests: {'; '.join(last)}" if last else "")
 
 
 def release_of(data: Any) -> ReleaseResult:
@@ -147,6 +162,17 @@ def describe_state(state: LocalModelState) -> str:
     if state.last_error:
         text += f"; the last load failed: {state.last_error}"
     return text
+
+
+def describe_restarts(state: LocalModelState) -> str | None:
+    """A warning when the gateway process died and was restarted, else None."""
+    if not state.gateway_restarts:
+        return None
+    times = "once" if state.gateway_restarts == 1 else f"{state.gateway_restarts} times"
+    return (
+        f"The gateway process died and z-explorer-gateway restarted it {times}; the last time: "
+        f"{state.last_restart}. Please report it (docs/troubleshooting.md, 'The gateway died')."
+    )
 
 
 def describe_release(before: LocalModelState | None, result: ReleaseResult) -> str:

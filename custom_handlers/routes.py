@@ -15,7 +15,9 @@ gateway key, checked as on every other route.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
@@ -23,7 +25,9 @@ from fastapi.routing import APIRoute
 
 from custom_handlers.auth import unauthorized
 from custom_handlers.body_limit import BodySizeLimit
+from custom_handlers.journal import JOURNAL_VAR, Journal, RequestJournal
 from custom_handlers.settings import GatewaySettings, gateway_workers, several_workers_problem
+from custom_handlers.supervisor import restarts_reported
 
 if TYPE_CHECKING:
     from custom_handlers.provider import LocalLLM
@@ -55,7 +59,7 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
             raise denied
 
     async def local_state() -> dict:
-        return provider.state()
+        return {**provider.state(), "gateway": gateway_state()}
 
     async def local_release() -> dict:
         return await provider.release()
@@ -69,14 +73,41 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     # First, so no catch-all route of the proxy's (pass-through providers) can shadow them.
     app.router.routes[:0] = routes
     _limit_body_size(app, GatewaySettings().max_request_mb)
+    _journal_requests(app)
+
+
+def gateway_state() -> dict:
+    """Whether ``z-explorer-gateway`` watches this process, and the deaths it restarted it after."""
+    restarts = restarts_reported() or {}
+    return {
+        "supervised": bool(os.environ.get(JOURNAL_VAR)),
+        "restarts": restarts.get("restarts", 0),
+        "last_restart": restarts.get("last"),
+    }
+
+
+def _journal_requests(app: FastAPI) -> None:
+    """Under ``z-explorer-gateway``: note each request where a crash cannot lose it."""
+    if not (path := os.environ.get(JOURNAL_VAR)):
+        return
+    try:
+        journal = Journal(Path(path))
+    except OSError as exc:
+        log.warning("Cannot keep the request journal at %s: %s", path, exc)
+        return
+    _outermost(app, RequestJournal, journal=journal)
 
 
 def _limit_body_size(app: FastAPI, max_mb: float) -> None:
     if max_mb <= 0:
         log.info("GATEWAY_MAX_REQUEST_MB=0: request bodies are not limited")
         return
-    max_bytes = int(max_mb * 1024 * 1024)
+    _outermost(app, BodySizeLimit, max_bytes=int(max_mb * 1024 * 1024))
+
+
+def _outermost(app: FastAPI, middleware: type, **options: object) -> None:
+    """Wrap ``app`` in ``middleware``, outside every middleware the proxy has."""
     if app.middleware_stack is None:  # the app has not started yet: the usual way
-        app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
-    else:  # mounted during start-up: the stack is built, so wrap it (outermost)
-        app.middleware_stack = BodySizeLimit(app.middleware_stack, max_bytes)
+        app.add_middleware(middleware, **options)
+    else:  # mounted during start-up: the stack is built, so wrap it
+        app.middleware_stack = middleware(app.middleware_stack, **options)

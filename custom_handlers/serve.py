@@ -2,7 +2,8 @@
 
     uv run z-explorer-gateway [--port 4000] [any other `litellm` option]
 
-It does three things, then hands over to ``litellm --config proxy_config.yaml``:
+It does three things, then runs ``litellm --config proxy_config.yaml`` as a child process that it
+restarts if it dies (``supervisor``: a bounded number of times, with one log line per death):
 
 1. If no ``LITELLM_MASTER_KEY`` is set (environment or ``./.env``), it creates a strong one, appends
    it to ``./.env`` (owner-only permissions, other lines kept) and says so. The gateway never
@@ -20,6 +21,8 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+
+from custom_handlers.supervisor import Supervisor
 
 ENV_FILE = ".env"
 KEY_VAR = "LITELLM_MASTER_KEY"
@@ -102,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     os.environ[KEY_VAR] = key
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    command = litellm_command(args, config)
-    os.execv(command[0], command)
+    sys.exit(Supervisor(litellm_command(args, config)).run())
 
 
 if __name__ == "__main__":

@@ -346,6 +346,31 @@ def test_doctor_warns_about_a_failed_load(fake, unit_env):
     assert checks[-1].ok is None and "the last load failed: LOCAL_LLM_MODEL=" in checks[-1].detail
 
 
+def test_doctor_warns_that_the_gateway_was_restarted_after_dying(fake, unit_env):
+    death = {
+        "exit": "SIGSEGV (exit status -11)",
+        "at": "2026-12-01T02:00:00+0000",
+        "uptime_seconds": 3600.4,
+        "last_requests": ["POST /v1/chat/completions (qwen3-4b): no answer yet, 0.1 s in"],
+    }
+    gateway = {"supervised": True, "restarts": 2, "last_restart": death}
+    checks = doctor_checks(fake, ({**GPU_STATE, "gateway": gateway}, 200))
+    assert [c.name for c in checks][-2:] == ["local model", "gateway restarts"]
+    assert checks[-1].ok is None
+    assert checks[-1].detail == (
+        "The gateway process died and z-explorer-gateway restarted it 2 times; the last time: "
+        "SIGSEGV (exit status -11) at 2026-12-01T02:00:00+0000, 3600 s after it started; last "
+        "requests: POST /v1/chat/completions (qwen3-4b): no answer yet, 0.1 s in. Please report "
+        "it (docs/troubleshooting.md, 'The gateway died')."
+    )
+
+
+def test_doctor_says_nothing_of_restarts_when_there_were_none(fake, unit_env):
+    gateway = {"supervised": True, "restarts": 0, "last_restart": None}
+    checks = doctor_checks(fake, ({**GPU_STATE, "gateway": gateway}, 200))
+    assert checks[-1].name == "local model"
+
+
 def test_doctor_does_not_read_the_state_after_a_failure(fake, unit_env):
     fake.answer("/health/liveliness", "I'm alive!")
     fake.error(401, GATEWAY_401, path="/v1/models")
