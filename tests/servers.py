@@ -127,6 +127,34 @@ class Gateway:
         return Path(f"/proc/{self.process.pid}/maps").read_text()
 
 
+def start_wrapper(port: int, workdir: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``z-explorer-gateway --port PORT`` as a user starts it in ``workdir``, output to ``log``."""
+    program = Path(sys.executable).with_name("z-explorer-gateway")
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [str(program), "--port", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_until_up(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``/health/liveliness`` answers 200; fails if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited with {process.returncode}"
+        try:
+            if httpx.get(f"{base_url}/health/liveliness", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"nothing answered at {base_url} within {timeout} s")
+
+
 def _clean_environ() -> dict[str, str]:
     """This environment minus anything that would change what the gateway does."""
     prefixes = ("LITELLM_", "LOCAL_LLM_", "OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLM_")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,14 @@ from client._config import load_settings
 from client._doctor import diagnose
 from custom_handlers import journal
 from custom_handlers.supervisor import RestartPolicy, describe_exit
-from tests.servers import CONFIG, MASTER_KEY, _clean_environ, free_port
+from tests.servers import (
+    CONFIG,
+    MASTER_KEY,
+    _clean_environ,
+    free_port,
+    start_wrapper,
+    wait_until_up,
+)
 from tests.test_local_state import ENDLESS
 
 # ---- the restart policy and the journal ---------------------------------------------------------
@@ -71,19 +77,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _wait_for_gateway(base: str, supervisor: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert supervisor.poll() is None, "the supervisor exited"
-        try:
-            if httpx.get(f"{base}/health/liveliness", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError("the gateway did not answer")
-
-
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
@@ -97,17 +90,8 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         "LITELLM_MASTER_KEY": MASTER_KEY,
         "Z_EXPLORER_GATEWAY_CONFIG": str(CONFIG),
     }
-    program = Path(sys.executable).with_name("z-explorer-gateway")
     log = tmp_path / "supervisor.log"
-    with open(log, "wb") as out:
-        supervisor = subprocess.Popen(
-            [str(program), "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    supervisor = start_wrapper(port, tmp_path, env, log)
     headers = {"Authorization": f"Bearer {MASTER_KEY}"}
     chat = {
         "model": "qwen3-4b",
@@ -115,7 +99,7 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         "max_tokens": 8,
     }
     try:
-        _wait_for_gateway(base, supervisor)
+        wait_until_up(base, supervisor)
         [first] = _children(supervisor.pid)
         served = httpx.post(f"{base}/v1/chat/completions", json=chat, headers=headers, timeout=60)
         assert served.status_code == 200
@@ -145,7 +129,7 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
             time.sleep(0.1)
         [second] = _children(supervisor.pid)
         assert second != first
-        _wait_for_gateway(base, supervisor)
+        wait_until_up(base, supervisor)
         text = log.read_text()
         [line] = [x for x in text.splitlines() if "z-explorer-gateway: the gateway" in x]
         assert f"(pid {first}) died with SIGSEGV (exit status -11)" in line

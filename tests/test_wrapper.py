@@ -7,13 +7,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers import CONFIG, _clean_environ, free_port
+from tests.servers import CONFIG, _clean_environ, free_port, start_wrapper, wait_until_up
 
 pytestmark = pytest.mark.integration
 
@@ -21,26 +20,11 @@ pytestmark = pytest.mark.integration
 def test_wrapper_creates_a_key_says_where_and_serves_with_it(tmp_path):
     port = free_port()
     env = {**_clean_environ(), "Z_EXPLORER_GATEWAY_CONFIG": str(CONFIG)}
-    gateway = Path(sys.executable).with_name("z-explorer-gateway")
     log = tmp_path / "out.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(gateway), "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_wrapper(port, tmp_path, env, log)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{base}/health/liveliness", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
+        wait_until_up(base, process)
         env_file = tmp_path / ".env"
         key = next(
             line.split("=", 1)[1]
