@@ -115,7 +115,7 @@ class Supervisor:
             self.child.send_signal(signum)
 
     def _report(self, returncode: int, uptime: float, journal_path: Path, why_not: str | None):
-        now = time.time()
+        now, uptime = time.time(), round(uptime)
         entries = journal.read(journal_path)
         unanswered = [e for e in entries if e.status == journal.IN_FLIGHT]
         answered = [e for e in entries if e.status != journal.IN_FLIGHT]
@@ -123,7 +123,7 @@ class Supervisor:
         death = {
             "exit": describe_exit(returncode),
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
-            "uptime_seconds": round(uptime, 1),
+            "uptime_seconds": uptime,
             "last_requests": last,
         }
         self.deaths.append(death)
@@ -131,7 +131,7 @@ class Supervisor:
         requests = "; ".join(last) if last else "none"
         print(
             f"{PREFIX} the gateway (pid {self.child.pid}) died with {death['exit']} after "
-            f"{uptime:.0f} s; last requests: {requests}; {then}",
+            f"{uptime} s; last requests: {requests}; {then}",
             file=sys.stderr,
             flush=True,
         )
