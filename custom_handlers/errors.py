@@ -1,6 +1,6 @@
 """Errors the local provider raises, each carrying the HTTP status the caller should see.
 
-    CustomLLMError (LiteLLM: its status_code becomes the response status)
+    Exception
      └── LocalLLMError                      500  something broke inside the gateway
           ├── InvalidRequestError           400  the caller's request is wrong
           │    └── ContextLengthExceededError 400  prompt + max_tokens > the model's context
@@ -8,19 +8,23 @@
           └── OverloadedError               503  too many requests queued (with Retry-After)
 
 Messages say what is wrong and how to fix it; they never carry a stack trace.
+
+They have the shape of LiteLLM's ``CustomLLMError`` (``status_code`` and ``message``), which is all
+LiteLLM reads of an exception a custom provider raises (it checks no class), without importing
+LiteLLM: the inference stack (engine, loader, sampling, constraints) imports no web framework, so
+it can be driven in-process where only torch and transformers are installed (``bench/gpu.py``).
 """
 
 from __future__ import annotations
 
-from litellm.llms.custom_llm import CustomLLMError
 
-
-class LocalLLMError(CustomLLMError):
+class LocalLLMError(Exception):
     status_code = 500
     type = "internal_server_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(status_code=self.status_code, message=message)
+        super().__init__(message)
+        self.message = message
         self.param = param
         self.code = code
 
