@@ -7,7 +7,7 @@ Layers, each in its own module (see docs/architecture.md):
 - ``request``  validation of an OpenAI chat request into a ``ChatRequest`` (pure Python).
 - ``text``     incremental detokenization, think-block filtering and stop strings (pure Python).
 - ``engine``   the generation thread: queue, sampling, cancellation.
-- ``constraints`` JSON-schema constrained decoding (llguidance through outlines).
+- ``constraints`` JSON-schema constrained decoding (llguidance).
 - ``loader``   the one owner of the model, its tokenizer and device memory.
 - ``settings`` server-only settings from ``LOCAL_LLM_*`` environment variables.
 - ``auth``     the gateway's key check (401 for a missing or wrong key).

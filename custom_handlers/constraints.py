@@ -1,12 +1,13 @@
-"""JSON-constrained decoding: outlines' llguidance backend, driven per row by a logits processor.
+"""JSON-constrained decoding with llguidance, driven per row by the engine.
 
-Why this backend: outlines' default (``outlines_core``) precompiles an index per schema over the
+Why llguidance: outlines' default (``outlines_core``) precompiles an index per schema over the
 whole vocabulary; measured here, ``{"type": "object"}`` (what ``json_object`` needs) took 5.3 s with
 the tiny test model's 641-token vocabulary, and the cost grows with the vocabulary (Qwen3 has
 151,669 tokens). llguidance computes each token mask on the fly from the grammar: compiling any
-schema took about 1 ms. Its masking kernel, like outlines_core's, is ``torch.compile``d (18.6 s
-cold on CPU for the first constrained request); ``_apply_bitmask`` below is the same arithmetic in
+schema took about 1 ms. Its own masking kernel is ``torch.compile``d (18.6 s cold on CPU for the
+first constrained request, through outlines); ``_apply_bitmask`` below is the same arithmetic in
 eager mode, so no request ever pays a compile stall, and torch's compiler is never imported.
+llguidance reads the Hugging Face tokenizer itself (``llguidance.hf``): nothing else is needed.
 
 Each constrained row (one choice of one request) has its own ``JsonMatcher``; rows of a batch are
 constrained independently, next to unconstrained rows.
@@ -27,8 +28,7 @@ _JSON_DEFAULTS = {"whitespace_flexible": False}
 class JsonConstraints:
     """Grammar compilation (cached) and per-request processors for one loaded model."""
 
-    def __init__(self, model: Any, tokenizer: Any):
-        self._model = model
+    def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
         self._llg_tokenizer = None
         self._lock = threading.Lock()
@@ -43,11 +43,9 @@ class JsonConstraints:
     def llg_tokenizer(self):
         with self._lock:
             if self._llg_tokenizer is None:
-                import outlines
-                from outlines.backends.llguidance import LLGuidanceBackend
+                import llguidance.hf
 
-                wrapped = outlines.from_transformers(self._model, self._tokenizer)
-                self._llg_tokenizer = LLGuidanceBackend(wrapped).llg_tokenizer
+                self._llg_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer)
             return self._llg_tokenizer
 
     def _compile(self, schema_json: str) -> str:

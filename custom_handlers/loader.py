@@ -199,7 +199,7 @@ def load_model(settings: LocalModelSettings) -> LoadedModel:
         generation_defaults=_generation_defaults(model),
         load_seconds=time.perf_counter() - started,
         model_bytes=int(model.get_memory_footprint()),
-        constraints=JsonConstraints(model, tokenizer),
+        constraints=JsonConstraints(tokenizer),
     )
     loaded.constraints.warm_up()
     log.info(
