@@ -185,6 +185,8 @@ class FakeOpenAI:
     - ``[fake:slow]``: waits ``slow_seconds`` before answering;
     - ``[fake:lines]``: ignores ``response_format`` and answers numbered plain lines instead.
 
+    Any path under ``/outage/`` (an ``api_base`` of ``.../outage/v1``) answers 500: a provider down.
+
     (A 401 makes LiteLLM pause the deployment for a few seconds: give a wrong key only to a
     gateway of your own, never to the shared one.)
     """
@@ -236,6 +238,8 @@ class FakeOpenAI:
                         "authorization": self.headers.get("Authorization"),
                     }
                 )
+                if self.path.startswith("/outage/"):
+                    return self._send(500, _SERVER_ERROR)
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
                 trigger = _trigger(body)
@@ -293,6 +297,14 @@ _INVALID_KEY = {
         "type": "invalid_request_error",
         "param": None,
         "code": "invalid_api_key",
+    }
+}
+_SERVER_ERROR = {
+    "error": {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": None,
     }
 }
 _RATE_LIMITED = {

@@ -98,10 +98,10 @@ def fallback_gateway(fake_openai, tmp_path_factory):
     """qwen3-4b cannot load; the user's YAML falls back to gpt-4o-mini (the fake upstream)."""
     work = tmp_path_factory.mktemp("fallback")
     config = yaml.safe_load(CONFIG.read_text())
-    config["router_settings"] = {  # as the commented example in proxy_config.yaml
-        "fallbacks": [{"qwen3-4b": ["gpt-4o-mini"]}],
-        "fallback_on_unsupported_params": False,
-    }
+    config["router_settings"].update(  # as the commented example in proxy_config.yaml
+        fallbacks=[{"qwen3-4b": ["gpt-4o-mini"]}],
+        fallback_on_unsupported_params=False,
+    )
     path = work / "proxy_config.yaml"
     path.write_text(yaml.safe_dump(config))
     gw = Gateway(
