@@ -11,7 +11,10 @@ these bodies went wrong there, before any callback of ours could answer:
   non-empty array" about a body that had them;
 - a body that sets a provider's endpoint or credentials (``api_base``, ``api_key``...): LiteLLM
   refuses it with a ValueError, answered as a 500, or through a failure hook as an "auth_error";
-- NaN, Infinity and deep nesting (``body_checks.check_json_values``): 500s further on.
+- NaN, Infinity and deep nesting (``body_checks.check_json_values``): 500s further on;
+- JSON sent as a form (``curl -d`` without ``-H 'Content-Type: application/json'``): LiteLLM read
+  it as one form field named after the whole text, and the caller was told "'messages' must be a
+  non-empty array", which sent them looking in the wrong place.
 
 ``install`` wraps the body reader that LiteLLM's auth module calls. The first two are refused
 like malformed JSON (a 400 whatever the key, as LiteLLM answers malformed bodies). Then a caller
@@ -43,6 +46,11 @@ UNREADABLE = (
     "The request body could not be read as JSON: it nests objects or arrays too deeply (about "
     "1000 levels) or is not valid JSON."
 )
+SENT_AS_FORM = (
+    "The request body is JSON but was sent as a form (Content-Type: "
+    "application/x-www-form-urlencoded, which is what curl -d sends by default). Send it with the "
+    "header 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')."
+)
 _EMPTY_OBJECT = re.compile(rb"\{\s*\}")
 
 # The caller's 401, or None when the request carries the gateway's key.
@@ -65,6 +73,8 @@ def install(unauthorized: KeyCheck) -> None:
             raise _bad_body(UNREADABLE)
         if (denied := unauthorized(request)) is not None:
             raise denied
+        if _json_sent_as_form(request, body):
+            raise _bad_body(SENT_AS_FORM)
         if (refusal := _refusal(request, body)) is not None:
             raise refusal
         return body
@@ -93,6 +103,17 @@ async def _was_json_read_as_empty(request: Any) -> bool:
         return False  # forms and binary uploads are LiteLLM's to read
     raw = (await request.body()).strip()
     return raw[:1] in (b"{", b"[") and not _EMPTY_OBJECT.fullmatch(raw)
+
+
+def _json_sent_as_form(request: Any, body: dict) -> bool:
+    """Whether a form-encoded body is really JSON: LiteLLM read it as a field named ``{"model"...``.
+
+    (The form parser has consumed the request's stream by now, so the parsed fields are checked.)
+    """
+    content_type = request.headers.get("content-type", "").lower()
+    if "application/x-www-form-urlencoded" not in content_type:
+        return False
+    return any(str(name).lstrip().startswith(("{", "[")) for name in body)
 
 
 def _bad_body(message: str) -> ProxyException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -293,6 +294,24 @@ def test_malformed_json_gets_400(gateway):
     )
     assert r.status_code == 400
     assert "JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model", [LOCAL, "gpt-4o-mini"])
+def test_json_sent_as_a_form_gets_400_saying_to_send_the_content_type(gateway, model):
+    # What `curl -d '{...}'` sends without -H 'Content-Type: application/json'.
+    body = json.dumps({"model": model, "messages": FOX}).encode()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {gateway.key}", **form},
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "'Content-Type: application/json'" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    keyless = httpx.post(f"{gateway.base_url}/v1/chat/completions", content=body, headers=form)
+    assert keyless.status_code == 401  # the key is checked first, as for every body
 
 
 def test_gateway_still_serves_after_bad_input(gateway, client):
