@@ -335,7 +335,11 @@ def _translate_status(exc, settings, model, available, where) -> ClientError:
         return _model_not_found(settings, model, available, where)
     if status == 429:
         return _rate_limit_error(exc, message, model, where)
-    if status == 500 and _CANNOT_CONNECT.search(message):
+    if status == 502:  # the gateway's own words: the model, the address, what to do
+        return ModelUnavailableError(
+            f"Model '{model}' cannot answer: {short_detail(message)}", **where
+        )
+    if status == 500 and _CANNOT_CONNECT.search(message):  # gateways before the 502
         hint = "Start it (Ollama: `ollama serve`)" if "ollama" in message.lower() else "Start it"
         return ModelUnavailableError(
             f"The gateway cannot reach the server behind model '{model}': "

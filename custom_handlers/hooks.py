@@ -17,6 +17,9 @@ three of the caller's mistakes that LiteLLM answered with a 500, each now a 400 
   Python's limit (``body_reader`` refuses more than 128 levels first; this is the fallback).
 - A chat field of the wrong type that LiteLLM reads before the pre-call hook (``prompt_id``).
 
+And a provider it cannot connect to (Ollama not running, a wrong ``api_base``), which LiteLLM
+answered with a 500 that named no address, is a 502 naming the model and the address it tried.
+
 The pre-call hook checks the JSON types of a chat request's fields
 (``custom_handlers.body_checks``), and refuses a model named by its provider id
 (``zlocal/qwen3-4b``, ``openai/gpt-4o-mini``) instead of its name in ``proxy_config.yaml``:
@@ -136,6 +139,61 @@ def ill_typed_chat_response(request_data: dict) -> ErrorResponse | None:
     return None
 
 
+def unreachable_provider_response(exc: BaseException, request_data: dict) -> ErrorResponse | None:
+    """A 502 naming the model and the address LiteLLM could not connect to, or None.
+
+    LiteLLM answered a provider it cannot reach (Ollama not running, a wrong ``api_base``) with a
+    500 "APIConnectionError ... Cannot connect to host REDACTED:11434", or for OpenAI-style
+    providers "Connection error.", with no address at all.
+    """
+    failure = _connection_failure(exc)
+    if failure is None:
+        return None
+    model = request_data.get("model") or "?"
+    where, reason = failure
+    start = "Start Ollama (`ollama serve`)" if _is_ollama(model) else "Start that server"
+    return ErrorResponse(
+        502,
+        f"The provider behind model '{model}' cannot be reached at {where} ({reason}). {start}, "
+        f"or fix its address: the model's api_base in {CONFIG_FILE}, or the provider's variable "
+        "where the gateway runs (OLLAMA_API_BASE, OPENAI_BASE_URL...).",
+        type="api_connection_error",
+        param="model",
+    )
+
+
+def _is_ollama(model: str) -> bool:
+    try:
+        deployments = _router().get_model_list(model_name=model) or []
+    except Exception:  # the router's own lookup; a wrong guess only changes a hint
+        return False
+    return any(str(d["litellm_params"]["model"]).startswith("ollama") for d in deployments)
+
+
+def _connection_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(address, reason) of the connection that failed behind ``exc``, or None."""
+    import httpx
+    from aiohttp import ClientConnectorError
+
+    refused = find_cause(exc, httpx.ConnectError)
+    connector = find_cause(exc, ClientConnectorError)
+    if refused is None and connector is None:
+        return None
+    os_error = connector.os_error if connector is not None else find_cause(exc, OSError)
+    reason = getattr(os_error, "strerror", None) or "the connection failed"
+    if refused is not None:
+        return _url_of(refused), reason
+    return f"{connector.host}:{connector.port}", reason
+
+
+def _url_of(error: Any) -> str:
+    try:
+        url = error.request.url
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is set
+        return "its address"
+    return f"{url.scheme}://{url.host}:{url.port}" if url.port else f"{url.scheme}://{url.host}"
+
+
 def check_model_name(model: Any, router: Any) -> None:
     """Refuse a deployment's provider id used as the model name; names are the gateway's API.
 
@@ -188,6 +246,7 @@ class LocalErrorHook(CustomLogger):
             or refused_body_response(original_exception)
             or too_deep_response(original_exception)
             or ill_typed_chat_response(request_data)
+            or unreachable_provider_response(original_exception, request_data)
         )
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import FAKE_OPENAI_KEY
+from tests.servers import FAKE_OPENAI_KEY, Gateway, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -312,6 +312,29 @@ def test_json_sent_as_a_form_gets_400_saying_to_send_the_content_type(gateway, m
     assert error["type"] == "invalid_request_error"
     keyless = httpx.post(f"{gateway.base_url}/v1/chat/completions", content=body, headers=form)
     assert keyless.status_code == 401  # the key is checked first, as for every body
+
+
+def test_an_unreachable_provider_gets_502_naming_the_model_and_the_address(
+    fake_openai, tiny_model_dir, tmp_path
+):
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = fake_openai.gateway_env(str(tiny_model_dir), OLLAMA_API_BASE=nobody)
+    env["OPENAI_BASE_URL"] = f"{nobody}/v1"
+    gw = Gateway(env=env, workdir=tmp_path).start()
+    try:
+        for model, start in (("ollama-qwen3", "Start Ollama"), ("gpt-4o-mini", "Start that")):
+            for stream in (False, True):
+                r = gw.chat({"model": model, "messages": FOX, "stream": stream})
+                assert r.status_code == 502, r.text
+                error = r.json()["error"]
+                assert error["message"].startswith(
+                    f"The provider behind model '{model}' cannot be reached at {nobody} ("
+                ), error
+                assert start in error["message"] and "ssl:<" not in error["message"]
+                assert error["type"] == "api_connection_error"
+        assert gw.chat({"model": LOCAL, "messages": FOX, "max_tokens": 2}).status_code == 200
+    finally:
+        gw.stop()
 
 
 def test_gateway_still_serves_after_bad_input(gateway, client):

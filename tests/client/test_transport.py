@@ -68,6 +68,12 @@ OLLAMA_DOWN = (
     "litellm.APIConnectionError: Ollama_chatException - Cannot connect to host localhost:11434 "
     "ssl:<ssl.SSLContext object at 0x7f5083658d40> [Connect call failed ('REDACTED', 11434)]"
 )
+PROVIDER_UNREACHABLE = (  # what the gateway answers since it names the address (a 502)
+    "The provider behind model 'ollama-qwen3' cannot be reached at http://127.0.0.1:11434 "
+    "(Connect call failed ('127.0.0.1', 11434)). Start Ollama (`ollama serve`), or fix its "
+    "address: the model's api_base in proxy_config.yaml, or the provider's variable where the "
+    "gateway runs (OLLAMA_API_BASE, OPENAI_BASE_URL...)."
+)
 LOCAL_NO_JSON = (
     "litellm.BadRequestError: ZlocalException - response_format other than 'text' is not "
     "supported by the local model yet.\n\nLiteLLM: model group 'qwen3-4b' failed with the error "
@@ -315,6 +321,15 @@ def test_a_provider_server_that_is_down(unit_client, fake):
     with pytest.raises(ModelUnavailableError) as caught:
         unit_client.enhance_prompt("a fox")
     assert "ollama serve" in str(caught.value) and "ssl:<" not in str(caught.value)
+
+
+def test_a_provider_server_the_gateway_cannot_reach_keeps_its_address(unit_client, fake):
+    fake.error(502, PROVIDER_UNREACHABLE)
+    with pytest.raises(ModelUnavailableError) as caught:
+        unit_client.enhance_prompt("a fox")
+    text = str(caught.value)
+    assert text.startswith("Model 'qwen3-4b' cannot answer: The provider behind model")
+    assert "http://127.0.0.1:11434" in text and "ollama serve" in text
 
 
 def test_a_local_model_that_cannot_load(unit_client, fake):
