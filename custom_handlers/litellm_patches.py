@@ -1,6 +1,7 @@
 """Work-arounds for LiteLLM defects that crash or corrupt the gateway process, applied at start-up.
 
-Each one says what goes wrong, how it was shown, and when it can go. See docs/troubleshooting.md
+Each one says what goes wrong, how it was shown, and when it can go. The first is the one that
+matters most: See docs/troubleshooting.md
 ("The gateway died with a segmentation fault") and docs/architecture.md ("Finalizers").
 
 **CustomStreamWrapper.__del__ sets context variables from the garbage collector.**
@@ -24,6 +25,7 @@ Removing it lets the collector free the wrapper without running any code.
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("custom_handlers.litellm_patches")
 
@@ -31,6 +33,35 @@ log = logging.getLogger("custom_handlers.litellm_patches")
 def apply() -> None:
     """Apply every work-around; a second call changes nothing."""
     disarm_stream_finalizer()
+    quiet_inapplicable_warnings()
+
+
+COMMON_CHECKS_WARNING = "custom_auth is configured but 'custom_auth_run_common_checks' is not set"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_inapplicable_warnings() -> None:
+    """Drop LiteLLM's start-up warning about ``custom_auth_run_common_checks`` without a database.
+
+    It warns that budgets and allowlists "configured on your DB team/project records" are not
+    enforced for our key check: with no ``DATABASE_URL`` there are no such records, and a new user
+    went looking for a problem that is not there. (Its other start-up warning, about
+    ``trusted_proxy_ranges``, is answered in proxy_config.yaml.) With a database it stays.
+    """
+    if os.environ.get("DATABASE_URL"):
+        return
+    from litellm._logging import verbose_proxy_logger
+
+    if not any(isinstance(f, _DropMessages) for f in verbose_proxy_logger.filters):
+        verbose_proxy_logger.addFilter(_DropMessages(COMMON_CHECKS_WARNING))
 
 
 def disarm_stream_finalizer() -> bool:

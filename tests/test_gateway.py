@@ -337,6 +337,14 @@ def test_an_unreachable_provider_gets_502_naming_the_model_and_the_address(
         gw.stop()
 
 
+def test_start_up_logs_no_warning_that_does_not_apply(gateway):
+    # LiteLLM warned about trusted_proxy_ranges (answered in proxy_config.yaml) and about
+    # custom_auth_run_common_checks (records in a database this gateway does not have).
+    started = gateway.log().split("Uvicorn running on")[0]
+    assert "Uvicorn running on" in gateway.log()
+    assert [line for line in started.splitlines() if "WARNING" in line] == []
+
+
 def test_gateway_still_serves_after_bad_input(gateway, client):
     for name in BAD_REQUESTS:
         patch, _ = BAD_REQUESTS[name]

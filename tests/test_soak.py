@@ -63,14 +63,3 @@ def test_no_finalizer_writes_a_context_variable_during_garbage_collection(
     assert lines[1:] == [], "context variables written by the garbage collector:\n" + "\n".join(
         lines[1:20]
     )
-
-
-def test_the_stream_wrapper_finalizer_is_removed_once_and_stays_removed():
-    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
-
-    from custom_handlers import litellm_patches
-
-    litellm_patches.apply()
-    assert "__del__" not in CustomStreamWrapper.__dict__
-    assert not hasattr(CustomStreamWrapper, "__del__")  # nor inherited from a base
-    assert litellm_patches.disarm_stream_finalizer() is False  # a second call changes nothing

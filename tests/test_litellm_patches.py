@@ -1,0 +1,38 @@
+"""The work-arounds for LiteLLM defects (``custom_handlers.litellm_patches``), unit by unit.
+
+The gateway-level effects are tested where they show: the crash (tests/test_soak.py) and the
+start-up log (tests/test_gateway.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from litellm._logging import verbose_proxy_logger
+
+from custom_handlers import litellm_patches
+
+
+def test_the_stream_wrapper_finalizer_is_removed_once_and_stays_removed():
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    litellm_patches.apply()
+    assert "__del__" not in CustomStreamWrapper.__dict__
+    assert not hasattr(CustomStreamWrapper, "__del__")  # nor inherited from a base
+    assert litellm_patches.disarm_stream_finalizer() is False  # a second call changes nothing
+
+
+def _passes(message: str) -> bool:
+    record = logging.LogRecord("LiteLLM Proxy", logging.WARNING, __file__, 1, message, None, None)
+    return all(f.filter(record) for f in verbose_proxy_logger.filters)
+
+
+def test_the_common_checks_warning_is_dropped_without_a_database_and_nothing_else(monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    litellm_patches.apply()
+    litellm_patches.apply()
+    assert (
+        sum(isinstance(f, litellm_patches._DropMessages) for f in verbose_proxy_logger.filters) == 1
+    )
+    assert not _passes(litellm_patches.COMMON_CHECKS_WARNING + ". Problem: budgets...")
+    assert _passes("Any other warning")
