@@ -1,4 +1,4 @@
-"""Work-arounds for LiteLLM defects that crash or corrupt the gateway process, applied at start-up.
+"""Work-arounds for LiteLLM behaviour that hurts this gateway, applied when it imports our handler.
 
 Each one says what goes wrong, how it was shown, and when it can go. The first is the one that
 matters most: See docs/troubleshooting.md
@@ -34,6 +34,54 @@ def apply() -> None:
     """Apply every work-around; a second call changes nothing."""
     disarm_stream_finalizer()
     quiet_inapplicable_warnings()
+    one_line_per_refusal()
+
+
+REQUEST_FAILED = "litellm.proxy.proxy_server._handle_llm_api_exception(): Exception occured"
+
+
+class _RefusalsOnOneLine(logging.Filter):
+    """A request refused with a 4xx is logged as one line: status, model, message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(REQUEST_FAILED) or len(record.args or ()) < 2:
+            return True
+        error = record.args[1]
+        status = _status_of(error)
+        if status is None or not 400 <= status < 500:
+            return True  # a failure of ours or of a provider: its traceback is worth reading
+        record.msg = "Refused with %s (model %s): %s"
+        record.args = (status, getattr(error, "model", None) or "?", _first_line(error))
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _status_of(error: object) -> int | None:
+    status = getattr(error, "status_code", None) or getattr(error, "code", None)
+    try:
+        return int(status)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_line(error: object) -> str:
+    from custom_handlers.hooks import find_local_error
+
+    local = find_local_error(error) if isinstance(error, BaseException) else None
+    text = local.message if local is not None else str(getattr(error, "message", error))
+    return text.strip().splitlines()[0][:500] if text.strip() else type(error).__name__
+
+
+def one_line_per_refusal() -> None:
+    """LiteLLM logs every failed request with its whole traceback, a caller's 400 included: 60
+    tracebacks, 2,092 lines for a few minutes of use. A 4xx is the caller's mistake, answered
+    with its reason; one INFO line says what was refused. 5xx keep their tracebacks."""
+    from litellm._logging import verbose_proxy_logger
+
+    if not any(isinstance(f, _RefusalsOnOneLine) for f in verbose_proxy_logger.filters):
+        # First: LiteLLM's own filters render the message (dropping its args) before ours would.
+        verbose_proxy_logger.filters.insert(0, _RefusalsOnOneLine())
 
 
 COMMON_CHECKS_WARNING = "custom_auth is configured but 'custom_auth_run_common_checks' is not set"

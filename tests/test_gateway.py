@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -343,6 +344,24 @@ def test_start_up_logs_no_warning_that_does_not_apply(gateway):
     started = gateway.log().split("Uvicorn running on")[0]
     assert "Uvicorn running on" in gateway.log()
     assert [line for line in started.splitlines() if "WARNING" in line] == []
+
+
+def test_a_refused_request_logs_one_line_and_no_traceback(gateway):
+    seen = len(gateway.log())
+    refused = [
+        {"model": LOCAL, "messages": FOX, "top_p": 0},
+        {"model": LOCAL, "messages": FOX, "top_p": 0, "stream": True},
+        {"model": LOCAL, "messages": FOX, "max_tokens": 10**6},
+    ]
+    for body in refused:
+        assert gateway.chat(body).status_code == 400
+    time.sleep(0.5)  # the log is written as the answers go out
+    logged = gateway.log()[seen:]
+    assert "Traceback" not in logged
+    lines = [line for line in logged.splitlines() if "Refused with 400" in line]
+    assert len(lines) == len(refused), logged[-3000:]
+    assert "'top_p' must be greater than 0.0" in lines[0]
+    assert "context_length_exceeded" in lines[2]
 
 
 def test_gateway_still_serves_after_bad_input(gateway, client):
