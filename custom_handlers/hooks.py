@@ -71,6 +71,21 @@ class ErrorResponse(HTTPException):
         )
 
 
+def _speak_for(wrapper: BaseException, error: LocalLLMError) -> None:
+    """Give LiteLLM's wrapper of a local error that error's message, type and param.
+
+    ``/v1/completions`` ignores what this hook returns and answers from the exception it caught
+    (its ``message``, ``type``, ``param``): without this the caller read "litellm.BadRequestError:
+    OpenAIException - ... LiteLLM: model group 'qwen3-4b' failed..." with ``type`` and ``param``
+    null, where chat said what was wrong and which field.
+    """
+    for name, value in (("message", error.message), ("type", error.type), ("param", error.param)):
+        try:
+            setattr(wrapper, name, value)
+        except (AttributeError, TypeError):  # an exception type that forbids it: leave it be
+            return
+
+
 def find_cause(exc: BaseException | None, kind: type[_E]) -> _E | None:
     """The ``kind`` exception behind ``exc``, following LiteLLM's re-wrapping."""
     seen = set()
@@ -240,6 +255,7 @@ class LocalErrorHook(CustomLogger):
         self, request_data, original_exception, user_api_key_dict, traceback_str=None
     ):
         if (error := find_local_error(original_exception)) is not None:
+            _speak_for(original_exception, error)
             return ErrorResponse.from_local(error)
         return (
             unsupported_endpoint_response(original_exception)

@@ -346,6 +346,27 @@ def test_start_up_logs_no_warning_that_does_not_apply(gateway):
     assert [line for line in started.splitlines() if "WARNING" in line] == []
 
 
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/chat/completions", {"messages": FOX}),
+        ("/v1/completions", {"prompt": "a fox"}),
+        ("/v1/responses", {"input": "a fox"}),
+    ],
+)
+def test_every_route_answers_the_local_models_refusal_alike(gateway, route, body):
+    r = httpx.post(
+        f"{gateway.base_url}{route}",
+        json={"model": LOCAL, **body, "top_p": 0},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"] == "'top_p' must be greater than 0.0 and at most 1.0, got 0."
+    assert (error["type"], error["param"]) == ("invalid_request_error", "top_p")
+
+
 def test_a_refused_request_logs_one_line_and_no_traceback(gateway):
     seen = len(gateway.log())
     refused = [
