@@ -67,10 +67,18 @@ class LocalLLM(CustomLLM):
             job.cancel()  # a no-op once done; stops generation if the caller went away
         return _model_response(kwargs.get("model_response"), model, job, outcome)
 
-    async def astreaming(
+    def astreaming(
         self, model, messages, *args, optional_params=None, **kwargs
     ) -> AsyncIterator[GenericStreamingChunk]:
-        request = self._parse(messages, optional_params, stream=True)
+        """The stream, with the request checked first, as LiteLLM calls this.
+
+        Not itself a generator: a refused request raises here, before any chunk, so every route
+        answers it with an HTTP error (the Responses API's stream otherwise opened with a 200 and a
+        lone ``response.failed`` event, which the openai SDK cannot read).
+        """
+        return self._stream(self._parse(messages, optional_params, stream=True))
+
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[GenericStreamingChunk]:
         job = await self._start(request, AsyncSink())
         try:
             while True:

@@ -346,6 +346,7 @@ def test_start_up_logs_no_warning_that_does_not_apply(gateway):
     assert [line for line in started.splitlines() if "WARNING" in line] == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     "route, body",
     [
@@ -354,10 +355,10 @@ def test_start_up_logs_no_warning_that_does_not_apply(gateway):
         ("/v1/responses", {"input": "a fox"}),
     ],
 )
-def test_every_route_answers_the_local_models_refusal_alike(gateway, route, body):
+def test_every_route_answers_the_local_models_refusal_alike(gateway, route, body, stream):
     r = httpx.post(
         f"{gateway.base_url}{route}",
-        json={"model": LOCAL, **body, "top_p": 0},
+        json={"model": LOCAL, **body, "top_p": 0, "stream": stream},
         headers={"Authorization": f"Bearer {gateway.key}"},
         timeout=60,
     )
