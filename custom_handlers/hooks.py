@@ -36,6 +36,9 @@ from litellm.llms.custom_llm import CustomLLMError
 
 from custom_handlers.body_checks import CONFIG_FILE, check_chat_types, rejected_request_error
 from custom_handlers.errors import InvalidRequestError, LocalLLMError
+from custom_handlers.request import reject_unsupported
+
+LOCAL_PROVIDER = "zlocal/"
 
 _E = TypeVar("_E", bound=BaseException)
 _RECURSION = "maximum recursion depth exceeded"
@@ -166,7 +169,7 @@ def unreachable_provider_response(exc: BaseException, request_data: dict) -> Err
         return None
     model = request_data.get("model") or "?"
     where, reason = failure
-    start = "Start Ollama (`ollama serve`)" if _is_ollama(model) else "Start that server"
+    start = "Start Ollama (`ollama serve`)" if _served_by(model, "ollama") else "Start that server"
     return ErrorResponse(
         502,
         f"The provider behind model '{model}' cannot be reached at {where} ({reason}). {start}, "
@@ -177,12 +180,15 @@ def unreachable_provider_response(exc: BaseException, request_data: dict) -> Err
     )
 
 
-def _is_ollama(model: str) -> bool:
+def _served_by(model: Any, provider: str) -> bool:
+    """Whether a deployment of the model name ``model`` has a ``<provider>...`` model id."""
+    if not isinstance(model, str):
+        return False
     try:
         deployments = _router().get_model_list(model_name=model) or []
-    except Exception:  # the router's own lookup; a wrong guess only changes a hint
+    except Exception:  # the router's own lookup; a wrong guess only changes a hint or a check
         return False
-    return any(str(d["litellm_params"]["model"]).startswith("ollama") for d in deployments)
+    return any(str(d["litellm_params"]["model"]).startswith(provider) for d in deployments)
 
 
 def _connection_failure(exc: BaseException) -> tuple[str, str] | None:
@@ -247,6 +253,8 @@ class LocalErrorHook(CustomLogger):
             check_model_name(data.get("model"), _router())
             if _is_chat(call_type):
                 check_chat_types(data)
+            if _served_by(data.get("model"), LOCAL_PROVIDER):
+                reject_unsupported(data)
         except InvalidRequestError as error:
             raise ErrorResponse.from_local(error) from None
         return data

@@ -35,6 +35,12 @@ _UNSUPPORTED = {
     "logit_bias": "logit_bias",
     "audio": "audio output",
     "modalities": "non-text modalities",
+    "reasoning_effort": "a thinking mode: Qwen3-4B-Instruct-2507 has none, it answers directly",
+    "thinking": "a thinking mode: Qwen3-4B-Instruct-2507 has none, it answers directly",
+    "verbosity": "OpenAI's answer-length setting; ask for the length in the prompt",
+    "web_search_options": "web search",
+    # LiteLLM's way to pass a parameter it would refuse: the model would then silently ignore it.
+    "allowed_openai_params": "parameters beyond those it supports",
 }
 _ZERO_OR_UNSET = ("presence_penalty", "frequency_penalty")
 
@@ -119,7 +125,7 @@ def parse_chat_request(
 ) -> ChatRequest:
     """Check ``messages`` and LiteLLM's ``optional_params``; raise ``InvalidRequestError``."""
     _reject_server_only(params)
-    _reject_unsupported(params)
+    reject_unsupported(params)
     sampling = SamplingParams(
         max_tokens=_max_tokens(params),
         temperature=_number(params, "temperature", 0.0, 2.0),
@@ -188,7 +194,9 @@ def _server_only_message(name: str, env: str) -> str:
     )
 
 
-def _reject_unsupported(params: Mapping[str, Any]) -> None:
+def reject_unsupported(params: Mapping[str, Any]) -> None:
+    """A 400 naming the first parameter the local model does not support (also run on the body,
+    before LiteLLM's own refusal, whose message advised changing the server's settings)."""
     for name, feature in _UNSUPPORTED.items():
         if params.get(name) not in (None, False, [], {}):
             raise InvalidRequestError(

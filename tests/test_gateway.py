@@ -368,6 +368,30 @@ def test_every_route_answers_the_local_models_refusal_alike(gateway, route, body
     assert (error["type"], error["param"]) == ("invalid_request_error", "top_p")
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"reasoning_effort": "low"},
+        {"verbosity": "low"},
+        {"thinking": {"type": "enabled", "budget_tokens": 100}},
+        {"reasoning_effort": "low", "allowed_openai_params": ["reasoning_effort"]},
+        {"allowed_openai_params": ["service_tier"]},
+    ],
+)
+def test_parameters_the_local_model_lacks_get_its_own_400_and_no_bypass(gateway, extra):
+    r = gateway.chat({"model": LOCAL, "messages": FOX, "max_tokens": 2, **extra})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"].startswith(f"'{error['param']}' is not supported by the local model")
+    assert error["param"] in extra
+    assert "drop_params" not in error["message"]  # never "change the server's settings"
+
+
+def test_a_cloud_model_still_takes_allowed_openai_params(gateway):
+    body = {"model": "gpt-4o-mini", "messages": FOX, "allowed_openai_params": ["user"]}
+    assert gateway.chat(body).status_code == 200
+
+
 def test_a_refused_request_logs_one_line_and_no_traceback(gateway):
     seen = len(gateway.log())
     refused = [
