@@ -11,6 +11,9 @@ Layers, each in its own module (see docs/architecture.md):
 - ``loader``   the one owner of the model, its tokenizer and device memory.
 - ``settings`` server-only settings from ``LOCAL_LLM_*`` environment variables.
 - ``auth``     the gateway's key check (401 for a missing or wrong key).
+- ``litellm_patches`` work-arounds for LiteLLM behaviour that hurts the gateway (the SIGSEGV).
+- ``serve``, ``supervisor``, ``journal`` ``z-explorer-gateway``: starts the proxy, restarts it if
+  it dies, and keeps its last requests where a crash cannot lose them.
 
 Nothing here imports torch or transformers until the local model is first used.
 """

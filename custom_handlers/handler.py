@@ -3,7 +3,8 @@
 LiteLLM imports this file by its path, as a module outside the package, so it holds no logic and
 no state of its own: it hands LiteLLM the one ``LocalLLM`` instance that lives in the installed
 ``custom_handlers`` package, gives the proxy the local model's routes (``routes``), and applies
-the work-arounds for LiteLLM defects that would crash the process (``litellm_patches``).
+the work-arounds for LiteLLM behaviour that hurts this gateway (``litellm_patches``: the crash
+of issue 11 first).
 """
 
 from custom_handlers import litellm_patches
