@@ -175,9 +175,12 @@ def test_n_returns_n_choices(client):
 
 
 def test_stream_sends_text_in_chunks_and_usage_when_asked(client):
-    expected = seeded(client, max_tokens=30)
+    # Long enough to outlast several stream intervals (a chunk at most every 50 ms): the tiny
+    # model makes 30 tokens in about as long as one interval.
+    expected = seeded(client, max_tokens=300)
+    assert expected.usage.completion_tokens >= 200, "this seed ends too early for the test"
     chunks = list(
-        seeded(client, max_tokens=30, stream=True, stream_options={"include_usage": True})
+        seeded(client, max_tokens=300, stream=True, stream_options={"include_usage": True})
     )
     pieces = [
         c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
