@@ -103,9 +103,6 @@ class Device:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def allocated(self) -> int | None:
-        return self.torch.cuda.memory_allocated() if self.cuda else None
-
     def reset_peak(self) -> None:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()

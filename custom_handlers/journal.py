@@ -23,6 +23,7 @@ JOURNAL_VAR = "Z_EXPLORER_GATEWAY_JOURNAL"
 SLOTS = 16
 SLOT_BYTES = 200
 IN_FLIGHT = "-"
+UNKNOWN_MODEL = "?"
 NOT_JOURNALED = ("/health/liveliness", "/health/readiness")
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,80})"')
 _PEEK_BYTES = 64 * 1024
@@ -38,7 +39,8 @@ class Entry:
     model: str
 
     def describe(self, now: float) -> str:
-        what = f"{self.method} {self.path}" + (f" ({self.model})" if self.model != "?" else "")
+        model = f" ({self.model})" if self.model != UNKNOWN_MODEL else ""
+        what = f"{self.method} {self.path}{model}"
         if self.status == IN_FLIGHT:
             return f"{what}: no answer yet, {now - self.started:.1f} s in"
         return f"{what}: {self.status}"
@@ -59,7 +61,7 @@ class Journal:
 
     def begin(self, method: str, path: str) -> int:
         number, self._next = self._next, self._next + 1
-        entry = Entry(number, time.time(), IN_FLIGHT, method, path, "?")
+        entry = Entry(number, time.time(), IN_FLIGHT, method, path, UNKNOWN_MODEL)
         self._open[number] = entry
         self._write(entry)
         return number

@@ -81,7 +81,8 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.stopping = False
         self.child: subprocess.Popen | None = None
-        self.deaths: list[dict] = []
+        self.deaths = 0
+        self.last_death: dict | None = None
 
     def run(self) -> int:
         """Run the child until it stops for good; the exit status to leave with."""
@@ -102,8 +103,8 @@ class Supervisor:
 
     def _run_child(self, journal_path: Path) -> int:
         env = {**os.environ, journal.JOURNAL_VAR: str(journal_path)}
-        if self.deaths:
-            env[RESTARTS_VAR] = json.dumps({"restarts": len(self.deaths), "last": self.deaths[-1]})
+        if self.last_death is not None:
+            env[RESTARTS_VAR] = json.dumps({"restarts": self.deaths, "last": self.last_death})
         self.child = subprocess.Popen(
             self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent
         )
@@ -126,7 +127,7 @@ class Supervisor:
             "uptime_seconds": uptime,
             "last_requests": last,
         }
-        self.deaths.append(death)
+        self.deaths, self.last_death = self.deaths + 1, death
         then = "not restarting: " + why_not if why_not else self._restart_note()
         requests = "; ".join(last) if last else "none"
         print(
