@@ -11,15 +11,28 @@ llguidance reads the Hugging Face tokenizer itself (``llguidance.hf``): nothing 
 
 Each constrained row (one choice of one request) has its own ``JsonMatcher``; rows of a batch are
 constrained independently, next to unconstrained rows.
+
+Tool calls use the same machinery: ``tool_grammar`` writes a Lark grammar (llguidance's dialect)
+whose ``%json`` parts are the functions' ``parameters``, around Qwen3's call layout (see
+``tools.py``), so every call names an offered function and its arguments follow its schema.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import lru_cache
 from typing import Any
 
 from custom_handlers.errors import InvalidRequestError
+from custom_handlers.tools import (
+    CALL_ARGUMENTS,
+    CALL_CLOSE,
+    CALL_HEAD,
+    CALL_OPEN,
+    CALL_TAIL,
+    ToolSet,
+)
 
 # Compact JSON: no free whitespace between tokens, so a schema's size bounds the answer's size.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -33,6 +46,8 @@ class JsonConstraints:
         self._llg_tokenizer = None
         self._lock = threading.Lock()
         self.grammar = lru_cache(maxsize=256)(self._compile)
+        self._tool_grammar = lru_cache(maxsize=64)(self._compile_tools)
+        self._prototype = lru_cache(maxsize=256)(self._new_matcher)
 
     def warm_up(self) -> None:
         """Build the llguidance tokenizer in the background, before any constrained request."""
@@ -48,38 +63,110 @@ class JsonConstraints:
                 self._llg_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer)
             return self._llg_tokenizer
 
-    def _compile(self, schema_json: str) -> str:
+    def _compile(self, schema_json: str, where: str = "response_format") -> str:
         """The llguidance grammar for a JSON schema; 400 when it cannot be enforced."""
         from llguidance import LLMatcher
 
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema_json, defaults=_JSON_DEFAULTS)
         except (ValueError, TypeError) as exc:
-            raise _unenforceable(str(exc)) from exc
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer())
-        if is_error:
-            raise _unenforceable("; ".join(messages))
+            raise _unenforceable(str(exc), where) from exc
+        self._validate(grammar, where)
         return grammar
 
+    def _validate(self, grammar: str, where: str) -> None:
+        from llguidance import LLMatcher
+
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer())
+        if is_error:
+            raise _unenforceable("; ".join(messages), where)
+
+    def tool_grammar(self, tools: ToolSet, json_schema: str | None) -> str:
+        """The grammar of the calls ``tools`` allows (or, with ``json_schema`` and "auto", of an
+        answer following it or calls); 400 naming the tool whose schema cannot be enforced."""
+        for i, function in enumerate(tools.functions):  # cached: each schema is checked once
+            self.grammar(function.parameters, f"tools[{i}].function.parameters")
+        callable_ = tuple((f.name, f.parameters) for f in tools.callable)
+        answer = None if tools.must_call else json_schema
+        return self._tool_grammar(callable_, tools.parallel and not tools.forced, answer)
+
+    def _compile_tools(
+        self, functions: tuple[tuple[str, str], ...], parallel: bool, answer: str | None
+    ) -> str:
+        from llguidance import LLMatcher
+
+        grammar = LLMatcher.grammar_from_lark(_tool_lark(functions, parallel, answer, self._marker))
+        self._validate(grammar, "tools")
+        return grammar
+
+    def marker_ids(self) -> tuple[int, int] | None:
+        """The token ids of ``<tool_call>`` and ``</tool_call>``, if each is one token here."""
+        ids = []
+        for marker in (CALL_OPEN, CALL_CLOSE):
+            found = self._tokenizer(marker, add_special_tokens=False)["input_ids"]
+            if len(found) != 1:
+                return None
+            ids.append(found[0])
+        return ids[0], ids[1]
+
+    def _marker(self, marker: str) -> str:
+        """A call marker in Lark: by token id when llguidance holds it as a special token."""
+        token = self._tokenizer.convert_tokens_to_ids(marker)
+        if self.llg_tokenizer().is_special_token(token):
+            return f"<[{token}]>"
+        return json.dumps(marker)
+
+    def token_text(self, token: int) -> tuple[str, list[int]]:
+        """What one token writes: its text (U+FFFD for part of a character) and its bytes."""
+        raw = self.llg_tokenizer().decode_bytes([token])
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
     def matcher(self, grammar: str) -> JsonMatcher:
-        return JsonMatcher(self.llg_tokenizer(), grammar)
+        """A fresh matcher at the grammar's start: a copy of one kept per grammar (10 µs, where
+        building one takes 0.4 ms for a small schema and 80 ms for 128 tools)."""
+        prototype = self._prototype(grammar)
+        return JsonMatcher(prototype.deep_copy(), self.llg_tokenizer().vocab_size)
+
+    def _new_matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self.llg_tokenizer(), grammar)
 
 
-def _unenforceable(reason: str) -> InvalidRequestError:
+def _unenforceable(reason: str, where: str) -> InvalidRequestError:
     return InvalidRequestError(
-        f"response_format: the local model cannot enforce this JSON schema: {reason.strip()[:500]}",
-        param="response_format",
+        f"{where}: the local model cannot enforce this JSON schema: {reason.strip()[:500]}",
+        param=where,
     )
+
+
+def _tool_lark(functions, parallel: bool, answer: str | None, marker) -> str:
+    """Qwen3's call layout around each function's arguments (compact JSON, as answers are)."""
+    lines = ["%llguidance {}", "start: calls | answer" if answer else "start: calls"]
+    lines.append('calls: call ("\\n" call)*' if parallel else "calls: call")
+    alternatives = " | ".join(f"f{i}" for i in range(len(functions)))
+    head, tail = json.dumps(CALL_HEAD), json.dumps(CALL_TAIL)
+    lines.append(f"call: {marker(CALL_OPEN)} {head} ({alternatives}) {tail} {marker(CALL_CLOSE)}")
+    for i, (name, schema) in enumerate(functions):
+        lines.append(f"f{i}: {json.dumps(name + CALL_ARGUMENTS)} %json {_compact(schema)}")
+    if answer:
+        lines.append(f"answer: %json {_compact(answer)}")
+    return "\n".join(lines) + "\n"
+
+
+def _compact(schema_json: str) -> str:
+    """The schema with llguidance's option for compact JSON (as ``_JSON_DEFAULTS`` for answers)."""
+    schema = json.loads(schema_json)
+    schema["x-guidance"] = {**schema.get("x-guidance", {}), **_JSON_DEFAULTS}
+    return json.dumps(schema, separators=(",", ":"))
 
 
 class JsonMatcher:
     """Where one row's answer stands in its grammar: what may come next, given what came."""
 
-    def __init__(self, llg_tokenizer: Any, grammar: str):
-        from llguidance import LLMatcher
-
-        self._matcher = LLMatcher(llg_tokenizer, grammar)
-        self.vocab_size = llg_tokenizer.vocab_size
+    def __init__(self, matcher: Any, vocab_size: int):
+        self._matcher = matcher  # an llguidance LLMatcher of its own
+        self.vocab_size = vocab_size
 
     def consume(self, token: int) -> None:
         if not self._matcher.is_stopped() and not self._matcher.is_error():

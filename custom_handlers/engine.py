@@ -7,8 +7,12 @@ its own sampling parameters, seed, stop strings, token budget and, where asked, 
 
 Each job carries its own output channel (a ``Sink``) and a cancel flag checked before every step,
 so a caller who goes away leaves the batch at the next step. Events a job emits, in order:
-``Delta`` (text for one choice), ``Finish`` (one per choice), then ``Done``; or ``Failed``, then
-``Done``.
+``Delta`` (text for one choice) and ``CallDelta`` (a piece of a tool call), ``Finish`` (one per
+choice), then ``Done``; or ``Failed``, then ``Done``.
+
+A row that may call tools writes text until it samples ``<tool_call>``; from then on it follows the
+calls' grammar (from its first token when a call is required), and its tokens go to a
+``CallReader`` instead of the text pipeline.
 
 Why not transformers' own continuous batching: it has no per-request seed and applies custom
 logits processors (our JSON constraint) to the whole batch; and ``generate`` batches cannot take a
@@ -33,23 +37,36 @@ from custom_handlers.errors import LocalLLMError, ModelUnavailableError, Overloa
 from custom_handlers.kvbatch import KVBatch
 from custom_handlers.loader import LoadedModel, ModelHolder
 from custom_handlers.request import SamplingParams
-from custom_handlers.sampling import RowSampling, row_sampling, sample
-from custom_handlers.text import TextPipeline
+from custom_handlers.sampling import RowSampling, row_sampling, sample, token_logprobs
+from custom_handlers.text import IncrementalDecoder, TextPipeline
+from custom_handlers.tools import CallDelta, CallReader
 
 log = logging.getLogger("custom_handlers.engine")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives (OpenAI's shape)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: tuple[tuple[str, list[int], float], ...] = ()  # (token, bytes, logprob), best first
 
 
 @dataclass(frozen=True)
 class Delta:
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when asked for
 
 
 @dataclass(frozen=True)
 class Finish:
     index: int
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length" or "tool_calls"
     completion_tokens: int
+    complete_calls: int = 0  # tool calls closed (a call cut by max_tokens is not)
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,7 @@ class Done:
     pass
 
 
-Event = Delta | Finish | Failed | Done
+Event = Delta | CallDelta | Finish | Failed | Done
 
 
 class SyncSink:
@@ -149,10 +166,30 @@ def coalesce(events: list[Event]) -> list[Event]:
     for event in events:
         last = out[-1] if out else None
         if isinstance(event, Delta) and isinstance(last, Delta) and last.index == event.index:
-            out[-1] = Delta(event.index, last.text + event.text)
+            out[-1] = Delta(event.index, last.text + event.text, last.logprobs + event.logprobs)
+        elif (
+            isinstance(event, CallDelta)
+            and isinstance(last, CallDelta)
+            and (last.index, last.call) == (event.index, event.call)
+            and event.id is None
+        ):
+            arguments = last.arguments + event.arguments
+            out[-1] = CallDelta(last.index, last.call, arguments, last.id, last.name)
         else:
             out.append(event)
     return out
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """How a job's rows may call tools: ``grammar`` is what a row follows once it calls (from the
+    first token with ``from_start``); without one, calls are not allowed and ``<tool_call>`` is
+    never sampled."""
+
+    open_id: int
+    close_id: int
+    grammar: str | None
+    from_start: bool = False
 
 
 @dataclass
@@ -163,6 +200,8 @@ class Job:
     sink: SyncSink | AsyncSink
     grammar: str | None = None  # llguidance grammar the answer must follow (JSON output)
     keep_alive: float | None = None  # seconds the model stays loaded after this job
+    tools: ToolRun | None = None  # the request offers tools
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
     _cancelled: threading.Event = field(default_factory=threading.Event)
     open_rows: int = 0
 
@@ -216,6 +255,10 @@ class _Row:
     last: int = -1  # the token sampled last, fed at the next step
     count: int = 0  # tokens generated
     done: bool = False
+    calls: CallReader | None = None  # set once the row starts calling tools
+    call_text: IncrementalDecoder | None = None  # the open call's text
+    sampled_logprob: tuple | None = None  # (token, logprob, top) of the token sampled last
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with text
 
 
 class Engine:
@@ -404,7 +447,10 @@ class Engine:
         sampling = row_sampling(
             job.sampling, loaded.generation_defaults, loaded.model.device, index
         )
-        matcher = loaded.constraints.matcher(job.grammar) if job.grammar else None
+        grammar = job.grammar
+        if job.tools is not None and job.tools.from_start:
+            grammar = job.tools.grammar
+        matcher = loaded.constraints.matcher(grammar) if grammar else None
         pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop)
         return _Row(job, index, pipeline, sampling, matcher, length=len(job.prompt_ids))
 
@@ -432,10 +478,23 @@ class Engine:
         self._advance(self._rows, tokens, loaded.eos_token_ids)
 
     def _choose(self, rows: list[_Row], logits) -> list[int]:
+        # Log-probabilities come from the model's own distribution, before sampling settings and
+        # constraints change it (as vLLM's default): what the model thinks of each token.
+        asking = [i for i, r in enumerate(rows) if r.job.logprobs is not None and r.calls is None]
+        distribution = logits[asking].log_softmax(dim=-1) if asking else None
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
         if constrained:
             mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
-        return sample(logits, [r.sampling for r in rows])
+        for i, row in enumerate(rows):  # tool_choice "none": the model may not open a call
+            if row.job.tools is not None and row.job.tools.grammar is None:
+                logits[i, row.job.tools.open_id] = float("-inf")
+        tokens = sample(logits, [r.sampling for r in rows])
+        if asking:
+            top = [rows[i].job.logprobs for i in asking]
+            noted = token_logprobs(distribution, [tokens[i] for i in asking], top)
+            for i, entry in zip(asking, noted, strict=True):
+                rows[i].sampled_logprob = entry
+        return tokens
 
     def _advance(self, rows: list[_Row], tokens: list[int], eos: frozenset[int]) -> None:
         for row, token in zip(rows, tokens, strict=True):
@@ -446,22 +505,72 @@ class Engine:
             if row.matcher is not None:
                 row.matcher.consume(token)
             if token in eos:
-                self._finish(row, "stop")
+                self._finish(row, "tool_calls" if row.calls and row.calls.complete else "stop")
                 continue
-            text = row.pipeline.push(token)
-            if text:
-                row.job.emit(Delta(row.index, text))
-            if row.pipeline.stopped:
-                self._finish(row, "stop")
-            elif row.count >= row.job.max_new_tokens:
+            if self._tool_token(row, token):
+                pass
+            elif row.calls is not None:
+                self._emit(row, row.calls.push(row.call_text.push(token)))
+            else:
+                self._note_logprob(row)
+                text = row.pipeline.push(token)
+                if text:
+                    row.job.emit(Delta(row.index, text, self._take_logprobs(row)))
+                if row.pipeline.stopped:
+                    self._finish(row, "stop")
+                    continue
+            if row.count >= row.job.max_new_tokens:
                 self._finish(row, "length")
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _tool_token(self, row: _Row, token: int) -> bool:
+        """Open or close a tool call at its marker token; False for any other token."""
+        tools = row.job.tools
+        if tools is None or tools.grammar is None or token not in (tools.open_id, tools.close_id):
+            return False
+        if token == tools.close_id:
+            if row.calls is None:
+                return False
+            self._emit(row, row.calls.push(row.call_text.flush()) + row.calls.close())
+            return True
+        if row.calls is None:  # the first call: the text so far is the answer's content
+            self._emit_text_tail(row)
+            row.calls = CallReader(row.index)
+            if row.matcher is None:  # "auto": the grammar starts at this very token
+                row.matcher = self._holder.get().constraints.matcher(tools.grammar)
+                row.matcher.consume(token)
+        row.calls.open()
+        row.call_text = IncrementalDecoder(self._holder.get().tokenizer)
+        return True
+
+    def _emit(self, row: _Row, deltas: list[CallDelta]) -> None:
+        for delta in deltas:
+            row.job.emit(delta)
+
+    def _emit_text_tail(self, row: _Row) -> None:
         tail = row.pipeline.flush()
-        if tail:
-            row.job.emit(Delta(row.index, tail))
+        if tail or row.logprobs:
+            row.job.emit(Delta(row.index, tail, self._take_logprobs(row)))
+
+    def _note_logprob(self, row: _Row) -> None:
+        """Keep the log-probability of a token of text (not of a call, nor the end of turn)."""
+        if row.sampled_logprob is None:
+            return
+        token, logprob, top = row.sampled_logprob
+        spell = self._holder.get().constraints.token_text
+        alternatives = tuple((*spell(t), lp) for t, lp in top)
+        row.logprobs.append(TokenLogprob(*spell(token), logprob, alternatives))
+        row.sampled_logprob = None
+
+    def _take_logprobs(self, row: _Row) -> tuple[TokenLogprob, ...]:
+        taken, row.logprobs = tuple(row.logprobs), []
+        return taken
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        if row.calls is None:
+            self._emit_text_tail(row)
         row.done = True
-        row.job.emit(Finish(row.index, reason, row.count))
+        complete = row.calls.complete if row.calls else 0
+        row.job.emit(Finish(row.index, reason, row.count, complete))
         row.job.open_rows -= 1
         if row.job.open_rows == 0:
             self._job_done(row.job)

@@ -36,7 +36,7 @@ from litellm.llms.custom_llm import CustomLLMError
 
 from custom_handlers.body_checks import CONFIG_FILE, check_chat_types, rejected_request_error
 from custom_handlers.errors import InvalidRequestError, LocalLLMError
-from custom_handlers.request import reject_unsupported
+from custom_handlers.request import reject_unsupported, thinking
 
 LOCAL_PROVIDER = "zlocal/"
 
@@ -247,6 +247,14 @@ def _router() -> Any:
     return proxy_server.llm_router
 
 
+def _pass_reasoning_effort(data: dict) -> None:
+    """Hand ``reasoning_effort`` to the local model as Qwen3's ``enable_thinking``: LiteLLM would
+    refuse it for a custom provider (and advise changing the server's drop_params)."""
+    if data.get("reasoning_effort") is not None:
+        data["enable_thinking"] = thinking(data)
+        del data["reasoning_effort"]
+
+
 class LocalErrorHook(CustomLogger):
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         try:
@@ -255,6 +263,7 @@ class LocalErrorHook(CustomLogger):
                 check_chat_types(data)
             if _served_by(data.get("model"), LOCAL_PROVIDER):
                 reject_unsupported(data)
+                _pass_reasoning_effort(data)
         except InvalidRequestError as error:
             raise ErrorResponse.from_local(error) from None
         return data

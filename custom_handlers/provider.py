@@ -12,18 +12,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM
-from litellm.types.utils import GenericStreamingChunk
+from litellm.types.utils import (
+    ChatCompletionDeltaToolCall,
+    GenericStreamingChunk,
+    ModelResponseStream,
+    StreamingChoices,
+)
 
-from custom_handlers.engine import AsyncSink, Delta, Done, Engine, Failed, Finish, Job, SyncSink
-from custom_handlers.errors import ContextLengthExceededError
+from custom_handlers.engine import (
+    AsyncSink,
+    Delta,
+    Done,
+    Engine,
+    Failed,
+    Finish,
+    Job,
+    SyncSink,
+    TokenLogprob,
+    ToolRun,
+)
+from custom_handlers.errors import ContextLengthExceededError, InvalidRequestError
 from custom_handlers.loader import LoadedModel, ModelHolder
 from custom_handlers.request import ChatRequest, parse_chat_request
 from custom_handlers.settings import LocalModelSettings
+from custom_handlers.tools import CallDelta
 
 
 @dataclass
@@ -31,13 +49,31 @@ class _Outcome:
     """What a finished job produced, per choice."""
 
     texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    calls: dict[int, list[dict]] = field(default_factory=dict)
     finishes: dict[int, Finish] = field(default_factory=dict)
 
-    def add(self, event: Delta | Finish) -> None:
+    def add(self, event: Delta | CallDelta | Finish) -> None:
         if isinstance(event, Delta):
             self.texts.setdefault(event.index, []).append(event.text)
+            self.logprobs.setdefault(event.index, []).extend(event.logprobs)
+        elif isinstance(event, CallDelta):
+            calls = self.calls.setdefault(event.index, [])
+            if event.id is not None:
+                function = {"name": event.name, "arguments": ""}
+                calls.append({"id": event.id, "type": "function", "function": function})
+            calls[event.call]["function"]["arguments"] += event.arguments
         else:
             self.finishes[event.index] = event
+
+    def message(self, index: int) -> litellm.Message:
+        """Choice ``index``'s message: its text, and its complete tool calls (a call cut short
+        by max_tokens is left out: every call returned is whole and valid)."""
+        content = "".join(self.texts.get(index, []))
+        calls = self.calls.get(index, [])[: self.finishes[index].complete_calls]
+        if not calls:
+            return litellm.Message(role="assistant", content=content)
+        return litellm.Message(role="assistant", content=content or None, tool_calls=calls)
 
 
 class LocalLLM(CustomLLM):
@@ -76,10 +112,11 @@ class LocalLLM(CustomLLM):
         answers it with an HTTP error (the Responses API's stream otherwise opened with a 200 and a
         lone ``response.failed`` event, which the openai SDK cannot read).
         """
-        return self._stream(self._parse(messages, optional_params, stream=True))
+        return self._stream(self._parse(messages, optional_params, stream=True), model)
 
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[GenericStreamingChunk]:
+    async def _stream(self, request: ChatRequest, model: str) -> AsyncIterator:
         job = await self._start(request, AsyncSink())
+        chunks = _Chunks(model, job)
         try:
             while True:
                 events = await job.sink.get_ready()
@@ -87,7 +124,7 @@ class LocalLLM(CustomLLM):
                     if isinstance(event, Done):
                         return
                     _raise_if_failed(event)
-                    yield _chunk(job, event)
+                    yield chunks.of(event)
                 if not isinstance(events[-1], Finish):  # after a Finish, Done is on its way
                     await asyncio.sleep(STREAM_INTERVAL)  # text made meanwhile: one chunk
         finally:
@@ -110,10 +147,11 @@ class LocalLLM(CustomLLM):
     ) -> Iterator[GenericStreamingChunk]:
         request = self._parse(messages, optional_params, stream=True)
         job = self._start_sync(request)
+        chunks = _Chunks(model, job)
         try:
             while not isinstance(event := job.sink.get(), Done):
                 _raise_if_failed(event)
-                yield _chunk(job, event)
+                yield chunks.of(event)
         finally:
             job.cancel()
 
@@ -164,15 +202,14 @@ class LocalLLM(CustomLLM):
     async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
         loaded = await self._load()
         if _is_small(request):  # under a millisecond: a thread hop would cost more than it saves
-            prompt_ids, grammar = _prepare(loaded, request)
+            prepared = _prepare(loaded, request)
         else:
-            prompt_ids, grammar = await asyncio.to_thread(_prepare, loaded, request)
-        return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, sink))
+            prepared = await asyncio.to_thread(_prepare, loaded, request)
+        return self.engine.submit(self._job(loaded, request, prepared, sink))
 
     def _start_sync(self, request: ChatRequest) -> Job:
         loaded = self.holder.get()
-        prompt_ids, grammar = _prepare(loaded, request)
-        return self.engine.submit(self._job(loaded, request, prompt_ids, grammar, SyncSink()))
+        return self.engine.submit(self._job(loaded, request, _prepare(loaded, request), SyncSink()))
 
     async def _load(self) -> LoadedModel:
         """The loaded model. One executor thread waits on a load, however many requests do."""
@@ -183,9 +220,19 @@ class LocalLLM(CustomLLM):
         async with self._load_lock:
             return await asyncio.to_thread(self.holder.get)
 
-    def _job(self, loaded, request: ChatRequest, prompt_ids: list[int], grammar, sink) -> Job:
-        max_new = _output_budget(loaded, request, len(prompt_ids), self.settings.default_max_tokens)
-        return Job(prompt_ids, request.sampling, max_new, sink, grammar, request.keep_alive)
+    def _job(self, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
+        ids = prepared.prompt_ids
+        max_new = _output_budget(loaded, request, len(ids), self.settings.default_max_tokens)
+        return Job(
+            ids,
+            request.sampling,
+            max_new,
+            sink,
+            prepared.grammar,
+            request.keep_alive,
+            prepared.tools,
+            request.logprobs,
+        )
 
 
 # Streams send at most one chunk every STREAM_INTERVAL seconds: the proxy's work per chunk is the
@@ -200,13 +247,14 @@ SMALL_PROMPT_CHARS = 4000
 
 
 def _is_small(request: ChatRequest) -> bool:
-    chars = sum(len(m["content"]) for m in request.messages)
-    return chars < SMALL_PROMPT_CHARS and request.json_schema is None
+    return (
+        request.chars < SMALL_PROMPT_CHARS and request.json_schema is None and request.tools is None
+    )
 
 
 def _check_prompt_size(loaded: LoadedModel, request: ChatRequest) -> None:
     """Refuse at once messages that cannot fit, before tokenizing megabytes of text."""
-    chars = sum(len(m["content"]) for m in request.messages)
+    chars = request.chars
     if chars > loaded.context_length * loaded.max_token_chars:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {loaded.context_length} tokens, and the "
@@ -215,17 +263,66 @@ def _check_prompt_size(loaded: LoadedModel, request: ChatRequest) -> None:
         )
 
 
-def _prepare(loaded: LoadedModel, request: ChatRequest) -> tuple[list[int], str | None]:
-    """Prompt ids, and the compiled grammar when the answer must be JSON (cached per schema)."""
+@dataclass(frozen=True)
+class _Prepared:
+    prompt_ids: list[int]
+    grammar: str | None  # the answer's JSON grammar (compiled once per schema)
+    tools: ToolRun | None
+
+
+def _prepare(loaded: LoadedModel, request: ChatRequest) -> _Prepared:
+    """Prompt ids and the grammars the answer and its tool calls must follow."""
     _check_prompt_size(loaded, request)
-    grammar = loaded.constraints.grammar(request.json_schema) if request.json_schema else None
-    return _encode_prompt(loaded, request), grammar
+    if request.thinking:
+        _check_thinking(loaded, request)
+    constraints, schema = loaded.constraints, request.json_schema
+    grammar = constraints.grammar(schema) if schema else None
+    tools = None
+    if request.tools is not None:
+        markers = constraints.marker_ids()
+        if markers is None:
+            raise InvalidRequestError(
+                "This checkpoint has no <tool_call> token, so the local model cannot call tools "
+                "with it; use a Qwen3 checkpoint or a cloud model.",
+                param="tools",
+            )
+        calls = constraints.tool_grammar(request.tools, schema) if request.tools.may_call else None
+        from_start = calls is not None and (request.tools.must_call or schema is not None)
+        tools = ToolRun(*markers, calls, from_start)
+        if from_start:
+            grammar = None  # the calls' grammar holds the answer's too
+    return _Prepared(_encode_prompt(loaded, request), grammar, tools)
+
+
+def _check_thinking(loaded: LoadedModel, request: ChatRequest) -> None:
+    """Thinking needs a hybrid checkpoint (its template reads ``enable_thinking``) and an answer
+    free to begin with a think block."""
+    if "enable_thinking" not in (loaded.tokenizer.chat_template or ""):
+        raise InvalidRequestError(
+            "'reasoning_effort' asks for thinking, and this checkpoint has no thinking mode "
+            "(Qwen3-4B-Instruct-2507 always answers directly). Leave it unset or 'none', use a "
+            "hybrid Qwen3 checkpoint (Qwen/Qwen3-4B), or a cloud model.",
+            param="reasoning_effort",
+        )
+    if request.json_schema or (request.tools and request.tools.must_call):
+        raise InvalidRequestError(
+            "'reasoning_effort' asks for thinking, but this answer is constrained from its first "
+            "token (response_format, or a required tool call), which leaves no room for it. "
+            "Leave reasoning_effort unset or 'none' for this request.",
+            param="reasoning_effort",
+        )
 
 
 def _encode_prompt(loaded: LoadedModel, request: ChatRequest) -> list[int]:
-    """The model's own chat template, Qwen3 in non-thinking mode."""
+    """The model's own chat template (tools as it lays them out), Qwen3 in non-thinking mode
+    unless the request asked for thinking (its think block never reaches the caller)."""
+    tools = request.tools.template_tools() if request.tools else None
     text = loaded.tokenizer.apply_chat_template(
-        request.messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        request.messages,
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=bool(request.thinking),
     )
     return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -262,7 +359,8 @@ def _model_response(model_response, model: str, job: Job, outcome: _Outcome):
         litellm.Choices(
             index=i,
             finish_reason=outcome.finishes[i].reason,
-            message=litellm.Message(role="assistant", content="".join(outcome.texts.get(i, []))),
+            message=outcome.message(i),
+            logprobs=None if job.logprobs is None else _logprobs(outcome.logprobs.get(i, [])),
         )
         for i in sorted(outcome.finishes)
     ]
@@ -273,24 +371,73 @@ def _model_response(model_response, model: str, job: Job, outcome: _Outcome):
     return response
 
 
-def _chunk(job: Job, event: Delta | Finish) -> GenericStreamingChunk:
-    if isinstance(event, Delta):
-        return GenericStreamingChunk(
-            text=event.text,
-            is_finished=False,
-            finish_reason="",
-            usage=None,
-            index=event.index,
-            tool_use=None,
+class _Chunks:
+    """One stream's chunks, in the two shapes LiteLLM passes on from a custom provider.
+
+    Text and tool calls go as ``ModelResponseStream`` (OpenAI's chunk, with one id and ``created``
+    for the whole stream): the only shape whose ``logprobs`` reach the caller, and whose
+    ``tool_calls`` keep their own ``index`` per call. The end goes as a ``GenericStreamingChunk``,
+    the shape whose ``finish_reason`` and ``usage`` LiteLLM puts on the stream's final chunk.
+    """
+
+    def __init__(self, model: str, job: Job):
+        self.job, self.model = job, model
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.started = False
+
+    def of(self, event: Delta | CallDelta | Finish):
+        if isinstance(event, Finish):
+            return GenericStreamingChunk(
+                text="",
+                is_finished=True,
+                finish_reason=event.reason,
+                index=event.index,
+                tool_use=None,
+                usage=_usage(self.job.prompt_tokens, event.completion_tokens),
+            )
+        delta: dict = {"role": None if self.started else "assistant"}
+        self.started = True
+        logprobs = None
+        if isinstance(event, CallDelta):
+            delta["tool_calls"] = [_call_piece(event)]
+        else:
+            delta["content"] = event.text
+            if self.job.logprobs is not None:
+                logprobs = _logprobs(event.logprobs)
+        choice = StreamingChoices(index=event.index, delta=delta, logprobs=logprobs)
+        return ModelResponseStream(
+            id=self.id, created=self.created, model=self.model, choices=[choice]
         )
-    return GenericStreamingChunk(
-        text="",
-        is_finished=True,
-        finish_reason=event.reason,
-        index=event.index,
-        tool_use=None,
-        usage=_usage(job.prompt_tokens, event.completion_tokens),
+
+
+def _call_piece(event: CallDelta) -> ChatCompletionDeltaToolCall:
+    """A tool call's piece as OpenAI streams it: id, type and name only on the first."""
+    function = {"arguments": event.arguments}
+    if event.name is not None:
+        function["name"] = event.name
+    first = event.id is not None
+    return ChatCompletionDeltaToolCall(
+        id=event.id, type="function" if first else None, function=function, index=event.call
     )
+
+
+def _logprobs(entries: list[TokenLogprob]) -> dict:
+    """OpenAI's ``choices[i].logprobs``."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [
+                    {"token": token, "logprob": logprob, "bytes": raw}
+                    for token, raw, logprob in e.top
+                ],
+            }
+            for e in entries
+        ]
+    }
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

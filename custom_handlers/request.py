@@ -14,9 +14,16 @@ from typing import Any
 
 from custom_handlers.errors import InvalidRequestError
 from custom_handlers.settings import LocalModelSettings
+from custom_handlers.tools import ToolSet, closed, parse_tools
 
 # "developer" is OpenAI's newer name for the system turn.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 MAX_STOP_STRINGS = 16
 MAX_SCHEMA_CHARS = 64 * 1024
 # Objects and arrays inside one another in a schema. A real schema needs a few dozen at most; the
@@ -26,17 +33,12 @@ JSON_OBJECT_SCHEMA = '{"type":"object"}'
 # Parameters that change the answer in ways the local model does not implement: refusing them is
 # better than silently answering as if they had not been sent.
 _UNSUPPORTED = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "functions": "function calling",
-    "function_call": "function calling",
-    "logprobs": "logprobs",
-    "top_logprobs": "logprobs",
+    "functions": "the legacy function calling: send 'tools' and 'tool_choice' instead",
+    "function_call": "the legacy function calling: send 'tools' and 'tool_choice' instead",
     "logit_bias": "logit_bias",
     "audio": "audio output",
     "modalities": "non-text modalities",
-    "reasoning_effort": "a thinking mode: Qwen3-4B-Instruct-2507 has none, it answers directly",
-    "thinking": "a thinking mode: Qwen3-4B-Instruct-2507 has none, it answers directly",
+    "thinking": "Anthropic's thinking switch: send 'reasoning_effort' instead",
     "verbosity": "OpenAI's answer-length setting; ask for the length in the prompt",
     "web_search_options": "web search",
     # LiteLLM's way to pass a parameter it would refuse: the model would then silently ignore it.
@@ -113,11 +115,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role, content; an assistant's tool_calls; a tool's result
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     json_schema: str | None = None  # canonical JSON of the schema the answer must follow
     keep_alive: float | None = None  # seconds to keep the model loaded after this request
+    tools: ToolSet | None = None  # functions the model may call, and how it may
+    logprobs: int | None = None  # None: no logprobs; else the number of alternatives per token
+    thinking: bool | None = None  # Qwen3's thinking switch (reasoning_effort); None: not asked
+
+    @property
+    def chars(self) -> int:
+        """Characters of text in the messages (what bounds the prompt's tokens)."""
+        return sum(
+            len(m["content"])
+            + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+            for m in self.messages
+        )
 
 
 def parse_chat_request(
@@ -144,7 +158,61 @@ def parse_chat_request(
     # stream_options.include_usage is LiteLLM's business: the final chunk always carries usage.
     json_schema = _json_schema(params.get("response_format"))
     keep_alive = _keep_alive(params.get("keep_alive"))
-    return ChatRequest(_messages(messages), sampling, stream, json_schema, keep_alive)
+    tools = parse_tools(params, checked_schema)
+    return ChatRequest(
+        _messages(messages),
+        sampling,
+        stream,
+        json_schema,
+        keep_alive,
+        tools,
+        _logprobs(params),
+        thinking(params),
+    )
+
+
+# OpenAI's reasoning_effort values; "none" and "minimal" mean no thinking on Qwen3.
+REASONING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
+def thinking(params: Mapping[str, Any]) -> bool | None:
+    """Qwen3's thinking switch from ``reasoning_effort`` (or Qwen's own ``enable_thinking``)."""
+    effort, switch = params.get("reasoning_effort"), params.get("enable_thinking")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise InvalidRequestError(
+                f"'reasoning_effort' must be one of {', '.join(map(repr, REASONING_EFFORTS))}, "
+                f"got {effort!r}.",
+                param="reasoning_effort",
+            )
+        return REASONING_EFFORTS[effort]
+    if switch is not None and not isinstance(switch, bool):
+        raise InvalidRequestError(
+            f"'enable_thinking' must be true or false, got {switch!r}.", param="enable_thinking"
+        )
+    return switch
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _logprobs(params: Mapping[str, Any]) -> int | None:
+    """OpenAI's chat ``logprobs`` (true/false) and ``top_logprobs`` (0 to 20, needs logprobs)."""
+    asked = params.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise InvalidRequestError(
+            f"'logprobs' must be true or false, got {asked!r} (on /v1/completions the local "
+            "model has no logprobs: use /v1/chat/completions for them).",
+            param="logprobs",
+        )
+    top = _integer(params, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not asked:
+        raise InvalidRequestError(
+            "'top_logprobs' needs 'logprobs': true (on /v1/responses the local model has no "
+            "logprobs: use /v1/chat/completions for them).",
+            param="top_logprobs",
+        )
+    return (top or 0) if asked else None
 
 
 def _keep_alive(value: Any) -> float | None:
@@ -239,20 +307,33 @@ def _json_schema(response_format: Any) -> str | None:
             '{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}.',
             param="response_format",
         )
+    return checked_schema(
+        schema,
+        "response_format.json_schema.schema",
+        param="response_format",
+        strict=spec.get("strict") is True,
+    )
+
+
+def checked_schema(
+    schema: Mapping[str, Any], where: str, param: str | None = None, strict: bool = False
+) -> str:
+    """The schema, ``closed`` (``strict``: every object), as canonical JSON, once known to be a
+    JSON Schema of a size we accept."""
+    param = param or where
     if _nests_deeper(schema, MAX_SCHEMA_DEPTH):
         raise InvalidRequestError(
-            "response_format.json_schema.schema nests objects and arrays more than "
-            f"{MAX_SCHEMA_DEPTH} levels deep; flatten it (a $ref to a $defs entry is one level).",
-            param="response_format",
+            f"{where} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep; flatten "
+            "it (a $ref to a $defs entry is one level).",
+            param=param,
         )
+    schema = closed(schema, every_object=strict)
     text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidRequestError(
-            f"response_format.json_schema.schema is {len(text)} characters; the limit is "
-            f"{MAX_SCHEMA_CHARS}.",
-            param="response_format",
+            f"{where} is {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}.", param=param
         )
-    _check_schema(schema)
+    _check_schema(schema, where, param)
     return text
 
 
@@ -272,26 +353,23 @@ def _nests_deeper(value: Any, limit: int) -> bool:
     return True
 
 
-def _check_schema(schema: Mapping[str, Any]) -> None:
+def _check_schema(schema: Mapping[str, Any], where: str, param: str) -> None:
     from jsonschema import Draft202012Validator, SchemaError, validators
 
     try:
         validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
+        at = "/".join(str(p) for p in exc.path) or "(root)"
         raise InvalidRequestError(
-            f"response_format.json_schema.schema is not a valid JSON Schema at {where}: "
-            f"{exc.message}",
-            param="response_format",
+            f"{where} is not a valid JSON Schema at {at}: {exc.message}", param=param
         ) from exc
     except RecursionError as exc:  # the depth limit should prevent it; a 400 if it does not
         raise InvalidRequestError(
-            "response_format.json_schema.schema is too deeply nested to check; flatten it.",
-            param="response_format",
+            f"{where} is too deeply nested to check; flatten it.", param=param
         ) from exc
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
         raise InvalidRequestError(
             "'messages' must be a non-empty list of {role, content} objects.", param="messages"
@@ -299,7 +377,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
-def _message(i: int, message: Any) -> dict[str, str]:
+def _message(i: int, message: Any) -> dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(message, Mapping):
         raise InvalidRequestError(
@@ -309,14 +387,52 @@ def _message(i: int, message: Any) -> dict[str, str]:
     if role not in _ROLES:
         raise InvalidRequestError(
             f"{where}.role {role!r} is not supported by the local model; use one of "
-            "'system', 'developer', 'user', 'assistant'.",
+            "'system', 'developer', 'user', 'assistant', 'tool'.",
             param=f"{where}.role",
         )
-    if message.get("tool_calls") or message.get("function_call"):
+    if message.get("function_call"):
         raise InvalidRequestError(
-            f"{where} carries tool calls, which the local model does not support.", param=where
+            f"{where} carries a legacy 'function_call'; send 'tool_calls' instead.", param=where
         )
-    return {"role": _ROLES[role], "content": _content(where, message.get("content"))}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    content = message.get("content")
+    if calls and content is None:  # an assistant turn that only calls tools
+        content = ""
+    out: dict[str, Any] = {"role": _ROLES[role], "content": _content(where, content)}
+    if calls:
+        out["tool_calls"] = _tool_calls(where, calls)
+    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+        out["tool_call_id"] = message["tool_call_id"]
+    return out
+
+
+def _tool_calls(where: str, calls: Any) -> list[dict[str, Any]]:
+    """An assistant turn's earlier calls, as the chat template reads them."""
+    if not isinstance(calls, Sequence) or isinstance(calls, str | bytes):
+        raise InvalidRequestError(f"{where}.tool_calls must be a list.", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        spec = call.get("function") if isinstance(call, Mapping) else None
+        name = spec.get("name") if isinstance(spec, Mapping) else None
+        arguments = spec.get("arguments", "{}") if isinstance(spec, Mapping) else None
+        if isinstance(arguments, Mapping):
+            arguments = json.dumps(arguments)
+        if not isinstance(name, str) or not name or not isinstance(arguments, str):
+            raise InvalidRequestError(
+                f"{where}.tool_calls[{j}] must be "
+                '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}.',
+                param=f"{where}.tool_calls",
+            )
+        call_id = call.get("id")
+        function = {"name": name, "arguments": arguments}
+        out.append(
+            {
+                "id": call_id if isinstance(call_id, str) else "",
+                "type": "function",
+                "function": function,
+            }
+        )
+    return out
 
 
 def _content(where: str, content: Any) -> str:

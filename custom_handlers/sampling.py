@@ -76,3 +76,20 @@ def _draw(logits, rows: list[RowSampling]):
     ).clamp_(min=torch.finfo(torch.float32).tiny)
     choice = (ordered - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
     return order.gather(1, choice).squeeze(1)
+
+
+def token_logprobs(distribution, tokens: list[int], top: list[int]) -> list[tuple]:
+    """Per row of ``distribution`` ([rows, vocab] log-probabilities): ``(token, its logprob,
+    [(alternative, logprob)] for the row's ``top`` most likely)``, on the CPU."""
+    import torch
+
+    index = torch.tensor(tokens, device=distribution.device).unsqueeze(1)
+    chosen = distribution.gather(1, index).squeeze(1).tolist()
+    k = max(top)
+    if k:
+        values, ids = distribution.topk(k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    return [
+        (token, lp, list(zip(ids[i][: top[i]], values[i][: top[i]], strict=True)) if k else [])
+        for i, (token, lp) in enumerate(zip(tokens, chosen, strict=True))
+    ]

@@ -245,9 +245,17 @@ BAD_REQUESTS = {
     "top_p above one": ({"top_p": 1.5}, "top_p"),
     "n zero": ({"n": 0}, "'n'"),
     "stop empty string": ({"stop": [""]}, "stop"),
-    "tools": (
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        "tools",
+    "tool of another type": ({"tools": [{"type": "web_search"}]}, "of type 'web_search'"),
+    "tool schema unenforceable": (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}},
+                }
+            ]
+        },
+        "tools[0].function.parameters",
     ),
     "context exceeded by max_tokens": ({"max_tokens": 5000}, "context_length_exceeded"),
     "megabytes of prompt": (
@@ -374,10 +382,9 @@ def test_every_route_answers_the_local_models_refusal_alike(gateway, route, body
 @pytest.mark.parametrize(
     "extra",
     [
-        {"reasoning_effort": "low"},
         {"verbosity": "low"},
         {"thinking": {"type": "enabled", "budget_tokens": 100}},
-        {"reasoning_effort": "low", "allowed_openai_params": ["reasoning_effort"]},
+        {"verbosity": "low", "allowed_openai_params": ["verbosity"]},
         {"allowed_openai_params": ["service_tier"]},
     ],
 )
@@ -388,6 +395,20 @@ def test_parameters_the_local_model_lacks_get_its_own_400_and_no_bypass(gateway,
     assert error["message"].startswith(f"'{error['param']}' is not supported by the local model")
     assert error["param"] in extra
     assert "drop_params" not in error["message"]  # never "change the server's settings"
+
+
+def test_reasoning_effort_is_qwen3s_thinking_switch(gateway):
+    # The tiny checkpoint's template reads enable_thinking, as a hybrid Qwen3's does.
+    for effort in ("none", "minimal", "low", "high"):
+        body = {"model": LOCAL, "messages": FOX, "max_tokens": 8, "reasoning_effort": effort}
+        r = gateway.chat(body)
+        assert r.status_code == 200, r.text
+        assert "<think>" not in r.json()["choices"][0]["message"]["content"]
+    bad = gateway.chat({"model": LOCAL, "messages": FOX, "reasoning_effort": "extreme"})
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "reasoning_effort")
+    constrained = {"response_format": {"type": "json_object"}, "reasoning_effort": "low"}
+    r = gateway.chat({"model": LOCAL, "messages": FOX, **constrained})
+    assert r.status_code == 400 and "constrained from its first token" in r.text
 
 
 def test_a_cloud_model_still_takes_allowed_openai_params(gateway):

@@ -10,6 +10,7 @@ from custom_handlers.errors import InvalidRequestError
 from custom_handlers.request import MAX_SCHEMA_DEPTH, parse_chat_request
 
 USER = [{"role": "user", "content": "a fox"}]
+BIG = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}
 
 
 def parse(messages=USER, stream=False, **params):
@@ -64,10 +65,12 @@ def test_text_parts_are_joined_and_developer_is_a_system_turn():
     [
         ([], {}, "non-empty list"),
         ("hello", {}, "non-empty list"),
-        ([{"role": "tool", "content": "x"}], {}, "messages[0].role"),
+        ([{"role": "function", "content": "x"}], {}, "messages[0].role"),
+        ([{"role": "tool"}], {}, "messages[0].content"),
         ([{"role": "user"}], {}, "messages[0].content"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], {}, "only text"),
-        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], {}, "tool calls"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], {}, "tool_calls[0]"),
+        ([{"role": "assistant", "content": "", "function_call": {"name": "f"}}], {}, "legacy"),
         (USER, {"max_tokens": 0}, "'max_tokens' must be at least 1"),
         (USER, {"max_tokens": 2.5}, "'max_tokens' must be an integer"),
         (USER, {"max_tokens": True}, "'max_tokens' must be an integer"),
@@ -82,8 +85,53 @@ def test_text_parts_are_joined_and_developer_is_a_system_turn():
         (USER, {"stop": ""}, "'stop'"),
         (USER, {"stop": ["ok", 3]}, "'stop'"),
         (USER, {"stop": [str(i) for i in range(17)]}, "at most 16"),
-        (USER, {"tools": [{"type": "function"}]}, "'tools' is not supported"),
-        (USER, {"logprobs": True}, "'logprobs' is not supported"),
+        (USER, {"tools": [{"type": "function"}]}, "tools[0].function must be an object"),
+        (USER, {"tools": [{"type": "web_search"}]}, "of type 'web_search'"),
+        (USER, {"tools": [{"function": {"name": "a b"}}]}, "tools[0].function.name"),
+        (
+            USER,
+            {"tools": [{"function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "type 'object'",
+        ),
+        (USER, {"tools": [{"function": {"name": "f"}}] * 2}, "'f' twice"),
+        (USER, {"tools": [{"function": {"name": f"f{i}"}} for i in range(129)]}, "limit is 128"),
+        (
+            USER,
+            {"tools": [{"function": {"name": f"f{i}", "parameters": BIG}} for i in range(6)]},
+            "add up to",
+        ),
+        (
+            USER,
+            {
+                "tools": [
+                    {"function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}
+                ]
+            },
+            "tools[0].function.parameters is not a valid JSON Schema",
+        ),
+        (USER, {"tool_choice": "required"}, "offers no 'tools'"),
+        (
+            USER,
+            {"tools": [{"function": {"name": "f"}}], "tool_choice": "maybe"},
+            "'tool_choice' must be",
+        ),
+        (
+            USER,
+            {
+                "tools": [{"function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "names the function 'g'",
+        ),
+        (
+            USER,
+            {"tools": [{"function": {"name": "f"}}], "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+        ),
+        (USER, {"functions": [{"name": "f"}]}, "send 'tools'"),
+        (USER, {"logprobs": 2}, "'logprobs' must be true or false"),
+        (USER, {"top_logprobs": 2}, "needs 'logprobs': true"),
+        (USER, {"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
         (USER, {"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
     ],
 )
@@ -108,7 +156,8 @@ def test_response_format_json_schema_becomes_a_canonical_schema():
     request = parse(
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     )
-    assert request.json_schema == json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    closed = {**schema, "additionalProperties": False}  # no keys beyond those it lists
+    assert request.json_schema == json.dumps(closed, sort_keys=True, separators=(",", ":"))
 
 
 def test_response_format_json_object_and_text():
@@ -241,3 +290,87 @@ def test_nan_is_refused(name):
     with pytest.raises(InvalidRequestError) as info:
         parse(**{name: float("nan")})
     assert info.value.param == name
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "where": {"type": "object", "properties": {}}},
+    "required": ["city"],
+}
+
+
+def test_tools_are_read_with_their_choice():
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": WEATHER}},
+        {"type": "function", "function": {"name": "now", "description": "the time"}},
+    ]
+    request = parse(tools=tools)
+    assert (request.tools.choice, request.tools.forced, request.tools.parallel) == (
+        "auto",
+        None,
+        True,
+    )
+    assert [f.name for f in request.tools.callable] == ["weather", "now"]
+    assert json.loads(request.tools.functions[1].parameters) == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
+    named = {"type": "function", "function": {"name": "now"}}
+    forced = parse(tools=tools, tool_choice=named, parallel_tool_calls=False).tools
+    assert (forced.must_call, forced.forced, forced.parallel) == (True, "now", False)
+    assert [f.name for f in forced.callable] == ["now"]
+    assert parse(tools=tools, tool_choice="none").tools.may_call is False
+    assert parse(tools=tools, tool_choice="required").tools.must_call is True
+
+
+def test_objects_get_no_keys_their_schema_does_not_name():
+    free = {"type": "object"}
+    loose = {**WEATHER, "properties": {**WEATHER["properties"], "free": free}}
+    open_ = {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}}
+
+    def parameters(strict):
+        tools = [{"function": {"name": "w", "parameters": loose, "strict": strict}}]
+        return json.loads(parse(tools=tools).tools.functions[0].parameters)
+
+    default = parameters(strict=False)  # objects that list their properties are closed
+    assert default["additionalProperties"] is False
+    assert default["properties"]["where"]["additionalProperties"] is False
+    assert default["properties"]["free"] == free  # lists none: any object, as JSON Schema says
+    strict = parameters(strict=True)  # every object is closed, as OpenAI's strict mode requires
+    assert strict["properties"]["free"] == {**free, "additionalProperties": False}
+    tools = [{"function": {"name": "w", "parameters": open_}}]
+    said = json.loads(parse(tools=tools).tools.functions[0].parameters)
+    assert said == open_  # what a schema says of other keys is kept
+
+
+def test_a_tool_conversation_is_kept_for_the_chat_template():
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+    ]
+    assert parse(messages).messages[1:] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
