@@ -9,6 +9,8 @@ import pytest
 
 from tests.servers import ROOT, FakeOpenAI, Gateway
 
+pytest_plugins = ["tests.compat_matrix"]
+
 # LiteLLM fetches its price map from the network at import unless told not to (no network here).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -171,19 +173,34 @@ def _clean_environ() -> dict[str, str]:
 
 
 class FakeOpenAI:
-    """A small OpenAI-compatible chat server on loopback standing in for a cloud provider.
+    """A small OpenAI-compatible server on loopback standing in for a cloud provider.
 
-    It answers ``echo: <last user message>`` (streamed when asked) and records each request with
-    its Authorization header, so tests can see what the gateway forwarded.
+    Each request is recorded with its Authorization header in ``requests``, so tests can see what
+    the gateway forwarded. Chat completions (``/v1/chat/completions``) answer ``echo: <last
+    message's content>``: streamed when asked (OpenAI's chunks, then a ``usage`` chunk with
+    ``stream_options.include_usage``), with a ``logprobs`` entry per word when ``logprobs`` is true.
 
-    A request with a ``json_schema`` ``response_format`` gets JSON that fits the schema (distinct
-    strings ``fake value 1``, ``fake value 2``, ...; arrays of ``minItems`` items). For the
-    client's error tests, a key in ``invalid_keys`` gets OpenAI's 401 "Incorrect API key", and a
-    trigger word anywhere in the messages picks another answer:
+    - ``tools`` (with a ``tool_choice`` other than ``"none"``; ``"auto"`` calls too, so tests are
+      deterministic) get one call ``call_fake_1`` of the named function, else of the first one,
+      unless the conversation already ends with a ``tool`` message: that one is echoed instead, so
+      tool round trips end.
+    - A ``json_schema`` ``response_format`` gets JSON that fits the schema, as do the arguments of
+      a call (see ``_FakeJSON``: distinct strings ``fake value 1``, ``fake value 2``, ...; arrays of
+      ``minItems`` items; ``enum``, ``anyOf``, ``$ref``, bounds and formats honoured).
+
+    ``/v1/responses`` is OpenAI's Responses API in the same way: ``echo: <last user text>`` (or
+    the output of a last ``function_call_output``), a ``function_call`` item for function
+    ``tools`` while the input has no ``function_call_output``, JSON for a ``json_schema``
+    ``text.format``, and OpenAI's typed events (``response.created`` ... ``response.completed``)
+    with ``stream``. Under ``/chat-only/`` (``chat_only_base_url``) it answers 404 instead, like
+    vLLM or llama.cpp's server, which have chat completions only. Other paths answer 404.
+
+    For the client's error tests, a key in ``invalid_keys`` gets OpenAI's 401 "Incorrect API key",
+    and a trigger word anywhere in the messages (or the Responses input) picks another answer:
 
     - ``[fake:429]``: 429 with ``Retry-After: <retry_after>``;
     - ``[fake:slow]``: waits ``slow_seconds`` before answering;
-    - ``[fake:lines]``: ignores ``response_format`` and answers numbered plain lines instead.
+    - ``[fake:lines]``: ignores the JSON schema and answers numbered plain lines instead.
 
     Any path under ``/outage/`` (an ``api_base`` of ``.../outage/v1``) answers 500: a provider down.
 
@@ -203,6 +220,11 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def chat_only_base_url(self) -> str:
+        """This server without ``/v1/responses``, like servers that have chat completions only."""
+        return f"http://127.0.0.1:{self.port}/chat-only/v1"
 
     def gateway_env(self, local_model: str, **more: str) -> dict[str, str]:
         """A gateway's environment: ``local_model`` as qwen3-4b, this server behind gpt-4o-mini."""
@@ -240,7 +262,8 @@ class FakeOpenAI:
                 )
                 if self.path.startswith("/outage/"):
                     return self._send(500, _SERVER_ERROR)
-                if not self.path.endswith("/chat/completions"):
+                answer = _endpoint(self.path)
+                if answer is None:
                     return self._send(404, {"error": {"message": "not found"}})
                 trigger = _trigger(body)
                 key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
@@ -251,13 +274,13 @@ class FakeOpenAI:
                 if trigger == "slow":
                     time.sleep(fake.slow_seconds)
                 try:
-                    text = _answer_text(body, trigger)
-                except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:
+                    reply = answer(body, trigger)
+                except _UNREADABLE as exc:
                     # What OpenAI does with a body it cannot read (the fuzz tests send many).
                     return self._send(400, _invalid_request(f"cannot read the request: {exc!r}"))
-                if body.get("stream"):
-                    return self._stream(body["model"], text)
-                self._send(200, _completion(body["model"], text))
+                if isinstance(reply, list):
+                    return self._stream(reply)
+                self._send(200, reply)
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -269,23 +292,15 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _stream(self, model: str, text: str) -> None:
+            def _stream(self, events: list[bytes]) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                words = text.split(" ")
-                for i, word in enumerate(words):
-                    delta = {"content": word + (" " if i < len(words) - 1 else "")}
-                    self._event(_chunk(model, delta, None))
-                self._event(_chunk(model, {}, "stop"))
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
+                for event in events:
+                    self.wfile.write(event)
+                    self.wfile.flush()
                 self.close_connection = True
-
-            def _event(self, payload: dict) -> None:
-                self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-                self.wfile.flush()
 
         return Handler
 
@@ -315,6 +330,8 @@ _RATE_LIMITED = {
         "code": "rate_limit_exceeded",
     }
 }
+# What reading a malformed body raises: the fake answers 400 for it.
+_UNREADABLE = (LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError)
 
 
 def _invalid_request(message: str) -> dict:
@@ -328,12 +345,53 @@ def _invalid_request(message: str) -> dict:
     }
 
 
-def _trigger(body: dict) -> str | None:
-    text = json.dumps(body.get("messages", []))
+def _endpoint(path: str):
+    """What answers a POST to ``path`` (a JSON payload, or a stream's events), or None: 404."""
+    if path.endswith("/chat/completions"):
+        return _chat
+    if path.endswith("/responses") and not path.startswith("/chat-only/"):
+        return _responses
+    return None
+
+
+def _trigger(body) -> str | None:
+    said = body.get("messages", body.get("input", [])) if isinstance(body, dict) else body
+    text = json.dumps(said)
     for word in ("429", "slow", "lines"):
         if f"[fake:{word}]" in text:
             return word
     return None
+
+
+def _sse(payload: dict, event: str | None = None) -> bytes:
+    """One server-sent event, named (the Responses API) or not (chat completions)."""
+    name = f"event: {event}\n" if event else ""
+    return f"{name}data: {json.dumps(payload)}\n\n".encode()
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut after each space, as a stream sends it word by word."""
+    words = text.split(" ")
+    return [piece for piece in [w + " " for w in words[:-1]] + words[-1:] if piece]
+
+
+def _thirds(text: str) -> list[str]:
+    """``text`` in two or three pieces (one if it is a single character), as streamed arguments."""
+    size = max(1, -(-len(text) // 3))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# ---- chat completions ----------------------------------------------------------------------------
+
+
+def _chat(body: dict, trigger: str | None) -> dict | list[bytes]:
+    """The completion for a chat request, or its stream's events."""
+    call = _tool_call(body)
+    text = None if call else _answer_text(body, trigger)
+    top = _top_logprobs(body)
+    if body.get("stream"):
+        return _chat_stream(body, text, call, top)
+    return _completion(body["model"], text, call, top)
 
 
 def _answer_text(body: dict, trigger: str | None) -> str:
@@ -341,26 +399,427 @@ def _answer_text(body: dict, trigger: str | None) -> str:
     response_format = body.get("response_format") or {}
     if response_format.get("type") != "json_schema":
         return "echo: " + str(body["messages"][-1]["content"])
-    counter = iter(range(1, 10_000))
-    value = _fake_json(response_format["json_schema"].get("schema", {}), counter)
+    return _schema_answer(response_format["json_schema"].get("schema", {}), trigger)
+
+
+def _schema_answer(schema: dict, trigger: str | None) -> str:
+    value = _fake_json(schema)
     if trigger == "lines":
         lines = (f"{i}. {v}" for i, v in enumerate(_strings_in(value), 1))
         return "Here are the values:\n" + "\n".join(lines)
     return json.dumps(value)
 
 
-def _fake_json(schema: dict, counter):
-    kind = schema.get("type")
-    if kind == "object":
-        return {k: _fake_json(v, counter) for k, v in schema.get("properties", {}).items()}
-    if kind == "array":
-        count = min(schema.get("minItems", schema.get("maxItems", 3)), 1000)
-        return [_fake_json(schema.get("items", {}), counter) for _ in range(count)]
-    if kind in ("integer", "number"):
-        return next(counter)
-    if kind == "boolean":
+def _tool_call(body: dict) -> dict | None:
+    """The call a chat request's ``tools`` and ``tool_choice`` ask for; None to answer in text."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
+    if not tools or choice == "none" or body["messages"][-1].get("role") == "tool":
+        return None
+    functions = [tool["function"] for tool in tools]
+    name = choice["function"]["name"] if isinstance(choice, dict) else functions[0]["name"]
+    function = {f["name"]: f for f in functions}[name]
+    arguments = _arguments(function)
+    return {
+        "id": "call_fake_1",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def _arguments(function: dict) -> str:
+    """Arguments that fit a function's ``parameters`` (a chat or a Responses function tool)."""
+    return json.dumps(_fake_json(function.get("parameters") or {"type": "object"}))
+
+
+def _top_logprobs(body: dict) -> int | None:
+    """How many ``top_logprobs`` each token gets (0 to 20), or None: no ``logprobs`` asked."""
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    return top if isinstance(top, int) and 0 <= top <= 20 else 0
+
+
+def _logprobs(pieces: list[str], top: int | None) -> dict | None:
+    """A choice's ``logprobs``: one entry per piece of the answer, each ``top`` alternatives."""
+    if top is None:
+        return None
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def entry(piece: str) -> dict:
+        others = [token(f"alt{i}", -1.0 - i) for i in range(1, top)]
+        return {**token(piece, -0.5), "top_logprobs": [token(piece, -0.5), *others][:top]}
+
+    return {"content": [entry(piece) for piece in pieces]}
+
+
+def _usage(text: str) -> dict:
+    words = len(text.split())
+    return {"prompt_tokens": 5, "completion_tokens": words, "total_tokens": 5 + words}
+
+
+def _completion(model: str, text: str | None, call: dict | None, top: int | None) -> dict:
+    if call:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    else:
+        message = {"role": "assistant", "content": text}
+    choice = {
+        "index": 0,
+        "finish_reason": "tool_calls" if call else "stop",
+        "message": message,
+        "logprobs": _logprobs([] if call else _pieces(text), top),
+    }
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(call["function"]["arguments"] if call else text),
+    }
+
+
+def _chat_stream(body: dict, text: str | None, call: dict | None, top: int | None) -> list[bytes]:
+    """OpenAI's chunks: the role, the text word by word (or the call), the finish, the usage."""
+    model = body["model"]
+    if call:
+        chunks = _call_chunks(model, call)
+    else:
+        chunks = [_chunk(model, {"role": "assistant", "content": ""}, None)]
+        chunks += [
+            _chunk(model, {"content": piece}, None, _logprobs([piece], top))
+            for piece in _pieces(text)
+        ]
+    chunks.append(_chunk(model, {}, "tool_calls" if call else "stop"))
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        usage = _usage(call["function"]["arguments"] if call else text)
+        chunks.append({**_chunk(model, {}, None), "choices": [], "usage": usage})
+    return [_sse(chunk) for chunk in chunks] + [b"data: [DONE]\n\n"]
+
+
+def _call_chunks(model: str, call: dict) -> list[dict]:
+    """A streamed tool call: its id and name first, then its arguments in a few pieces."""
+    function = {"name": call["function"]["name"], "arguments": ""}
+    head = {"index": 0, "id": call["id"], "type": "function", "function": function}
+    chunks = [_chunk(model, {"role": "assistant", "tool_calls": [head]}, None)]
+    for piece in _thirds(call["function"]["arguments"]):
+        delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+        chunks.append(_chunk(model, delta, None))
+    return chunks
+
+
+def _chunk(
+    model: str, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
+
+
+# ---- the Responses API ---------------------------------------------------------------------------
+
+
+def _responses(body: dict, trigger: str | None) -> dict | list[bytes]:
+    """The response to a Responses API request, or its stream's events."""
+    items = _input_items(body.get("input", ""))
+    item = _function_call(body, items) or _message(_responses_text(body, items, trigger))
+    if body.get("stream"):
+        return _response_events(body, item)
+    return _response(body, [item], "completed")
+
+
+def _input_items(value) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return value
+    raise TypeError("input must be a string or a list of items")
+
+
+def _text_of(content) -> str:
+    """A message's text: its string, or its text parts (``input_text``, ...) joined."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def _responses_text(body: dict, items: list[dict], trigger: str | None) -> str:
+    """The echo of the last user text or tool output; JSON for a ``json_schema`` format."""
+    text_format = (body.get("text") or {}).get("format") or {}
+    if text_format.get("type") == "json_schema":
+        return _schema_answer(text_format.get("schema", {}), trigger)
+    for item in reversed(items):
+        if item.get("type") == "function_call_output":
+            return "echo: " + _text_of(item.get("output", ""))
+        if item.get("role") == "user":
+            return "echo: " + _text_of(item.get("content", ""))
+    return "echo: "
+
+
+def _function_call(body: dict, items: list[dict]) -> dict | None:
+    """The ``function_call`` item the request's function ``tools`` ask for, or None."""
+    tools = [tool for tool in body.get("tools") or [] if tool.get("type") == "function"]
+    choice = body.get("tool_choice", "auto")
+    answered = any(item.get("type") == "function_call_output" for item in items)
+    if not tools or choice == "none" or answered:
+        return None
+    named = choice.get("name") if isinstance(choice, dict) else None
+    tool = {tool["name"]: tool for tool in tools}[named or tools[0]["name"]]
+    return {
+        "type": "function_call",
+        "id": "fc_fake_1",
+        "call_id": "call_fake_1",
+        "name": tool["name"],
+        "arguments": _arguments(tool),
+        "status": "completed",
+    }
+
+
+def _message(text: str) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "type": "message",
+        "id": "msg_fake",
+        "status": "completed",
+        "role": "assistant",
+        "content": [part],
+    }
+
+
+def _item_text(item: dict) -> str:
+    return item["arguments"] if item["type"] == "function_call" else item["content"][0]["text"]
+
+
+def _response(body: dict, output: list[dict], status: str) -> dict:
+    """A ``Response`` object as the ``openai`` SDK's type requires it."""
+    now = int(time.time())
+    words = sum(len(_item_text(item).split()) for item in output)
+    usage = {
+        "input_tokens": 5,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": words,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 5 + words,
+    }
+    done = status == "completed"
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": now,
+        "completed_at": now if done else None,
+        "status": status,
+        "model": body["model"],
+        "output": output,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "metadata": body.get("metadata") or {},
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "temperature": body.get("temperature", 1.0),
+        "top_p": body.get("top_p", 1.0),
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "max_output_tokens": body.get("max_output_tokens"),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "truncation": "disabled",
+        "usage": usage if done else None,
+    }
+
+
+def _response_events(body: dict, item: dict) -> list[bytes]:
+    """OpenAI's stream for one output item, each event with its ``sequence_number``."""
+    started = _response(body, [], "in_progress")
+    emptied = {"content": []} if item["type"] == "message" else {"arguments": ""}
+    emptied["status"] = "in_progress"
+    events = [
+        ("response.created", {"response": started}),
+        ("response.in_progress", {"response": started}),
+        ("response.output_item.added", {"output_index": 0, "item": {**item, **emptied}}),
+        *(_text_events(item) if item["type"] == "message" else _arguments_events(item)),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": _response(body, [item], "completed")}),
+    ]
+    return [
+        _sse({"type": name, "sequence_number": number, **data}, name)
+        for number, (name, data) in enumerate(events)
+    ]
+
+
+def _text_events(item: dict) -> list[tuple[str, dict]]:
+    part = item["content"][0]
+    where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    deltas = [
+        ("response.output_text.delta", {**where, "delta": piece, "logprobs": []})
+        for piece in _pieces(part["text"])
+    ]
+    return [
+        ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+        *deltas,
+        ("response.output_text.done", {**where, "text": part["text"], "logprobs": []}),
+        ("response.content_part.done", {**where, "part": part}),
+    ]
+
+
+def _arguments_events(item: dict) -> list[tuple[str, dict]]:
+    where = {"item_id": item["id"], "output_index": 0}
+    deltas = [
+        ("response.function_call_arguments.delta", {**where, "delta": piece})
+        for piece in _thirds(item["arguments"])
+    ]
+    done = ("response.function_call_arguments.done", {**where, "arguments": item["arguments"]})
+    return [*deltas, done]
+
+
+# ---- JSON that fits a schema ---------------------------------------------------------------------
+
+
+_FORMATS = {  # a string for each `format` _FakeJSON knows
+    "date-time": "2026-01-01T00:00:00Z",
+    "date": "2026-01-01",
+    "time": "00:00:00Z",
+    "duration": "PT1H",
+    "email": "fake@example.com",
+    "uri": "https://example.com/fake",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "ipv4": "127.0.0.1",
+    "ipv6": "::1",
+    "hostname": "example.com",
+}
+
+
+def _fake_json(schema: dict):
+    """A value that validates against ``schema`` (see ``_FakeJSON``)."""
+    return _FakeJSON(schema).value(schema)
+
+
+class _FakeJSON:
+    """Values that fit a JSON schema as pydantic (``model_json_schema``) and the SDK write them.
+
+    Strings are distinct (``fake value 1``, ``fake value 2``, ...; padded with ``x`` or cut to
+    ``minLength`` / ``maxLength``; a fixed value for a known ``format``), numbers count up too
+    (moved within ``minimum`` / ``maximum`` when outside), arrays have ``minItems`` (else
+    ``maxItems``, else 3) items, objects all their properties and any other ``required`` name.
+    ``const`` and ``enum`` give their (first) value, ``anyOf`` / ``oneOf`` their first branch that
+    is not null, a ``type`` list its first type that is not null; ``$ref`` is followed from the
+    root schema (``$defs``, ``definitions``), ``allOf`` merged. Deeper than ``DEEP``, nullable
+    values are null, optional properties left out and arrays ``minItems`` long, so recursive
+    models end. Not honoured: ``pattern``, ``multipleOf``, ``not``.
+    """
+
+    DEEP = 8
+    TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+
+    def __init__(self, root: dict) -> None:
+        self.root = root if isinstance(root, dict) else {}
+        self.numbers = itertools.count(1)
+        self.depth = 0
+
+    def value(self, schema):
+        schema = self._resolve(schema)
+        if "const" in schema:
+            return schema["const"]
+        if schema.get("enum"):
+            return schema["enum"][0]
+        if branches := schema.get("anyOf") or schema.get("oneOf"):
+            rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+            return self.value({**rest, **self._resolve(self._branch(branches))})
+        self.depth += 1
+        try:
+            return getattr(self, "_" + self._type(schema))(schema)
+        finally:
+            self.depth -= 1
+
+    def _resolve(self, schema) -> dict:
+        """``schema`` with its ``$ref`` followed and its ``allOf`` merged in."""
+        if not isinstance(schema, dict):
+            return {}  # `true`, or junk
+        if "$ref" in schema:
+            rest = {k: v for k, v in schema.items() if k != "$ref"}
+            return self._resolve({**self._target(schema["$ref"]), **rest})
+        if "allOf" in schema:
+            merged = {}
+            for part in schema["allOf"]:
+                merged.update(self._resolve(part))
+            return {**merged, **{k: v for k, v in schema.items() if k != "allOf"}}
+        return schema
+
+    def _target(self, ref: str) -> dict:
+        node = self.root
+        for key in ref.removeprefix("#").split("/")[1:]:
+            node = node[key.replace("~1", "/").replace("~0", "~")]
+        return node
+
+    def _branch(self, branches: list):
+        nulls = [b for b in branches if isinstance(b, dict) and b.get("type") == "null"]
+        others = [b for b in branches if b not in nulls]
+        if others and not (nulls and self.depth > self.DEEP):
+            return others[0]
+        return nulls[0]
+
+    def _type(self, schema: dict) -> str:
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind in self.TYPES:
+            return kind
+        if "properties" in schema:
+            return "object"
+        return "array" if "items" in schema or "prefixItems" in schema else "string"
+
+    def _object(self, schema: dict) -> dict:
+        required = schema.get("required", [])
+        properties = schema.get("properties") or {}
+        if self.depth > self.DEEP:
+            properties = {k: v for k, v in properties.items() if k in required}
+        value = {k: self.value(v) for k, v in properties.items()}
+        value.update({k: self.value({}) for k in required if k not in value})
+        return value
+
+    def _array(self, schema: dict) -> list:
+        prefix = [self.value(item) for item in schema.get("prefixItems", [])]
+        shallow = not prefix and self.depth <= self.DEEP
+        count = min(schema.get("minItems", schema.get("maxItems", 3) if shallow else 0), 1000)
+        items = prefix + [self.value(schema.get("items", {})) for _ in range(count - len(prefix))]
+        if schema.get("uniqueItems"):
+            items = [v for i, v in enumerate(items) if v not in items[:i]]
+        return items
+
+    def _string(self, schema: dict) -> str:
+        if schema.get("format") in _FORMATS:
+            return _FORMATS[schema["format"]]
+        text = f"fake value {next(self.numbers)}".ljust(schema.get("minLength", 0), "x")
+        return text[: schema.get("maxLength", len(text))]
+
+    def _integer(self, schema: dict) -> int:
+        return self._number(schema, integer=True)
+
+    def _number(self, schema: dict, integer: bool = False) -> int | float:
+        value = next(self.numbers)
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -math.inf))
+        high = schema.get("maximum", schema.get("exclusiveMaximum", math.inf))
+        if low < value < high or value in (schema.get("minimum"), schema.get("maximum")):
+            return value
+        if math.isinf(low) or math.isinf(high):
+            value = low + 1 if math.isfinite(low) else high - 1
+        else:
+            value = (low + high) / 2
+        return math.ceil(value) if integer else value
+
+    def _boolean(self, schema: dict) -> bool:
         return True
-    return f"fake value {next(counter)}"
+
+    def _null(self, schema: dict) -> None:
+        return None
 
 
 def _strings_in(value) -> list[str]:
@@ -368,30 +827,3 @@ def _strings_in(value) -> list[str]:
         return [value]
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
     return [s for item in items for s in _strings_in(item)]
-
-
-def _completion(model: str, text: str) -> dict:
-    return {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-        ],
-        "usage": {
-            "prompt_tokens": 5,
-            "completion_tokens": len(text.split()),
-            "total_tokens": 5 + len(text.split()),
-        },
-    }
-
-
-def _chunk(model: str, delta: dict, finish_reason: str | None) -> dict:
-    return {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }

@@ -36,7 +36,9 @@ def cooldown_gateway(fake_openai, tiny_model_dir, tmp_path_factory):
         )
     path = work / "proxy_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = fake_openai.gateway_env(str(tiny_model_dir))
+    # Chat completions only, like vLLM's server: its /v1/responses is a 404.
+    chat_only = fake_openai.chat_only_base_url
+    env = fake_openai.gateway_env(str(tiny_model_dir), OPENAI_BASE_URL=chat_only)
     gw = Gateway(env=env, workdir=work, config=path).start()
     yield gw
     gw.stop()

@@ -4,7 +4,7 @@ The README's "Add a model" section points vLLM, llama.cpp's server and other Ope
 servers at ``openai/<id>`` with an ``api_base``. For such a model LiteLLM calls the server's own
 ``/v1/responses``, which those servers lack (404); ``use_chat_completions_api: true`` in the entry's
 ``litellm_params`` makes LiteLLM answer Responses requests through the server's chat completions.
-The fake upstream here has chat completions only, like those servers.
+The fake upstream's ``chat_only_base_url`` has chat completions only, like those servers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def bridge_gateway(fake_openai, tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("responses-bridge")
     config = yaml.safe_load(CONFIG.read_text())
     for name, bridged in (("chat-only", False), ("chat-only-bridged", True)):
-        params = {"model": "openai/my-model", "api_base": fake_openai.base_url}
+        params = {"model": "openai/my-model", "api_base": fake_openai.chat_only_base_url}
         if bridged:
             params["use_chat_completions_api"] = True
         config["model_list"].append({"model_name": name, "litellm_params": params})
