@@ -13,7 +13,8 @@ there) it measures:
 - aggregate tokens/s at 1, 8 and 16 concurrent requests, and the time to first token (TTFT) of
   1, 8 and 16 requests arriving together;
 - 8 concurrent JSON-constrained requests (an array that cannot end, so each runs its full length);
-- the TTFT of a ~2,000-token prompt, cold and then again (what prefix reuse would cut);
+- the TTFT of a ~2,000-token prompt, cold and then again (prefix reuse: the second prefills one
+  token);
 - ``transformers`` ``generate`` on the same weights, one stream: the in-process floor;
 - device memory before load, after load, at peak, and after the model is released.
 
@@ -149,7 +150,8 @@ def measure_variant(
         model=str(path), device=name, dtype=dtype, quantization=quantization, keep_alive=-1
     )
     holder = ModelHolder(lambda: settings)
-    engine = Engine(holder, max_rows=32, max_queue=128, keep_alive=-1)
+    prefix_bytes = int(settings.prefix_cache_mb * 2**20)  # the gateway's default: reuse on
+    engine = Engine(holder, 32, 128, keep_alive=-1, prefix_cache_bytes=prefix_bytes)
     device.reset_peak()
     before = device.used()
     started = time.perf_counter()

@@ -36,6 +36,7 @@ from custom_handlers.constraints import JsonMatcher, mask_logits
 from custom_handlers.errors import LocalLLMError, ModelUnavailableError, OverloadedError
 from custom_handlers.kvbatch import KVBatch
 from custom_handlers.loader import LoadedModel, ModelHolder
+from custom_handlers.prefix import PrefixCache, start_cache
 from custom_handlers.request import SamplingParams
 from custom_handlers.sampling import RowSampling, row_sampling, sample, token_logprobs
 from custom_handlers.text import IncrementalDecoder, TextPipeline
@@ -265,9 +266,15 @@ class Engine:
     """Runs all jobs' rows as one continuously changing batch on a dedicated thread."""
 
     def __init__(
-        self, holder: ModelHolder, max_rows: int = 16, max_queue: int = 64, keep_alive: float = 300
+        self,
+        holder: ModelHolder,
+        max_rows: int = 16,
+        max_queue: int = 64,
+        keep_alive: float = 300,
+        prefix_cache_bytes: int = 0,
     ):
         self._holder = holder
+        self.prefix = PrefixCache(prefix_cache_bytes)
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.keep_alive = keep_alive
@@ -303,6 +310,7 @@ class Engine:
             "idle_seconds": None if busy else round(time.monotonic() - self._last_done, 3),
             "keep_alive_seconds": self.keep_alive,
             "unload_in_seconds": None if idle_left is None else round(idle_left, 3),
+            "prefix_cache": self.prefix.state(),
         }
 
     def release(self, on_done: Callable[[], None] | None = None) -> Release:
@@ -391,6 +399,7 @@ class Engine:
         self._unload_at = None
         released = False
         try:
+            self.prefix.clear()
             released = self._holder.unload()
         finally:
             marker.finish(released)
@@ -406,6 +415,7 @@ class Engine:
         except queue.Empty:
             if block:
                 self._unload_at = None
+                self.prefix.clear()
                 self._holder.unload()
             return None
 
@@ -428,9 +438,13 @@ class Engine:
 
         loaded = self._holder.get()
         model, n = loaded.model, job.sampling.n
-        cache = DynamicCache(config=model.config)
-        input_ids = torch.tensor([job.prompt_ids], device=model.device)
+        entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed for an earlier prompt
+        cache = (
+            start_cache(entry, reused, model.config) if entry else DynamicCache(config=model.config)
+        )
+        input_ids = torch.tensor([job.prompt_ids[reused:]], device=model.device)
         out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefix.add(job.prompt_ids, cache)
         logits = out.logits[:, -1].float()
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -601,6 +615,7 @@ class Engine:
         for job in {id(r.job): r.job for r in self._rows if not r.done}.values():
             _fail(job, error)
         self._rows, self._batch = [], KVBatch()
+        self.prefix.clear()
         self._holder.release_cached_memory()
 
 

@@ -86,6 +86,7 @@ class LocalLLM(CustomLLM):
             self.settings.max_batch_size,
             self.settings.max_queue,
             self.settings.keep_alive,
+            int(self.settings.prefix_cache_mb * 2**20),
         )
         self._load_lock: asyncio.Lock | None = None
 

@@ -1,12 +1,14 @@
 """Build a tiny random-weight Qwen3 checkpoint, offline, in a few seconds.
 
 The checkpoint has the real Qwen3 architecture (``Qwen3ForCausalLM``), a byte-level BPE tokenizer
-trained here with ``tokenizers``, Qwen3's ChatML special tokens and a ChatML chat template that
-honours ``enable_thinking`` the way Qwen3's does. Its weights are random, so it writes garbage: the
-tests use it to drive the real loading and generation code, never to judge the text's quality.
+trained here with ``tokenizers``, Qwen3's ChatML special tokens, its tool-call tokens and its
+chat template (tools, tool calls and results, and ``enable_thinking`` as the hybrid Qwen3s honour
+it). Its weights are random, so it writes garbage: the tests use it to drive the real loading and
+generation code, never to judge the text's quality.
 
-    uv run python scripts/build_tiny_qwen3.py OUT_DIR [--layers 2] [--context 2048]
+    uv run python scripts/build_tiny_qwen3.py OUT_DIR [--layers 2] [--context 2048] [--hidden 64]
 
+``--layers 12 --hidden 768`` gives a ~64M-parameter model for CPU benchmarks.
 With ``--qwen3-4b-shape`` it builds a model of Qwen3-4B's real sizes instead (for GPU benchmarks;
 about 8 GB in bf16), still with random weights and without any download.
 """
@@ -114,7 +116,7 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
-def _config_kwargs(layers: int, context: int, qwen3_4b_shape: bool) -> dict:
+def _config_kwargs(layers: int, context: int, qwen3_4b_shape: bool, hidden: int = 64) -> dict:
     if qwen3_4b_shape:  # Qwen/Qwen3-4B-Instruct-2507's config.json
         return dict(
             hidden_size=2560,
@@ -128,13 +130,14 @@ def _config_kwargs(layers: int, context: int, qwen3_4b_shape: bool) -> dict:
             tie_word_embeddings=True,
             vocab_size=151936,
         )
+    heads = max(4, hidden // 64)  # heads of 16 (tiny) to 64 dimensions, 2 queries per KV head
     return dict(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden if hidden == 64 else 3 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
         max_position_embeddings=context,
         tie_word_embeddings=True,
     )
@@ -148,6 +151,7 @@ def build(
     seed: int = 0,
     qwen3_4b_shape: bool = False,
     dtype: str = "float32",
+    hidden: int = 64,
 ) -> Path:
     """Write the checkpoint to ``out_dir`` and return its path."""
     import torch
@@ -156,7 +160,7 @@ def build(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    kwargs = _config_kwargs(layers, context, qwen3_4b_shape)
+    kwargs = _config_kwargs(layers, context, qwen3_4b_shape, hidden)
     kwargs.setdefault("vocab_size", len(tokenizer))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen3Config(
@@ -187,6 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (768: a ~64M model)")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--qwen3-4b-shape", action="store_true")
@@ -198,6 +203,7 @@ def main() -> None:
         context=args.context,
         seed=args.seed,
         qwen3_4b_shape=args.qwen3_4b_shape,
+        hidden=args.hidden,
         dtype=args.dtype,
     )
     print(path)
