@@ -5,7 +5,9 @@
 A finalizer that sets a context variable while the collector runs can free the context's mapping
 under a ``ContextVar.set`` in progress (python/cpython#148891): that is how the gateway used to die
 with SIGSEGV. This probe appends one line to REPORT_FILE for every ``ContextVar.set`` or ``reset``
-made during a collection, with the Python frames that made it. It first checks itself on a
+made during a collection by the thread running it (the re-entry that corrupts; another thread that
+runs meanwhile, while a finalizer has released the GIL, sets its own context's variables safely),
+with the Python frames that made it. It first checks itself on a
 finalizer of its own and writes ``self-test ok`` when it saw that one, so an empty report means
 "none happened", not "the probe saw nothing".
 """
@@ -18,7 +20,7 @@ import sys
 import threading
 import traceback
 
-_in_collection = False
+_collecting: int | None = None  # the thread running a collection, if one runs
 
 
 def main() -> None:
@@ -26,11 +28,11 @@ def main() -> None:
     report = open(report_path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
 
     def on_collection(phase: str, info: dict) -> None:
-        global _in_collection
-        _in_collection = phase == "start"
+        global _collecting
+        _collecting = threading.get_ident() if phase == "start" else None
 
     def probe(frame, event: str, arg) -> None:
-        if not _in_collection or event != "c_call":
+        if event != "c_call" or _collecting is None or _collecting != threading.get_ident():
             return
         owner = getattr(arg, "__self__", None)
         if isinstance(owner, contextvars.ContextVar) and arg.__name__ in ("set", "reset"):
