@@ -16,9 +16,9 @@ import tempfile
 import time
 
 from bench._common import model_or_tiny, print_measures
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 
 ASK = [{"role": "user", "content": "list values"}]
 FIRST = {

@@ -37,10 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from custom_handlers.engine import Done, Engine, Failed, Finish, Job, SyncSink
-from custom_handlers.loader import LoadedModel, ModelHolder
-from custom_handlers.request import SamplingParams
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.engine import Done, Engine, Failed, Finish, Job, SyncSink
+from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.request import SamplingParams
+from custom_handlers.inference.settings import LocalModelSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

@@ -22,10 +22,10 @@ import yaml
 
 from bench._common import model_or_tiny, print_measures
 from bench.echo_handler import echo
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM, _encode_prompt
-from custom_handlers.request import parse_chat_request
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM, _encode_prompt
+from custom_handlers.inference.request import parse_chat_request
+from custom_handlers.inference.settings import LocalModelSettings
 from tests.servers import CONFIG, ROOT, Gateway
 
 ASK = [{"role": "user", "content": "a fox in a forest"}]

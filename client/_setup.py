@@ -30,7 +30,7 @@ from client._providers import (
     provider,
 )
 from client._setup_checks import check_local_folder, ollama_status, z_image_cache_note
-from custom_handlers.settings import DEFAULT_MODEL as DEFAULT_LOCAL_SOURCE
+from custom_handlers.inference.settings import DEFAULT_MODEL as DEFAULT_LOCAL_SOURCE
 
 ENV_FILE = Path(".env")
 LOCAL_ALIAS = "qwen3-4b"

@@ -1,19 +1,18 @@
-"""Z-Explorer's LiteLLM custom provider: a local Qwen3 served in-process.
+"""Z-Explorer's LiteLLM custom provider: a local Qwen3 served in-process, behind a hardened gateway.
 
-Layers, each in its own module (see docs/architecture.md):
+Two layers, each in its own folder (see docs/architecture.md); imports run one way, from the
+gateway to the inference stack, never back:
 
-- ``handler``  the file LiteLLM loads by path; it only re-exports the provider instance.
-- ``provider`` LiteLLM ``CustomLLM``: OpenAI request -> engine job -> OpenAI response. No tensors.
-- ``request``  validation of an OpenAI chat request into a ``ChatRequest`` (pure Python).
-- ``text``     incremental detokenization, think-block filtering and stop strings (pure Python).
-- ``engine``   the generation thread: queue, sampling, cancellation.
-- ``constraints`` JSON-schema constrained decoding (llguidance).
-- ``loader``   the one owner of the model, its tokenizer and device memory.
-- ``settings`` server-only settings from ``LOCAL_LLM_*`` environment variables.
-- ``auth``     the gateway's key check (401 for a missing or wrong key).
-- ``litellm_patches`` work-arounds for LiteLLM behaviour that hurts the gateway (the SIGSEGV).
-- ``serve``, ``supervisor``, ``journal`` ``z-explorer-gateway``: starts the proxy, restarts it if
-  it dies, and keeps its last requests where a crash cannot lose them.
+- ``handler``    the file LiteLLM loads by path: the provider instance, our routes and patches.
+- ``gateway/``   the gateway's own hardening around LiteLLM's proxy: the key check (``auth``), the
+  body limit, reader and type checks, the failure hook that gives errors their status
+  (``hooks``), the ``/local/*`` routes, the work-arounds for LiteLLM (``litellm_patches``) and
+  ``z-explorer-gateway`` (``serve``, ``supervisor``, ``journal``).
+- ``inference/`` the local model: the LiteLLM ``CustomLLM`` (``provider``, the one module here that
+  imports LiteLLM), request translation (``request``, ``tools``), and the stack that imports
+  neither LiteLLM nor FastAPI: ``engine`` (queue, batching, cancellation), ``kvbatch`` and
+  ``prefix`` (the KV cache), ``sampling``, ``constraints`` (llguidance), ``text``, ``loader``
+  (the one owner of the model and its memory), ``settings`` and ``errors``.
 
 Nothing here imports torch or transformers until the local model is first used.
 """

@@ -7,9 +7,9 @@ the work-arounds for LiteLLM behaviour that hurts this gateway (``litellm_patche
 of issue 11 first).
 """
 
-from custom_handlers import litellm_patches
-from custom_handlers.provider import local_llm
-from custom_handlers.routes import mount_on_proxy
+from custom_handlers.gateway import litellm_patches
+from custom_handlers.gateway.routes import mount_on_proxy
+from custom_handlers.inference.provider import local_llm
 
 litellm_patches.apply()
 mount_on_proxy(local_llm)

@@ -8,7 +8,7 @@ An object in a reference cycle whose ``__del__`` sets a context variable (as Lit
 start inside the allocation ``ContextVar.set`` makes while it copies the context's mapping; the
 finalizer's own ``set`` then replaces that mapping and frees it under the first one. No LiteLLM,
 no uvloop, no threads: a low collection threshold only makes it happen in the first iterations
-instead of after a few thousand requests. ``custom_handlers.litellm_patches`` is the fix.
+instead of after a few thousand requests. ``custom_handlers.gateway.litellm_patches`` is the fix.
 """
 
 from __future__ import annotations

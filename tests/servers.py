@@ -21,7 +21,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "proxy_config.yaml"
 MASTER_KEY = "sk-test-" + "0123456789abcdef" * 2
-CANCELLED = "Generation cancelled by the caller after "  # custom_handlers.engine's log line
+CANCELLED = (
+    "Generation cancelled by the caller after "  # custom_handlers.inference.engine's log line
+)
 FAKE_OPENAI_KEY = "sk-fake-upstream-key"  # what the gateway sends the fake upstream
 
 

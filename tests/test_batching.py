@@ -8,10 +8,10 @@ import time
 import httpx
 import pytest
 
-from custom_handlers.errors import OverloadedError
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.errors import OverloadedError
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 from tests.servers import Gateway
 
 LOCAL = "qwen3-4b"
@@ -201,7 +201,7 @@ def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, t
 
 
 def test_waiting_text_of_a_choice_is_sent_as_one_chunk():
-    from custom_handlers.engine import Delta, Done, Finish, coalesce
+    from custom_handlers.inference.engine import Delta, Done, Finish, coalesce
 
     events = [
         Delta(0, "a"),

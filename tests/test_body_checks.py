@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from custom_handlers.body_checks import (
+from custom_handlers.gateway.body_checks import (
     GATEWAY_ONLY,
     MAX_BODY_DEPTH,
     check_chat_types,
     check_gateway_only,
     check_json_values,
 )
-from custom_handlers.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError
 
 FOX = [{"role": "user", "content": "a fox"}]
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from custom_handlers.errors import InvalidRequestError
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM
-from custom_handlers.request import parse_chat_request
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.request import parse_chat_request
+from custom_handlers.inference.settings import LocalModelSettings
 
 FOX = [{"role": "user", "content": "a fox"}]
 

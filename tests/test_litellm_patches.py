@@ -1,4 +1,4 @@
-"""The work-arounds for LiteLLM defects (``custom_handlers.litellm_patches``), unit by unit.
+"""The work-arounds for LiteLLM defects (``custom_handlers.gateway.litellm_patches``), unit by unit.
 
 The gateway-level effects are tested where they show: the crash (tests/test_soak.py) and the
 start-up log (tests/test_gateway.py).
@@ -10,7 +10,7 @@ import logging
 
 from litellm._logging import verbose_proxy_logger
 
-from custom_handlers import litellm_patches
+from custom_handlers.gateway import litellm_patches
 
 
 def test_the_stream_wrapper_finalizer_is_removed_once_and_stays_removed():

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from custom_handlers.errors import ModelUnavailableError
-from custom_handlers.loader import ModelHolder, load_model
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.errors import ModelUnavailableError
+from custom_handlers.inference.loader import ModelHolder, load_model
+from custom_handlers.inference.settings import LocalModelSettings
 
 
 def settings(model, **kwargs) -> LocalModelSettings:

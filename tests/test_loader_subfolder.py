@@ -10,10 +10,10 @@ from pathlib import Path
 import litellm
 import pytest
 
-from custom_handlers.errors import ModelUnavailableError
-from custom_handlers.loader import ModelHolder, load_model
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.errors import ModelUnavailableError
+from custom_handlers.inference.loader import ModelHolder, load_model
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

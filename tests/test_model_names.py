@@ -10,15 +10,15 @@ import pytest
 import yaml
 from litellm import Router
 
-from custom_handlers.errors import InvalidRequestError
-from custom_handlers.hooks import check_model_name
+from custom_handlers.gateway.hooks import check_model_name
+from custom_handlers.inference.errors import InvalidRequestError
 from tests.servers import CONFIG
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _zlocal_provider():
     """Register the local provider as the proxy does from custom_provider_map (never called)."""
-    from custom_handlers.provider import local_llm
+    from custom_handlers.inference.provider import local_llm
 
     entry = {"provider": "zlocal", "custom_handler": local_llm}
     added = "zlocal" not in litellm.provider_list

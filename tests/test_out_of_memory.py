@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from custom_handlers.errors import ModelUnavailableError
+from custom_handlers.inference.errors import ModelUnavailableError
 from tests.test_keep_alive import FOX, handler
 
 

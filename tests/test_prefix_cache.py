@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from custom_handlers.loader import ModelHolder
-from custom_handlers.prefix import MIN_TOKENS, PrefixCache
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.prefix import MIN_TOKENS, PrefixCache
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 
 SYSTEM = " ".join(
     f"Rule {i}: describe the scene with a cinematic eye, soft light and one vivid detail."

@@ -7,9 +7,9 @@ import asyncio
 import litellm
 import pytest
 
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 
 FOX = [{"role": "user", "content": "a cute fox in a misty forest"}]
 

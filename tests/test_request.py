@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from custom_handlers.errors import InvalidRequestError
-from custom_handlers.request import MAX_SCHEMA_DEPTH, parse_chat_request
+from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.request import MAX_SCHEMA_DEPTH, parse_chat_request
 
 USER = [{"role": "user", "content": "a fox"}]
 BIG = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}

@@ -19,8 +19,8 @@ import pytest
 
 from client._config import load_settings
 from client._doctor import diagnose
-from custom_handlers import journal
-from custom_handlers.supervisor import RestartPolicy, describe_exit
+from custom_handlers.gateway import journal
+from custom_handlers.gateway.supervisor import RestartPolicy, describe_exit
 from tests.servers import (
     CONFIG,
     MASTER_KEY,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import stat
 
-from custom_handlers import serve
+from custom_handlers.gateway import serve
 
 
 def test_creates_a_strong_key_in_an_owner_only_env_file(tmp_path, monkeypatch):

@@ -10,19 +10,27 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-INFERENCE_STACK = [
-    "custom_handlers.engine",
-    "custom_handlers.loader",
-    "custom_handlers.sampling",
-    "custom_handlers.constraints",
-    "custom_handlers.kvbatch",
-    "custom_handlers.text",
-    "custom_handlers.request",
-    "custom_handlers.settings",
-    "custom_handlers.errors",
-]
+import custom_handlers.inference
+
+# Every module of the inference folder but the LiteLLM provider itself.
+INFERENCE_STACK = sorted(
+    f"custom_handlers.inference.{path.stem}"
+    for path in Path(custom_handlers.inference.__file__).parent.glob("*.py")
+    if path.stem not in ("__init__", "provider")
+)
 BLOCKED = ("litellm", "fastapi", "starlette", "uvicorn")
+
+
+def test_imports_run_one_way_from_the_gateway_to_the_inference_stack():
+    folder = Path(custom_handlers.inference.__file__).parent
+    for path in folder.glob("*.py"):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            is_import = words[:1] in (["from"], ["import"])
+            assert not (is_import and words[1].startswith("custom_handlers.gateway")), path.name
+    assert len(INFERENCE_STACK) >= 10  # engine, loader, sampling, constraints, ... all found
 
 
 def test_the_inference_stack_imports_and_generates_without_litellm_or_fastapi(tiny_model_dir):
@@ -38,11 +46,12 @@ def test_the_inference_stack_imports_and_generates_without_litellm_or_fastapi(ti
         sys.meta_path.insert(0, Block())
         for module in {INFERENCE_STACK!r}:
             importlib.import_module(module)
+        assert not any(m.startswith("custom_handlers.gateway") for m in sys.modules)
 
-        from custom_handlers.engine import Done, Engine, Finish, Job, SyncSink
-        from custom_handlers.loader import ModelHolder
-        from custom_handlers.request import SamplingParams
-        from custom_handlers.settings import LocalModelSettings
+        from custom_handlers.inference.engine import Done, Engine, Finish, Job, SyncSink
+        from custom_handlers.inference.loader import ModelHolder
+        from custom_handlers.inference.request import SamplingParams
+        from custom_handlers.inference.settings import LocalModelSettings
 
         holder = ModelHolder(lambda: LocalModelSettings(model={str(tiny_model_dir)!r}))
         engine = Engine(holder)

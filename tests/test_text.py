@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from custom_handlers.text import IncrementalDecoder, StopMatcher, TextPipeline, ThinkFilter
+from custom_handlers.inference.text import (
+    IncrementalDecoder,
+    StopMatcher,
+    TextPipeline,
+    ThinkFilter,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import jsonschema
 import litellm
 import pytest
 
-from custom_handlers.loader import ModelHolder
-from custom_handlers.provider import LocalLLM
-from custom_handlers.settings import LocalModelSettings
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
 
 WEATHER = {
     "type": "object",
@@ -168,7 +168,7 @@ def test_logprobs_follow_the_text_token_by_token(local):
 def test_a_checkpoint_without_call_tokens_refuses_tools(tiny_model_dir, tmp_path):
     import shutil
 
-    from custom_handlers.errors import InvalidRequestError
+    from custom_handlers.inference.errors import InvalidRequestError
 
     plain = tmp_path / "plain"
     shutil.copytree(tiny_model_dir, plain)
@@ -183,7 +183,7 @@ def test_a_checkpoint_without_call_tokens_refuses_tools(tiny_model_dir, tmp_path
 def test_thinking_is_refused_by_a_checkpoint_without_a_thinking_mode(tiny_model_dir, tmp_path):
     import shutil
 
-    from custom_handlers.errors import InvalidRequestError
+    from custom_handlers.inference.errors import InvalidRequestError
 
     direct = tmp_path / "instruct-2507-like"
     shutil.copytree(tiny_model_dir, direct)

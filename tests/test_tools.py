@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from custom_handlers.engine import coalesce
-from custom_handlers.tools import CallDelta, CallReader
+from custom_handlers.inference.engine import coalesce
+from custom_handlers.inference.tools import CallDelta, CallReader
 
 CALLS = [
     ("weather", {"city": "Paris", "where": {"lat": 1.5, "tags": ["}", "\\n"]}}),

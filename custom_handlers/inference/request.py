@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from custom_handlers.errors import InvalidRequestError
-from custom_handlers.settings import LocalModelSettings
-from custom_handlers.tools import ToolSet, closed, parse_tools
+from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.settings import LocalModelSettings
+from custom_handlers.inference.tools import ToolSet, closed, parse_tools
 
 # "developer" is OpenAI's newer name for the system turn.
 _ROLES = {

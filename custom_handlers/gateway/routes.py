@@ -23,14 +23,18 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
-from custom_handlers.auth import unauthorized
-from custom_handlers.body_limit import BodySizeLimit
-from custom_handlers.journal import JOURNAL_VAR, Journal, RequestJournal
-from custom_handlers.settings import GatewaySettings, gateway_workers, several_workers_problem
-from custom_handlers.supervisor import restarts_reported
+from custom_handlers.gateway.auth import unauthorized
+from custom_handlers.gateway.body_limit import BodySizeLimit
+from custom_handlers.gateway.journal import JOURNAL_VAR, Journal, RequestJournal
+from custom_handlers.gateway.supervisor import restarts_reported
+from custom_handlers.inference.settings import (
+    GatewaySettings,
+    gateway_workers,
+    several_workers_problem,
+)
 
 if TYPE_CHECKING:
-    from custom_handlers.provider import LocalLLM
+    from custom_handlers.inference.provider import LocalLLM
 
 log = logging.getLogger("custom_handlers.routes")
 

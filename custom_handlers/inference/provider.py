@@ -25,7 +25,7 @@ from litellm.types.utils import (
     StreamingChoices,
 )
 
-from custom_handlers.engine import (
+from custom_handlers.inference.engine import (
     AsyncSink,
     Delta,
     Done,
@@ -37,11 +37,11 @@ from custom_handlers.engine import (
     TokenLogprob,
     ToolRun,
 )
-from custom_handlers.errors import ContextLengthExceededError, InvalidRequestError
-from custom_handlers.loader import LoadedModel, ModelHolder
-from custom_handlers.request import ChatRequest, parse_chat_request
-from custom_handlers.settings import LocalModelSettings
-from custom_handlers.tools import CallDelta
+from custom_handlers.inference.errors import ContextLengthExceededError, InvalidRequestError
+from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.request import ChatRequest, parse_chat_request
+from custom_handlers.inference.settings import LocalModelSettings
+from custom_handlers.inference.tools import CallDelta
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Request bodies are checked as LiteLLM's auth stage reads them, before anything acts on them.
 
-LiteLLM parses the body before it calls our key check (``custom_handlers.auth``), then reads
+LiteLLM parses the body before it calls our key check (``custom_handlers.gateway.auth``), then reads
 ``body.get(...)``, checks it for provider endpoints and credentials, and copies it. Left alone,
 these bodies went wrong there, before any callback of ours could answer:
 
@@ -34,12 +34,12 @@ from typing import Any
 
 from litellm.proxy._types import ProxyException
 
-from custom_handlers.body_checks import (
+from custom_handlers.gateway.body_checks import (
     check_endpoint_and_credentials,
     check_gateway_only,
     check_json_values,
 )
-from custom_handlers.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError
 
 NOT_AN_OBJECT = 'The request body must be a JSON object, as in {"model": ..., "messages": [...]}.'
 UNREADABLE = (

@@ -15,7 +15,7 @@ Three kinds of problem are refused with an ``InvalidRequestError`` (400) naming 
   deeper than ``MAX_BODY_DEPTH`` (LiteLLM recursed past Python's limit on it: a 500).
 
 Values are checked for type only: ranges and what a model supports are the provider's business
-(``custom_handlers/request.py`` for the local model).
+(``custom_handlers/inference/request.py`` for the local model).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from litellm.types.llms.openai import ValidUserMessageContentTypes
 
-from custom_handlers.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError
 
 CONFIG_FILE = "proxy_config.yaml"  # where each model's settings are, as messages name it
 _HEADERS = "the gateway sets the headers of its calls to providers"

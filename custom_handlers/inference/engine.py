@@ -32,15 +32,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from custom_handlers.constraints import JsonMatcher, mask_logits
-from custom_handlers.errors import LocalLLMError, ModelUnavailableError, OverloadedError
-from custom_handlers.kvbatch import KVBatch
-from custom_handlers.loader import LoadedModel, ModelHolder
-from custom_handlers.prefix import PrefixCache, start_cache
-from custom_handlers.request import SamplingParams
-from custom_handlers.sampling import RowSampling, row_sampling, sample, token_logprobs
-from custom_handlers.text import IncrementalDecoder, TextPipeline
-from custom_handlers.tools import CallDelta, CallReader
+from custom_handlers.inference.constraints import JsonMatcher, mask_logits
+from custom_handlers.inference.errors import LocalLLMError, ModelUnavailableError, OverloadedError
+from custom_handlers.inference.kvbatch import KVBatch
+from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.prefix import PrefixCache, start_cache
+from custom_handlers.inference.request import SamplingParams
+from custom_handlers.inference.sampling import RowSampling, row_sampling, sample, token_logprobs
+from custom_handlers.inference.text import IncrementalDecoder, TextPipeline
+from custom_handlers.inference.tools import CallDelta, CallReader
 
 log = logging.getLogger("custom_handlers.engine")
 

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from custom_handlers.supervisor import Supervisor
+from custom_handlers.gateway.supervisor import Supervisor
 
 ENV_FILE = ".env"
 KEY_VAR = "LITELLM_MASTER_KEY"

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from custom_handlers import journal
+from custom_handlers.gateway import journal
 
 RESTARTS_VAR = "Z_EXPLORER_GATEWAY_RESTARTS"
 MAX_RESTARTS = 5

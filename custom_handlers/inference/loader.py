@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from custom_handlers.constraints import JsonConstraints
-from custom_handlers.errors import ModelUnavailableError
-from custom_handlers.settings import (
+from custom_handlers.inference.constraints import JsonConstraints
+from custom_handlers.inference.errors import ModelUnavailableError
+from custom_handlers.inference.settings import (
     DEFAULT_MODEL,
     LocalModelSettings,
     gateway_workers,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from custom_handlers.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError
 
 # OpenAI's own limits: at most 128 tools; names of letters, digits, '_' and '-', up to 64.
 MAX_TOOLS = 128

@@ -66,7 +66,7 @@ def _status_of(error: object) -> int | None:
 
 
 def _first_line(error: object) -> str:
-    from custom_handlers.hooks import find_local_error
+    from custom_handlers.gateway.hooks import find_local_error
 
     local = find_local_error(error) if isinstance(error, BaseException) else None
     text = local.message if local is not None else str(getattr(error, "message", error))

@@ -24,8 +24,8 @@ import threading
 from functools import lru_cache
 from typing import Any
 
-from custom_handlers.errors import InvalidRequestError
-from custom_handlers.tools import (
+from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.tools import (
     CALL_ARGUMENTS,
     CALL_CLOSE,
     CALL_HEAD,
