@@ -19,6 +19,7 @@ whose ``%json`` parts are the functions' ``parameters``, around Qwen3's call lay
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 from functools import lru_cache
@@ -33,6 +34,8 @@ from custom_handlers.inference.tools import (
     CALL_TAIL,
     ToolSet,
 )
+
+_WARM_UP_EXIT_WAIT_S = 30.0
 
 # Compact JSON: no free whitespace between tokens, so a schema's size bounds the answer's size.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -50,10 +53,21 @@ class JsonConstraints:
         self._prototype = lru_cache(maxsize=256)(self._new_matcher)
 
     def warm_up(self) -> None:
-        """Build the llguidance tokenizer in the background, before any constrained request."""
-        threading.Thread(
-            target=self.llg_tokenizer, name="json-constraints-warm-up", daemon=True
-        ).start()
+        """Build the llguidance tokenizer in the background, before any constrained request.
+
+        A process that exits meanwhile waits for it (``atexit``): a daemon thread still inside
+        the tokenizer's native code when the interpreter finalizes aborts the process ("terminate
+        called without an active exception", seen once in CI with a 5-token run)."""
+
+        def build() -> None:
+            try:
+                self.llg_tokenizer()
+            finally:
+                atexit.unregister(thread.join)  # done: nothing to wait for at exit
+
+        thread = threading.Thread(target=build, name="json-constraints-warm-up", daemon=True)
+        atexit.register(thread.join, _WARM_UP_EXIT_WAIT_S)
+        thread.start()
 
     def llg_tokenizer(self):
         with self._lock:

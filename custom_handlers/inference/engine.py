@@ -22,6 +22,7 @@ request that arrives while they run. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import contextvars
@@ -43,6 +44,9 @@ from custom_handlers.inference.text import IncrementalDecoder, TextPipeline
 from custom_handlers.inference.tools import CallDelta, CallReader
 
 log = logging.getLogger("custom_handlers.engine")
+
+_STOP = object()  # queued at exit: the engine thread stops
+_STOP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # thread start, release markers count
         self.peak_rows = 0  # the largest batch so far (rows)
+        self._stopping = False  # the process exits: the thread leaves its loop
 
     @property
     def running(self) -> int:
@@ -347,11 +352,22 @@ class Engine:
                     target=self._run, name="local-llm-engine", daemon=True
                 )
                 self._thread.start()
+                atexit.register(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        """Let the thread leave torch before the interpreter finalizes: a daemon thread left in it
+        made the process abort at exit ("terminate called without an active exception")."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._stopping = True
+        self._jobs.put(_STOP)
+        thread.join(timeout=_STOP_WAIT_S)
 
     def _run(self) -> None:
         import torch  # the thread starts with the first local request: torch is loaded by then
 
-        while True:
+        while not self._stopping:
             try:
                 with torch.inference_mode():
                     self._admit()
@@ -374,7 +390,7 @@ class Engine:
                     return
                 self._unload_for(self._release)
             job = self._next_job(block=not self._rows)
-            if job is None:
+            if job is None or job is _STOP:
                 return
             if isinstance(job, Release):
                 with self._lock:

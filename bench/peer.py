@@ -1,0 +1,179 @@
+"""The gateway's local model side by side with `transformers serve --continuous-batching`, one run.
+
+    uv run python scripts/build_tiny_qwen3.py /tmp/mid --layers 12 --hidden 768 --context 4096
+    uv run python -m bench.peer --model /tmp/mid
+
+Both servers load the same checkpoint, with its end-of-turn rows zeroed (a copy made here), so
+greedy decoding never ends early on either and every request makes exactly the tokens it asks for:
+random weights would otherwise stop at different lengths on each server. The same requests go to
+each in turn over HTTP (the gateway through `litellm --config proxy_config.yaml`, transformers
+serve on its own port): one client, 4/8/16 concurrent clients, time to first token, a ~2,000-token
+prompt streamed and not, the same prompt seen before, and each server's peak memory (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench._common import machine_line, process_memory
+from tests.servers import Gateway, free_port
+
+WORDS = "a fox in a misty forest at dawn, cinematic light, soft colours, wide angle, ".split()
+
+
+def no_end_copy(model: str, out: Path) -> Path:
+    """The checkpoint with the end-of-turn tokens' (tied) embedding rows set to zero."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(model, out)
+    weights = AutoModelForCausalLM.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    with torch.no_grad():
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            weights.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = 0
+    weights.save_pretrained(out)
+    return out
+
+
+class Server:
+    def __init__(self, name: str, base_url: str, model: str, pid: int):
+        self.name, self.base_url, self.model, self.pid = name, base_url, model, pid
+        self.headers: dict[str, str] = {}
+
+    async def ask(self, http, text: str, tokens: int, stream: bool) -> tuple[float, float, int]:
+        """(time to first content, time to the end, completion tokens) of one greedy request."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": stream,
+        }
+        url = f"{self.base_url}/v1/chat/completions"
+        started = time.perf_counter()
+        if not stream:
+            r = await http.post(url, json=body, headers=self.headers)
+            r.raise_for_status()
+            done = time.perf_counter() - started
+            return done, done, r.json()["usage"]["completion_tokens"]
+        first, pieces = None, 0
+        async with http.stream("POST", url, json=body, headers=self.headers) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        first = first or time.perf_counter() - started
+                        pieces += 1
+        return first or 0.0, time.perf_counter() - started, pieces
+
+
+def prompt(i: int, words: int = 12) -> str:
+    return f"request {i}: " + " ".join(WORDS[j % len(WORDS)] for j in range(words))
+
+
+async def measure(server: Server, tokens: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=40)) as http:
+        await server.ask(http, prompt(-1), 4, False)  # load and warm up
+        started = time.perf_counter()
+        _, _, made = await server.ask(http, prompt(0), tokens, False)
+        out["1 client, tokens/s"] = made / (time.perf_counter() - started)
+        for n in (4, 8, 16):
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(server.ask(http, prompt(100 * n + i), tokens, False) for i in range(n))
+            )
+            out[f"{n} clients, tokens/s"] = sum(r[2] for r in results) / (
+                time.perf_counter() - started
+            )
+        ttfts = [(await server.ask(http, prompt(1000 + i), 8, True))[0] for i in range(5)]
+        out["time to first token, short prompt (ms)"] = statistics.median(ttfts) * 1000
+        long_text = prompt(5000, words=1500)  # about 2,000 tokens
+        streamed = await server.ask(http, long_text, 4 * tokens, True)
+        plain = await server.ask(http, prompt(5001, words=1500), 4 * tokens, False)
+        out["~2,000-token prompt, streamed, s to the end"] = streamed[1]
+        out["~2,000-token prompt, not streamed, s"] = plain[1]
+        again = await server.ask(http, long_text, 1, True)
+        out["the same ~2,000-token prompt again, TTFT (ms)"] = again[0] * 1000
+    out["peak memory (MiB)"] = process_memory(server.pid, "VmHWM") / 2**20
+    return out
+
+
+def start_transformers_serve(model: Path, work: Path) -> tuple[subprocess.Popen, Server]:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "transformers"),
+        "serve",
+        str(model),
+        "--continuous-batching",
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log = open(work / "transformers-serve.log", "wb")  # noqa: SIM115 (the server's life)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while not _answers(f"{base_url}/health"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"transformers serve did not start: see {log.name}")
+        time.sleep(0.5)
+    return process, Server(
+        "transformers serve --continuous-batching", base_url, str(model), process.pid
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a Qwen3 checkpoint directory")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens a request")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        model = no_end_copy(args.model, work / "model")
+        gw = Gateway(env={"LOCAL_LLM_MODEL": str(model)}, workdir=work).start()
+        ours = Server("this gateway (qwen3-4b)", gw.base_url, "qwen3-4b", gw.process.pid)
+        ours.headers = {"Authorization": f"Bearer {gw.key}"}
+        try:
+            mine = asyncio.run(measure(ours, args.tokens))
+        finally:
+            gw.stop()
+        process, peer = start_transformers_serve(model, work)
+        try:
+            theirs = asyncio.run(measure(peer, args.tokens))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    print(machine_line(args.model, f"greedy, {args.tokens} tokens a request, float32, CPU"))
+    print("| measure | this gateway | transformers serve --continuous-batching | ours / theirs |")
+    print("|---|---|---|---|")
+    for name, value in mine.items():
+        other = theirs[name]
+        print(f"| {name} | {value:,.1f} | {other:,.1f} | {value / other:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
