@@ -168,11 +168,16 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
     print(machine_line(args.model, f"greedy, {args.tokens} tokens a request, float32, CPU"))
-    print("| measure | this gateway | transformers serve --continuous-batching | ours / theirs |")
-    print("|---|---|---|---|")
+    print(
+        "| measure | this gateway | transformers serve --continuous-batching | ours / theirs "
+        "| better |\n|---|---|---|---|---|"
+    )
     for name, value in mine.items():
         other = theirs[name]
-        print(f"| {name} | {value:,.1f} | {other:,.1f} | {value / other:.2f}x |")
+        higher_is_better = "tokens/s" in name
+        ours_better = value > other if higher_is_better else value < other
+        better = "ours" if ours_better else "theirs"
+        print(f"| {name} | {value:,.1f} | {other:,.1f} | {value / other:.2f}x | {better} |")
 
 
 if __name__ == "__main__":
