@@ -22,7 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import threading
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from custom_handlers.inference.errors import InvalidRequestError
@@ -113,8 +113,10 @@ class JsonConstraints:
         self._validate(grammar, "tools")
         return grammar
 
+    @cached_property
     def marker_ids(self) -> tuple[int, int] | None:
-        """The token ids of ``<tool_call>`` and ``</tool_call>``, if each is one token here."""
+        """The token ids of ``<tool_call>`` and ``</tool_call>``, if each is one token here
+        (looked up once per loaded model, not per request)."""
         ids = []
         for marker in (CALL_OPEN, CALL_CLOSE):
             found = self._tokenizer(marker, add_special_tokens=False)["input_ids"]

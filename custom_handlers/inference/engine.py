@@ -415,8 +415,7 @@ class Engine:
         self._unload_at = None
         released = False
         try:
-            self.prefix.clear()
-            released = self._holder.unload()
+            released = self._unload_model()
         finally:
             marker.finish(released)
 
@@ -431,9 +430,13 @@ class Engine:
         except queue.Empty:
             if block:
                 self._unload_at = None
-                self.prefix.clear()
-                self._holder.unload()
+                self._unload_model()
             return None
+
+    def _unload_model(self) -> bool:
+        """Unload the model and the prompts' KV kept with it; whether a model was loaded."""
+        self.prefix.clear()
+        return self._holder.unload()
 
     def _idle_left(self) -> float | None:
         """Seconds until the idle model is unloaded; None: no unload pending."""

@@ -280,7 +280,7 @@ def _prepare(loaded: LoadedModel, request: ChatRequest) -> _Prepared:
     grammar = constraints.grammar(schema) if schema else None
     tools = None
     if request.tools is not None:
-        markers = constraints.marker_ids()
+        markers = constraints.marker_ids
         if markers is None:
             raise InvalidRequestError(
                 "This checkpoint has no <tool_call> token, so the local model cannot call tools "
