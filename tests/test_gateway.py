@@ -401,9 +401,11 @@ def test_reasoning_effort_is_qwen3s_thinking_switch(gateway):
     # The tiny checkpoint's template reads enable_thinking, as a hybrid Qwen3's does.
     for effort in ("none", "minimal", "low", "high"):
         body = {"model": LOCAL, "messages": FOX, "max_tokens": 8, "reasoning_effort": effort}
-        r = gateway.chat(body)
+        r = gateway.chat({**body, "seed": 1})
         assert r.status_code == 200, r.text
-        assert "<think>" not in r.json()["choices"][0]["message"]["content"]
+        # A leading think block never reaches the caller; random weights may still write the
+        # <think> token later in the text, which is text like any other.
+        assert not r.json()["choices"][0]["message"]["content"].lstrip().startswith("<think>")
     bad = gateway.chat({"model": LOCAL, "messages": FOX, "reasoning_effort": "extreme"})
     assert (bad.status_code, bad.json()["error"]["param"]) == (400, "reasoning_effort")
     constrained = {"response_format": {"type": "json_object"}, "reasoning_effort": "low"}
