@@ -38,9 +38,8 @@ class PrefixCache:
         """The entry sharing the longest beginning with ``tokens``, and how many tokens to reuse
         (at least ``MIN_TOKENS``, and never the last: its logits are needed)."""
         best, best_len = None, 0
-        prompt = tuple(tokens)
         for entry in self._entries.values():
-            shared = _shared(entry.tokens, prompt)
+            shared = _shared(entry.tokens, tokens)
             if shared > best_len:
                 best, best_len = entry, shared
         best_len = min(best_len, len(tokens) - 1)
@@ -94,15 +93,9 @@ def start_cache(entry: _Entry, length: int, config: Any):
     return cache
 
 
-def _shared(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """How many leading tokens ``a`` and ``b`` share: a binary search on slice equality, which
-    compares in C (a token-by-token Python loop cost ~100 µs per 2,000-token entry, per request,
-    on the engine thread)."""
-    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1]
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+def _shared(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
