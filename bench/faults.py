@@ -63,7 +63,9 @@ async def hang_up_stream(http: httpx.AsyncClient) -> None:
 
 
 async def running(http: httpx.AsyncClient) -> int:
-    return (await http.get("/local/state")).json()["requests"]["running"]
+    """Requests generating now, over every local model."""
+    models = (await http.get("/local/state")).json()["models"]
+    return sum(m["requests"]["running"] for m in models)
 
 
 async def hang_up_round(http: httpx.AsyncClient) -> tuple[float, float]:

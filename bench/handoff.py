@@ -26,6 +26,8 @@ import httpx
 from bench._common import MiB, mib, model_or_tiny, print_measures, process_memory
 from tests.servers import Gateway
 
+LOCAL = "qwen3-4b"  # proxy_config.yaml's local model: LOCAL_LLM_MODEL, i.e. --model
+
 
 def _process_gpu_bytes(pid: int) -> int | None:
     """The process's GPU memory as nvidia-smi reports it (CUDA context included), if any."""
@@ -46,7 +48,9 @@ class Probe:
         self.gw, self.client = gw, client
 
     def state(self) -> dict:
-        return self.client.get(f"{self.gw.base_url}/local/state").raise_for_status().json()
+        """qwen3-4b's entry of GET /local/state (its device figures are the whole device's)."""
+        answer = self.client.get(f"{self.gw.base_url}/local/state").raise_for_status().json()
+        return next(m for m in answer["models"] if m["model"] == LOCAL)
 
     def snapshot(self) -> dict:
         memory = self.state()["memory"]
@@ -61,7 +65,7 @@ class Probe:
 
     def ask(self) -> float:
         body = {
-            "model": "qwen3-4b",
+            "model": LOCAL,
             "max_tokens": 1,
             "temperature": 0,
             "messages": [{"role": "user", "content": "a fox"}],
@@ -97,7 +101,7 @@ def run(model: str, cycles: int) -> list[tuple[str, str]]:
                 rows.append(_row("after load", probe.snapshot()))
                 for cycle in range(1, cycles + 1):
                     took, answer = probe.release()
-                    assert answer["released"], answer
+                    assert answer["released"] == [LOCAL], answer
                     rows.append((f"release {cycle}: POST /local/release", f"{took * 1000:.0f} ms"))
                     rows.append(_row(f"after release {cycle}", probe.snapshot()))
                     reload = probe.ask()

@@ -10,7 +10,7 @@ names (``LLM_MODEL``). Settings come from the environment and ``./.env`` (see ``
         print(llm.generate_prompt_variable_values("cat_breed", "a __cat_breed__ on a sofa", 5))
         for item in llm.expand("a __mythical_creature__ in a forest > cinematic : x3"):
             print(item.prompt)
-        llm.release_gpu()  # the local model leaves the GPU before the image model loads
+        llm.release_gpu()  # the local models leave the GPU before the image model loads
 
 ``AsyncClient`` has the same methods, awaited. Errors are ``ClientError`` subclasses whose
 messages say what to fix; see ``client._errors`` for the tree.
@@ -46,7 +46,7 @@ from client._errors import (
     VariableExistsError,
 )
 from client._library import Library, Variable
-from client._local import LocalModelState, ReleaseResult
+from client._local import LocalModelState, LocalState, ReleaseResult
 from client._template import Template, parse_template
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "Library",
     "LibraryError",
     "LocalModelState",
+    "LocalState",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "ProviderAuthError",

@@ -25,7 +25,13 @@ from client._errors import (
 )
 from client._library import Library, Variable, check_name
 from client._llm import AsyncTransport, Completion, Transport
-from client._local import DEFAULT_RELEASE_TIMEOUT, LocalModelState, ReleaseResult
+from client._local import (
+    DEFAULT_RELEASE_TIMEOUT,
+    LocalModelState,
+    LocalState,
+    ReleaseResult,
+    pick_model,
+)
 from client._prompts import ChatRequest
 from client._template import Template, parse_template, substitute
 from client._values import clean_prompt, distinct, extract_values, strip_thinking
@@ -291,19 +297,30 @@ class Client(_Base):
         """The model names the gateway serves."""
         return self._transport.list_models()
 
-    def local_model_state(self) -> LocalModelState:
-        """What the gateway's local model is doing (loaded, memory, requests). Loads nothing."""
+    def local_state(self) -> LocalState:
+        """What the gateway's local models are doing (loaded, memory, requests), how many may be
+        loaded at once, and whether the gateway was restarted. Loads nothing."""
         return self._transport.local_state()
 
-    def release_gpu(self, timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
-        """Unload the gateway's local model and return its device memory to the system.
+    def local_model_state(self, model: str | None = None) -> LocalModelState:
+        """One local model's part of ``local_state()``: ``model``'s; without it, this client's
+        model's when it is a local one, else the only local model's. A name that is none of the
+        local models raises ``ModelNotFoundError`` (``.available`` lists them)."""
+        return pick_model(self.local_state(), model, self.model, self.settings.gateway_url)
+
+    def release_gpu(
+        self, model: str | None = None, *, timeout: float = DEFAULT_RELEASE_TIMEOUT
+    ) -> ReleaseResult:
+        """Unload the gateway's local models (``model``: only that one) and return their device
+        memory to the system, e.g. before the image model loads.
 
         The gateway first lets the requests already running or queued finish; this returns once
         the memory is free, or raises ``GatewayTimeoutError`` after ``timeout`` seconds. A
+        ``model`` that is none of the local models raises ``ModelNotFoundError`` listing them; a
         gateway without this route (an older one) raises ``RequestError`` with status 404. The
-        next request to the local model loads it again.
+        next request to a released model loads it again.
         """
-        return self._transport.release_local(timeout)
+        return self._transport.release_local(timeout, model)
 
     def close(self) -> None:
         self._transport.close()
@@ -371,11 +388,16 @@ class AsyncClient(_Base):
     async def list_models(self) -> list[str]:
         return await self._transport.list_models()
 
-    async def local_model_state(self) -> LocalModelState:
+    async def local_state(self) -> LocalState:
         return await self._transport.local_state()
 
-    async def release_gpu(self, timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
-        return await self._transport.release_local(timeout)
+    async def local_model_state(self, model: str | None = None) -> LocalModelState:
+        return pick_model(await self.local_state(), model, self.model, self.settings.gateway_url)
+
+    async def release_gpu(
+        self, model: str | None = None, *, timeout: float = DEFAULT_RELEASE_TIMEOUT
+    ) -> ReleaseResult:
+        return await self._transport.release_local(timeout, model)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -420,7 +442,10 @@ def generate_prompt_variable_values(
         return client.generate_prompt_variable_values(name, context_prompt, count)
 
 
-def release_gpu(timeout: float = DEFAULT_RELEASE_TIMEOUT) -> ReleaseResult:
-    """``Client().release_gpu(timeout)`` with the settings from the environment."""
+def release_gpu(
+    model: str | None = None, *, timeout: float = DEFAULT_RELEASE_TIMEOUT
+) -> ReleaseResult:
+    """``Client().release_gpu(model, timeout=timeout)`` with the settings from the environment:
+    without ``model``, every local model leaves the GPU (e.g. for the image model)."""
     with Client() as client:
-        return client.release_gpu(timeout)
+        return client.release_gpu(model, timeout=timeout)

@@ -1,7 +1,8 @@
 """``diagnose``: check the settings, the gateway, the key and the model, and say what to fix.
 
-When every check passes, one more line reports the gateway's local model (``/local/state``):
-loaded or not, where, how much memory, its requests. Reading the state never loads the model.
+When every check passes, more lines report the gateway's local models (``/local/state``): how many
+are loaded of how many may be, then one line per model: loaded or not, where, how much memory, its
+requests. Reading the state never loads a model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import httpx
 from client._config import Settings
 from client._errors import ClientError, RequestError
 from client._llm import Transport
-from client._local import describe_restarts, describe_state
+from client._local import describe_models, describe_restarts, describe_state
 from client._prompts import text_request
 
 
@@ -58,8 +59,8 @@ def diagnose(
             if not all(c.ok for c in found):
                 break
         else:
-            progress("Reading the local model's state")
-            checks += _check_local_model(transport)
+            progress("Reading the local models' state")
+            checks += _check_local_models(transport)
     finally:
         transport.close()
     return checks
@@ -121,16 +122,20 @@ def _check_answer(transport: Transport, model: str) -> list[Check]:
     return [Check("answer", True, f"{model} answered in {time.monotonic() - started:.1f} s")]
 
 
-def _check_local_model(transport: Transport) -> list[Check]:
+def _check_local_models(transport: Transport) -> list[Check]:
     try:
         state = transport.local_state()
     except RequestError as exc:
         if exc.status_code == 404:  # an older gateway: everything else works without the routes
-            return [Check("local model", None, str(exc))]
-        return [Check("local model", False, str(exc))]
+            return [Check("local models", None, str(exc))]
+        return [Check("local models", False, str(exc))]
     except ClientError as exc:
-        return [Check("local model", False, str(exc))]
-    checks = [Check("local model", None if state.last_error else True, describe_state(state))]
+        return [Check("local models", False, str(exc))]
+    checks = [Check("local models", True, describe_models(state))]
+    checks += [
+        Check(f"local model {m.model}", None if m.last_error else True, describe_state(m))
+        for m in state.models
+    ]
     if (restarts := describe_restarts(state)) is not None:
         checks.append(Check("gateway restarts", None, restarts))
     return checks

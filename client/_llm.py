@@ -17,7 +17,8 @@ what this gateway actually answers (LiteLLM 1.108 with our auth hook):
 
 The gateway's own ``/local/state`` and ``/local/release`` routes are called through the same SDK
 client (its generic ``get``/``post``), so they share the URL, the key, the timeout and the HTTP
-client; ``translate_local`` maps their errors (a 404: a gateway without those routes).
+client; ``translate_local`` maps their errors (a 404 ``model_not_found``: a release naming none of
+the local models; any other 404: a gateway without those routes).
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ from client._errors import (
 from client._local import (
     RELEASE_ROUTE,
     STATE_ROUTE,
-    LocalModelState,
+    LocalState,
     ReleaseResult,
+    release_body,
     release_of,
     state_of,
+    unknown_local_model,
 )
 from client._prompts import ChatRequest
 
@@ -117,26 +120,32 @@ class Transport:
         except openai.APIError as exc:
             raise translate(exc, self.settings, model=None) from exc
 
-    def local_state(self) -> LocalModelState:
-        """GET /local/state: the local model's state (it never loads the model)."""
+    def local_state(self) -> LocalState:
+        """GET /local/state: every local model's state (it never loads one)."""
         return state_of(self._local(STATE_ROUTE))
 
-    def release_local(self, timeout: float) -> ReleaseResult:
-        """POST /local/release: unload the local model once the requests before it are done."""
-        return release_of(self._local(RELEASE_ROUTE, timeout))
+    def release_local(self, timeout: float, model: str | None = None) -> ReleaseResult:
+        """POST /local/release: unload ``model`` (None: every local model) once the requests
+        before it are done."""
+        return release_of(self._local(RELEASE_ROUTE, timeout, model))
 
     def close(self) -> None:
         if self._sdk is not None:
             self._sdk.close()
 
-    def _local(self, route: str, timeout: float | None = None) -> Any:
+    def _local(self, route: str, timeout: float | None = None, model: str | None = None) -> Any:
         url, options = local_call(self.settings, route, timeout)
+        body = release_body(model)
         try:
             if route == RELEASE_ROUTE:
-                return self.sdk.post(url, cast_to=object, body={}, options=options)
+                return self.sdk.post(url, cast_to=object, body=body, options=options)
             return self.sdk.get(url, cast_to=object, options=options)
         except openai.APIError as exc:
-            raise translate_local(exc, self.settings, route, timeout) from exc
+            available = None
+            if model is not None and is_unknown_local(exc):
+                with contextlib.suppress(ClientError):  # the error itself matters more
+                    available = list(self.local_state().names)
+            raise translate_local(exc, self.settings, route, timeout, model, available) from exc
 
     def _translate(self, exc: openai.APIError, model: str) -> ClientError:
         available = None
@@ -178,24 +187,31 @@ class AsyncTransport:
         except openai.APIError as exc:
             raise translate(exc, self.settings, model=None) from exc
 
-    async def local_state(self) -> LocalModelState:
+    async def local_state(self) -> LocalState:
         return state_of(await self._local(STATE_ROUTE))
 
-    async def release_local(self, timeout: float) -> ReleaseResult:
-        return release_of(await self._local(RELEASE_ROUTE, timeout))
+    async def release_local(self, timeout: float, model: str | None = None) -> ReleaseResult:
+        return release_of(await self._local(RELEASE_ROUTE, timeout, model))
 
     async def aclose(self) -> None:
         if self._sdk is not None:
             await self._sdk.close()
 
-    async def _local(self, route: str, timeout: float | None = None) -> Any:
+    async def _local(
+        self, route: str, timeout: float | None = None, model: str | None = None
+    ) -> Any:
         url, options = local_call(self.settings, route, timeout)
+        body = release_body(model)
         try:
             if route == RELEASE_ROUTE:
-                return await self.sdk.post(url, cast_to=object, body={}, options=options)
+                return await self.sdk.post(url, cast_to=object, body=body, options=options)
             return await self.sdk.get(url, cast_to=object, options=options)
         except openai.APIError as exc:
-            raise translate_local(exc, self.settings, route, timeout) from exc
+            available = None
+            if model is not None and is_unknown_local(exc):
+                with contextlib.suppress(ClientError):  # the error itself matters more
+                    available = list((await self.local_state()).names)
+            raise translate_local(exc, self.settings, route, timeout, model, available) from exc
 
     async def _translate(self, exc: openai.APIError, model: str) -> ClientError:
         available = None
@@ -288,18 +304,40 @@ def translate(
     return _translate_status(exc, settings, model, available, where)
 
 
+def is_unknown_local(exc: openai.APIError) -> bool:
+    """A 404 ``model_not_found`` from /local/release: the name is none of the local models."""
+    if getattr(exc, "status_code", None) != 404:
+        return False
+    code = getattr(exc, "code", None)
+    body = getattr(exc, "body", None)
+    detail = body.get("detail") if isinstance(body, dict) else None  # FastAPI's HTTPException
+    if code is None and isinstance(detail, dict):
+        inner = detail.get("error", detail)
+        code = inner.get("code") if isinstance(inner, dict) else None
+    return code == "model_not_found"
+
+
 def translate_local(
-    exc: openai.APIError, settings: Settings, route: str, timeout: float | None
+    exc: openai.APIError,
+    settings: Settings,
+    route: str,
+    timeout: float | None,
+    model: str | None = None,
+    available: list[str] | None = None,
 ) -> ClientError:
-    """The client's exception for a failed call to one of the gateway's /local routes."""
-    where = {"model": None, "base_url": settings.gateway_url}
+    """The client's exception for a failed call to one of the gateway's /local routes.
+
+    ``model`` is the local model a release named (None: every one); ``available``, the local
+    models' names when the gateway said it has no such model."""
+    where = {"model": model, "base_url": settings.gateway_url}
     url = f"{settings.gateway_url}{route}"
     status = getattr(exc, "status_code", None)
     if isinstance(exc, openai.APITimeoutError):
         seconds = timeout if timeout is not None else settings.timeout_seconds
         if route == RELEASE_ROUTE:
+            which = "the local models" if model is None else f"the local model '{model}'"
             text = (
-                f"The gateway at {settings.gateway_url} did not release the local model within "
+                f"The gateway at {settings.gateway_url} did not release {which} within "
                 f"{seconds:g} s: it first waits for the requests already running or queued. Give "
                 "it longer (release_gpu(timeout=...), `z-explorer release-gpu --timeout`), or see "
                 "the gateway's log."
@@ -307,6 +345,8 @@ def translate_local(
         else:
             text = f"No answer from {url} within {seconds:g} s: see the gateway's log."
         return GatewayTimeoutError(text, **where)
+    if status == 404 and model is not None and is_unknown_local(exc):
+        return unknown_local_model(model, available, settings.gateway_url)
     if status == 404:
         return RequestError(
             f"The gateway at {settings.gateway_url} has no local-model routes ({route} answered "

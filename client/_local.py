@@ -1,8 +1,10 @@
-"""The gateway's local model, as its ``/local/state`` and ``/local/release`` routes report it.
+"""The gateway's local models, as its ``/local/state`` and ``/local/release`` routes report them.
 
-The transport (``client._llm``) makes the calls; this module reads their JSON into small frozen
-dataclasses and words them for ``doctor`` and ``release-gpu``. Unknown keys are ignored, so a newer
-gateway that reports more still works.
+The gateway serves each ``zlocal/...`` entry of ``proxy_config.yaml`` as a local model, and keeps
+at most ``LOCAL_LLM_MAX_LOADED_MODELS`` of them loaded at once. The transport (``client._llm``)
+makes the calls; this module reads their JSON into small frozen dataclasses and words them for
+``doctor`` and ``release-gpu``. Unknown keys are ignored, so a newer gateway that reports more
+still works.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from client._errors import ResponseError
+from client._errors import ModelNotFoundError, ResponseError
 
 STATE_ROUTE = "/local/state"
 RELEASE_ROUTE = "/local/release"
@@ -19,13 +21,16 @@ DEFAULT_RELEASE_TIMEOUT = 600.0  # the release waits for the generations already
 
 @dataclass(frozen=True)
 class LocalModelState:
-    """What the gateway's local model is doing. ``None`` means unknown or not applicable.
+    """What one of the gateway's local models is doing. ``None`` means unknown or not applicable.
 
-    The ``device_*`` byte counts are None on CPU (or before CUDA is initialised).
-    ``idle_seconds`` is None while requests run or wait; ``unload_in_seconds`` is None when no
-    unload is pending; ``keep_alive_seconds`` is the gateway's default (-1: never unload).
+    ``model`` is its ``model_name`` in ``proxy_config.yaml`` and ``source`` its checkpoint (a repo
+    id or a directory). The ``device_*`` byte counts are the whole device's, not this model's
+    (None on CPU, or before CUDA is initialised). ``idle_seconds`` is None while requests run or
+    wait; ``unload_in_seconds`` is None when no unload is pending; ``keep_alive_seconds`` is the
+    gateway's default (-1: never unload).
     """
 
+    model: str
     loaded: bool
     loading: bool
     source: str
@@ -45,30 +50,84 @@ class LocalModelState:
     keep_alive_seconds: float = -1.0
     unload_in_seconds: float | None = None
     last_error: str | None = None
-    gateway_restarts: int = 0  # times z-explorer-gateway restarted the gateway after it died
-    last_restart: str | None = None  # how it died the last time, and what it was serving
+    preload: bool = False  # loaded when the gateway starts
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """The gateway's local models, in ``proxy_config.yaml``'s order (empty: cloud models only).
+
+    ``max_loaded_models`` is how many may be loaded at once (LOCAL_LLM_MAX_LOADED_MODELS);
+    ``gateway_restarts`` counts the times z-explorer-gateway restarted the gateway after it died,
+    and ``last_restart`` says how it died the last time and what it was serving.
+    """
+
+    models: tuple[LocalModelState, ...] = ()
+    max_loaded_models: int = 1
+    gateway_restarts: int = 0
+    last_restart: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every local model's name."""
+        return tuple(m.model for m in self.models)
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The names of the models loaded now (empty: none)."""
+        return tuple(m.model for m in self.models if m.loaded)
+
+    def get(self, name: str) -> LocalModelState | None:
+        """The model named ``name`` (its ``model_name``), or None when there is no such one."""
+        return next((m for m in self.models if m.model == name), None)
+
+    def __getitem__(self, name: str) -> LocalModelState:
+        if (found := self.get(name)) is None:
+            raise KeyError(f"no local model {name!r}; the local models: {_listed(self.names)}")
+        return found
 
 
 @dataclass(frozen=True)
 class ReleaseResult:
-    """What ``release_gpu`` did: ``released`` is False when no model was loaded."""
+    """What ``release_gpu`` did: ``released`` names the models it unloaded (empty: none was
+    loaded), ``waited_seconds`` the wait for the requests before the release, ``state`` the state
+    after it."""
 
-    released: bool
+    released: tuple[str, ...]
     waited_seconds: float
-    state: LocalModelState
+    state: LocalState
 
 
 # ---- reading the JSON ----------------------------------------------------------------------------
 
 
-def state_of(data: Any, route: str = STATE_ROUTE) -> LocalModelState:
-    if not isinstance(data, dict) or not isinstance(data.get("loaded"), bool):
+def state_of(data: Any, route: str = STATE_ROUTE) -> LocalState:
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise _unreadable(route, data)
+    entries = [_model_of(entry) for entry in data["models"]]
+    models = tuple(m for m in entries if m is not None)
+    if len(models) != len(entries):
+        raise _unreadable(route, data)
+    gateway = _dict(data.get("gateway"))
+    return LocalState(
+        models=models,
+        max_loaded_models=_int(data.get("max_loaded_models")) or 1,
+        gateway_restarts=_int(gateway.get("restarts")) or 0,
+        last_restart=_describe_death(_dict(gateway.get("last_restart"))),
+    )
+
+
+def _model_of(data: Any) -> LocalModelState | None:
+    """One entry of ``models``; None when it lacks its name or ``loaded``."""
+    if not isinstance(data, dict) or not isinstance(data.get("loaded"), bool):
+        return None
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        return None
     memory = _dict(data.get("memory"))
     requests = _dict(data.get("requests"))
-    gateway = _dict(data.get("gateway"))
     keep_alive = _float(data.get("keep_alive_seconds"))
     return LocalModelState(
+        model=data["model"],
         loaded=data["loaded"],
         loading=data.get("loading") is True,
         source=str(data.get("source") or ""),
@@ -88,8 +147,7 @@ def state_of(data: Any, route: str = STATE_ROUTE) -> LocalModelState:
         keep_alive_seconds=-1.0 if keep_alive is None else keep_alive,
         unload_in_seconds=_float(data.get("unload_in_seconds")),
         last_error=_str(data.get("last_error")),
-        gateway_restarts=_int(gateway.get("restarts")) or 0,
-        last_restart=_describe_death(_dict(gateway.get("last_restart"))),
+        preload=data.get("preload") is True,
     )
 
 
@@ -104,22 +162,79 @@ def _describe_death(death: dict) -> str | None:
 
 
 def release_of(data: Any) -> ReleaseResult:
-    if not isinstance(data, dict) or not isinstance(data.get("released"), bool):
+    released = data.get("released") if isinstance(data, dict) else None
+    if not isinstance(released, list) or not all(isinstance(n, str) for n in released):
         raise _unreadable(RELEASE_ROUTE, data)
     return ReleaseResult(
-        released=data["released"],
+        released=tuple(released),
         waited_seconds=_float(data.get("waited_seconds")) or 0.0,
         state=state_of(data.get("state"), RELEASE_ROUTE),
     )
 
 
+def release_body(model: str | None) -> dict:
+    """The body of POST /local/release: ``{}`` releases every local model."""
+    if model is None:
+        return {}
+    if not isinstance(model, str) or not model:
+        # release_gpu(30), written when the timeout was the first argument, lands here
+        raise TypeError(
+            f"release_gpu's first argument is a local model's name, or None for every one; got "
+            f"{model!r}. Pass the timeout by name: release_gpu(timeout=...)."
+        )
+    return {"model": model}
+
+
+def unknown_local_model(
+    model: str, available: list[str] | None, base_url: str
+) -> ModelNotFoundError:
+    """The error for a name that is none of the gateway's local models."""
+    if available:
+        known = f"Its local models: {_listed(available)}; name one of them, or none for every one."
+    elif available is not None:
+        known = "It has no local model (no zlocal/ entry in its proxy_config.yaml)."
+    else:
+        known = "`z-explorer doctor` lists its local models."
+    return ModelNotFoundError(
+        f"The gateway at {base_url} has no local model '{model}'. {known}",
+        available=available,
+        model=model,
+        base_url=base_url,
+    )
+
+
+def pick_model(state: LocalState, name: str | None, default: str, base_url: str) -> LocalModelState:
+    """``name``'s state; without a name, ``default``'s when it is local, else the only one's."""
+    if name is None:
+        if (found := state.get(default)) is not None:
+            return found
+        if len(state.models) == 1:
+            return state.models[0]
+        name = default
+    if (found := state.get(name)) is None:
+        raise unknown_local_model(name, list(state.names), base_url)
+    return found
+
+
 def _unreadable(route: str, data: Any) -> ResponseError:
+    if isinstance(data, dict) and any(
+        isinstance(data.get(k), bool) for k in ("loaded", "released")
+    ):
+        return ResponseError(
+            f"The gateway's {route} answered for one local model, as gateways older than this "
+            'client do (no "models" list). Restart it in the project folder with '
+            "`uv run z-explorer-gateway`."
+        )
     shown = repr(data)
     shown = shown if len(shown) <= 200 else shown[:197] + "..."
     return ResponseError(
         f"The gateway's {route} answered something this client cannot read: {shown}. Is "
         "LITELLM_PROXY_API_BASE the gateway's address, and the gateway this project's?"
     )
+
+
+def _listed(names: Any) -> str:
+    return ", ".join(names) if names else "none"
 
 
 def _dict(value: Any) -> dict:
@@ -143,6 +258,18 @@ def _float(value: Any) -> float | None:
 # ---- words for doctor and release-gpu ------------------------------------------------------------
 
 
+def describe_models(state: LocalState) -> str:
+    """One line: how many local models there are, which are loaded, how many may be at once."""
+    if not state.models:
+        return "none in proxy_config.yaml (no zlocal/ entry): the gateway serves other models only"
+    loaded = state.loaded
+    which = f" ({', '.join(loaded)})" if loaded else ""
+    return (
+        f"{len(loaded)} of {len(state.models)} loaded{which}; at most "
+        f"{state.max_loaded_models} at once (LOCAL_LLM_MAX_LOADED_MODELS)"
+    )
+
+
 def describe_state(state: LocalModelState) -> str:
     """One line: where the model is, what it holds, what it is doing, when it unloads."""
     if state.loading:
@@ -164,7 +291,7 @@ def describe_state(state: LocalModelState) -> str:
     return text
 
 
-def describe_restarts(state: LocalModelState) -> str | None:
+def describe_restarts(state: LocalState) -> str | None:
     """A warning when the gateway process died and was restarted, else None."""
     if not state.gateway_restarts:
         return None
@@ -175,16 +302,28 @@ def describe_restarts(state: LocalModelState) -> str | None:
     )
 
 
-def describe_release(before: LocalModelState | None, result: ReleaseResult) -> str:
-    """What a release freed, from the state before it (when known) and the one after."""
+def describe_release(
+    before: LocalState | None, result: ReleaseResult, model: str | None = None
+) -> str:
+    """What a release freed, from the state before it (when known) and the one after: a line per
+    model released (one line in all when it released one), and the device's free memory once.
+    ``model`` is the name the release was asked for (None: every local model)."""
     after = result.state
-    device = after.device or (before.device if before else None) or "the device"
+    device = _device(before, after, result.released)
     free = _free(after, device)
     if not result.released:
-        return f"The local model ({after.source}) was not loaded: nothing to release{free}."
-    text = f"Released the local model ({after.source}) after waiting {result.waited_seconds:.1f} s"
-    freed = _freed(before, after, device)
-    return f"{text}{': ' + freed if freed else ''}{free}."
+        return f"{_not_loaded(after, model)}: nothing to release{free}."
+    waited = f"after waiting {result.waited_seconds:.1f} s"
+    freed = _freed(before, after, result.released, device)
+    freed = f": {freed}" if freed else ""
+    if len(result.released) == 1:
+        return f"Released {_named(before, after, result.released[0])} {waited}{freed}{free}."
+    lines = [
+        f"Released {_named(before, after, name)}{_weights(before, name)}."
+        for name in result.released
+    ]
+    lines.append(f"Released {len(result.released)} local models {waited}{freed}{free}.")
+    return "\n".join(lines)
 
 
 def _requests(state: LocalModelState) -> str:
@@ -211,21 +350,62 @@ def _idle(state: LocalModelState) -> str:
     return text
 
 
-def _freed(before: LocalModelState | None, after: LocalModelState, device: str) -> str:
-    if before is None or not before.loaded:
-        return ""
-    if before.device_reserved_bytes is not None and after.device_reserved_bytes is not None:
-        freed = max(0, before.device_reserved_bytes - after.device_reserved_bytes)
-        return f"{size(freed)} returned to {device}"
-    if before.model_bytes is not None:
-        return f"{size(before.model_bytes)} of weights freed"
-    return ""
+def _named(before: LocalState | None, after: LocalState, name: str) -> str:
+    """``qwen3-4b (its checkpoint)``, or the bare name when neither state has it."""
+    found = after.get(name) or (before.get(name) if before else None)
+    return f"{name} ({found.source})" if found and found.source else name
 
 
-def _free(state: LocalModelState, device: str) -> str:
-    if state.device_free_bytes is None or state.device_total_bytes is None:
+def _not_loaded(after: LocalState, model: str | None) -> str:
+    if model is not None:
+        return f"{_named(None, after, model)} was not loaded"
+    if not after.models:
+        return "The gateway has no local model (no zlocal/ entry in its proxy_config.yaml)"
+    return "No local model was loaded"
+
+
+def _device(before: LocalState | None, after: LocalState, released: tuple[str, ...]) -> str:
+    """The device the released models were on (the first one's), else the one reported."""
+    for state in (before, after):
+        for name in released:
+            if state and (found := state.get(name)) and found.device:
+                return found.device
+    figures = _figures(after) or _figures(before)
+    return figures.device if figures and figures.device else "the device"
+
+
+def _figures(state: LocalState | None) -> LocalModelState | None:
+    """A model whose entry carries the device's memory (each entry reports the same device)."""
+    models = state.models if state else ()
+    return next((m for m in models if m.device_total_bytes is not None), None)
+
+
+def _weights(before: LocalState | None, name: str) -> str:
+    found = before.get(name) if before else None
+    if found is None or found.model_bytes is None:
         return ""
-    free, total = size(state.device_free_bytes), size(state.device_total_bytes)
+    return f": {size(found.model_bytes)} of weights"
+
+
+def _freed(
+    before: LocalState | None, after: LocalState, released: tuple[str, ...], device: str
+) -> str:
+    if before is None:
+        return ""
+    was, now = _figures(before), _figures(after)
+    was_reserved = was.device_reserved_bytes if was else None
+    now_reserved = now.device_reserved_bytes if now else None
+    if was_reserved is not None and now_reserved is not None:
+        return f"{size(max(0, was_reserved - now_reserved))} returned to {device}"
+    weights = [m.model_bytes for n in released if (m := before.get(n)) and m.model_bytes]
+    return f"{size(sum(weights))} of weights freed" if weights else ""
+
+
+def _free(state: LocalState, device: str) -> str:
+    figures = _figures(state)
+    if figures is None or figures.device_free_bytes is None:
+        return ""
+    free, total = size(figures.device_free_bytes), size(figures.device_total_bytes or 0)
     return f"; {device} has {free} free of {total}"
 
 

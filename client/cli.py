@@ -216,7 +216,7 @@ def models() -> None:
 @app.command()
 @_handles_errors
 def doctor(model: ModelOption = None) -> None:
-    """Check the URL, the key and the model, and say what to fix."""
+    """Check the URL, the key and the model, say what to fix, and show the local models."""
     settings = load_settings(warn=False)  # its notices are among the checks
     with _working("Checking") as progress:
         checks = diagnose(settings, model, on_progress=progress)
@@ -228,6 +228,14 @@ def doctor(model: ModelOption = None) -> None:
 @app.command("release-gpu")
 @_handles_errors
 def release_gpu(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Only this local model (its model_name in proxy_config.yaml; default: all).",
+        ),
+    ] = None,
     timeout: Annotated[
         float,
         typer.Option(
@@ -235,26 +243,31 @@ def release_gpu(
         ),
     ] = DEFAULT_RELEASE_TIMEOUT,
 ) -> None:
-    """Unload the gateway's local model and give its GPU memory back (e.g. for the image model).
+    """Unload the gateway's local models and give their GPU memory back (e.g. for the image model).
 
-    Requests already running or queued finish first; the next request loads the model again.
+    Requests already running or queued finish first; the next request loads a model again.
     """
     settings = _settings()
-    with Client(settings) as client, _working("Releasing the local model") as progress:
-        before = client.local_model_state()
-        if before.running_requests or before.queued_requests:
-            progress(
-                f"Releasing the local model after {before.running_requests} running and "
-                f"{before.queued_requests} queued requests"
-            )
-        result = client.release_gpu(timeout)
-    typer.echo(describe_release(before, result))
+    which = f"the local model {model}" if model else "the local models"
+    with Client(settings) as client, _working(f"Releasing {which}") as progress:
+        before = client.local_state()
+        targets = [m for m in before.models if model is None or m.model == model]
+        running = sum(m.running_requests for m in targets)
+        queued = sum(m.queued_requests for m in targets)
+        if running or queued:
+            progress(f"Releasing {which} after {running} running and {queued} queued requests")
+        result = client.release_gpu(model, timeout=timeout)
+    typer.echo(describe_release(before, result, model))
 
 
 @app.command()
 def setup(
     local: Annotated[
-        bool, typer.Option("--local", help="Use the local Qwen3-4B (no questions).")
+        bool,
+        typer.Option(
+            "--local",
+            help="Use a local model: the Qwen3-4B, or --local-model's checkpoint (no questions).",
+        ),
     ] = False,
     z_image: Annotated[
         bool,
@@ -279,13 +292,17 @@ def setup(
     ] = None,
     alias: Annotated[
         str | None,
-        typer.Option("--alias", help="With --provider: the model_name to give a new model."),
+        typer.Option(
+            "--alias",
+            help="With --provider, --local or --z-image: the model_name to give a new model.",
+        ),
     ] = None,
     local_model: Annotated[
         str | None,
         typer.Option(
             "--local-model",
-            help="With --local or --z-image: repo id or folder (LOCAL_LLM_MODEL).",
+            help="With --local or --z-image: Hugging Face repo id or model folder, served as "
+            "zlocal/<it> (a folder is written as an absolute path).",
         ),
     ] = None,
     save_key: Annotated[
@@ -306,7 +323,9 @@ def setup(
 ) -> None:
     """Choose the LLM (local, cloud, or Z-Image's encoder); write ./.env and proxy_config.yaml.
 
-    On a terminal, without options, it asks. Then it runs doctor and says what to run next.
+    The model is a proxy_config.yaml entry (added if the file has none for it; a local one as
+    zlocal/<repo id or folder>) and ./.env's LLM_MODEL names it. On a terminal, without options,
+    it asks. Then it runs doctor and says what to run next.
 
     Exit status: 0 saved (also when the gateway is not running yet); 1 an error, or a running
     gateway that fails the check; 130 cancelled (nothing changed).
@@ -448,6 +467,26 @@ def _print_checks(checks: list[Check]) -> None:
     for check in checks:
         mark, style = marks[check.ok]
         out.print(Text.assemble((f"{mark} {check.name}: ", style), check.detail))
+
+
+@app.command()
+@_handles_errors
+def pull(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="MODEL_NAME", help="Local models of proxy_config.yaml."),
+    ] = None,
+) -> None:
+    """Download the local models' checkpoints ahead (all of them without a name).
+
+    Only the files the gateway loads, into the Hugging Face cache; an interrupted one resumes.
+
+    Exit status: 0 done; 1 a download failed; 2 an unknown model name; 130 interrupted.
+    """
+    from client._pull import pull as pull_models
+
+    out = Console(highlight=False, soft_wrap=True)
+    raise typer.Exit(pull_models(names or [], out, _stderr()))
 
 
 def main() -> None:

@@ -152,6 +152,7 @@ def build(
     qwen3_4b_shape: bool = False,
     dtype: str = "float32",
     hidden: int = 64,
+    vocab: int = 1024,
 ) -> Path:
     """Write the checkpoint to ``out_dir`` and return its path."""
     import torch
@@ -159,7 +160,7 @@ def build(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab)
     kwargs = _config_kwargs(layers, context, qwen3_4b_shape, hidden)
     kwargs.setdefault("vocab_size", len(tokenizer))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64, help="hidden size (768: a ~64M model)")
     parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary learnt (tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--qwen3-4b-shape", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -205,6 +207,7 @@ def main() -> None:
         qwen3_4b_shape=args.qwen3_4b_shape,
         hidden=args.hidden,
         dtype=args.dtype,
+        vocab=args.vocab,
     )
     print(path)
 

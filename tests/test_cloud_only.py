@@ -35,10 +35,10 @@ def test_cloud_use_health_checks_and_local_state_never_import_torch(broken_local
     health = httpx.get(f"{gw.base_url}/health", headers=auth, timeout=120)
     assert health.status_code == 200
     assert "qwen3-4b" not in health.text and "zlocal" not in health.text
-    state = httpx.get(f"{gw.base_url}/local/state", headers=auth).json()
+    (state,) = httpx.get(f"{gw.base_url}/local/state", headers=auth).json()["models"]
     assert state["loaded"] is False and state["memory"]["model_bytes"] is None
     released = httpx.post(f"{gw.base_url}/local/release", headers=auth, timeout=30).json()
-    assert released["released"] is False  # nothing was loaded: nothing to wait for
+    assert released["released"] == []  # nothing was loaded: nothing to wait for
     maps = gw.mapped_libraries()
     assert "libtorch" not in maps and "/torch/" not in maps
     assert "libpython" in maps or "python" in maps  # the check reads a live process's maps
@@ -51,7 +51,7 @@ def test_unloadable_local_model_gets_503_naming_the_setting_and_cloud_keeps_work
     r = chat(gw, "qwen3-4b")
     assert r.status_code == 503, r.text
     message = r.json()["error"]["message"]
-    assert f"LOCAL_LLM_MODEL='{MISSING}' does not exist" in message
+    assert f"model 'qwen3-4b' (LOCAL_LLM_MODEL='{MISSING}') does not exist" in message
     assert message.startswith("The local model cannot be loaded")  # as written, not re-wrapped
     assert "Traceback" not in message
     assert "Retried" not in message  # no pointless same-model retries before the answer
@@ -73,8 +73,8 @@ def test_the_body_limit_is_a_setting(broken_local_gateway):
 def test_a_failed_load_shows_in_the_state(broken_local_gateway):
     gw = broken_local_gateway
     chat(gw, "qwen3-4b")
-    state = httpx.get(
+    (state,) = httpx.get(
         f"{gw.base_url}/local/state", headers={"Authorization": f"Bearer {gw.key}"}
-    ).json()
+    ).json()["models"]
     assert state["loaded"] is False
-    assert f"LOCAL_LLM_MODEL='{MISSING}' does not exist" in state["last_error"]
+    assert f"(LOCAL_LLM_MODEL='{MISSING}') does not exist" in state["last_error"]

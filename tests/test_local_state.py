@@ -23,6 +23,12 @@ ENDLESS = {
 }
 
 
+def one(state: dict) -> dict:
+    """The state of the one local model (a registry made without a configuration)."""
+    assert len(state["models"]) == 1, state
+    return state["models"][0]
+
+
 def long_params(max_tokens: int) -> dict:
     return {"max_tokens": max_tokens, "temperature": 1.0, "response_format": ENDLESS}
 
@@ -33,8 +39,8 @@ def long_params(max_tokens: int) -> dict:
 def test_release_with_nothing_loaded_is_immediate_and_starts_nothing(tiny_model_dir):
     local = handler(tiny_model_dir)
     result = asyncio.run(local.release())
-    assert result["released"] is False
-    assert result["state"]["loaded"] is False
+    assert result["released"] == []
+    assert one(result["state"])["loaded"] is False
     assert local.engine._thread is None  # no engine thread, so torch was not needed
 
 
@@ -44,9 +50,9 @@ def test_state_while_busy_and_idle(tiny_model_dir):
     async def scenario():
         running = asyncio.create_task(local.acompletion("x", FOX, optional_params=long_params(400)))
         assert await asyncio.to_thread(wait_for, lambda: local.engine.running == 1)
-        busy = local.state()
+        busy = one(local.state())
         await running
-        return busy, local.state()
+        return busy, one(local.state())
 
     busy, idle = asyncio.run(scenario())
     assert busy["loaded"] is True and busy["requests"] == {"running": 1, "queued": 0}
@@ -67,7 +73,7 @@ def test_a_request_answered_is_no_longer_counted_as_running(tiny_model_dir):
         counts = []
         for _ in range(20):
             await local.acompletion("x", FOX, optional_params={"max_tokens": 2})
-            counts.append(local.state()["requests"]["running"])
+            counts.append(one(local.state())["requests"]["running"])
         return counts
 
     assert asyncio.run(scenario()) == [0] * 20
@@ -77,7 +83,7 @@ def test_state_while_torch_is_still_importing(tiny_model_dir, monkeypatch):
     """A first load imports torch on another thread: a half-imported module has no ``cuda``."""
     local = handler(tiny_model_dir)
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
-    state = local.state()
+    state = one(local.state())
     assert state["memory"]["device_allocated_bytes"] is None
     assert state["loaded"] is False
 
@@ -95,8 +101,8 @@ def test_release_waits_for_the_running_request_then_unloads(tiny_model_dir):
     released, answer = asyncio.run(scenario())
     assert answer.choices[0].finish_reason == "length"
     assert answer.usage.completion_tokens == 300  # served in full, not cut by the release
-    assert released["released"] is True
-    assert released["state"]["loaded"] is False
+    assert released["released"] == ["local"]
+    assert one(released["state"])["loaded"] is False
     assert local.holder.loaded is None
 
 
@@ -113,7 +119,7 @@ def test_a_request_sent_after_the_release_reloads_the_model(tiny_model_dir):
         return before, await first, await release, after
 
     before, first, released, after = asyncio.run(scenario())
-    assert released["released"] is True
+    assert released["released"] == ["local"]
     assert first.usage.completion_tokens == 200
     assert after.usage.completion_tokens >= 1
     assert local.holder.loaded is not None and local.holder.loaded is not before  # reloaded
@@ -123,11 +129,14 @@ def test_a_request_sent_after_the_release_reloads_the_model(tiny_model_dir):
 
 
 def get_state(gateway) -> dict:
+    """qwen3-4b's state: the shipped configuration's one local model."""
     r = httpx.get(
         f"{gateway.base_url}/local/state", headers={"Authorization": f"Bearer {gateway.key}"}
     )
     assert r.status_code == 200, r.text
-    return r.json()
+    state = one(r.json())
+    assert state["model"] == "qwen3-4b"
+    return state
 
 
 def release(gateway) -> dict:
@@ -161,11 +170,11 @@ def test_state_and_release_through_the_gateway(gateway, client):
     assert state["keep_alive_seconds"] == 300
 
     released = release(gateway)
-    assert released["released"] is True and released["state"]["loaded"] is False
+    assert released["released"] == ["qwen3-4b"] and one(released["state"])["loaded"] is False
     unloaded = get_state(gateway)
     assert unloaded["loaded"] is False
     assert unloaded["load_seconds"] > 0  # the last load's time stays: what a reload may cost
-    assert release(gateway)["released"] is False  # nothing left to release
+    assert release(gateway)["released"] == []  # nothing left to release
 
     started = time.monotonic()
     again = client.chat.completions.create(model="qwen3-4b", messages=FOX, max_tokens=2)

@@ -63,9 +63,9 @@ def test_a_chats_earlier_turns_are_reused(handler):
 def test_release_drops_the_kept_prefixes(handler):
     local = handler(64)
     greedy(local, conversation(USERS[0]))
-    assert local.state()["prefix_cache"]["entries"] == 1
+    assert local.state()["models"][0]["prefix_cache"]["entries"] == 1
     released = asyncio.run(local.release())
-    assert released["released"] and released["state"]["prefix_cache"]["entries"] == 0
+    assert released["released"] and released["state"]["models"][0]["prefix_cache"]["entries"] == 0
 
 
 class _Layer:

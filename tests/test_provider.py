@@ -68,6 +68,7 @@ def test_async_requests_at_once_all_answer_and_load_once(tiny_model_dir):
         return LocalModelSettings(model=str(tiny_model_dir))
 
     local = LocalLLM(ModelHolder(factory))
+    loads.clear()  # read once for the model's serving settings; from now on, once per load
 
     async def burst():
         return await asyncio.gather(

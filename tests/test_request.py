@@ -198,8 +198,10 @@ def test_bad_response_format_is_refused(response_format, needle):
 @pytest.mark.parametrize(
     ("name", "env"),
     [
-        ("model_path", "LOCAL_LLM_MODEL"),
-        ("LOCAL_LLM_MODEL", "LOCAL_LLM_MODEL"),
+        ("model_path", "litellm_params.model in proxy_config.yaml"),
+        ("LOCAL_LLM_MODEL", "litellm_params.model in proxy_config.yaml"),
+        ("model_info", "proxy_config.yaml"),
+        ("litellm_params", "proxy_config.yaml"),
         ("local_llm_device", "LOCAL_LLM_DEVICE"),
         ("device", "LOCAL_LLM_DEVICE"),
         ("device_map", "LOCAL_LLM_DEVICE"),
@@ -219,13 +221,16 @@ def test_bad_response_format_is_refused(response_format, needle):
         ("hf_token", "HF_TOKEN"),
     ],
 )
-def test_server_only_settings_are_refused_naming_their_variable(name, env):
+def test_server_only_settings_are_refused_naming_where_they_are_set(name, env):
     with pytest.raises(InvalidRequestError) as info:
         parse(**{name: "x"})
     message = info.value.message
     assert f"'{name}' is a server-only setting" in message
     assert env in message
     assert info.value.param == name
+    if env.startswith("LOCAL_LLM_") and env != "LOCAL_LLM_MODEL":  # per model, or for every one
+        setting = env.removeprefix("LOCAL_LLM_").lower()
+        assert f"model_info.{setting} in proxy_config.yaml" in message
 
 
 @pytest.mark.parametrize("name", ["max_memory", "gpu_memory_utilization", "context_length"])

@@ -49,8 +49,8 @@ def still_serving(client) -> None:
 
 LOCAL_SETTINGS = {
     "device": ("cpu", "LOCAL_LLM_DEVICE"),
-    "model_path": ("/etc", "LOCAL_LLM_MODEL"),
-    "LOCAL_LLM_MODEL": ("/etc", "LOCAL_LLM_MODEL"),
+    "model_path": ("/etc", "litellm_params.model in proxy_config.yaml"),
+    "LOCAL_LLM_MODEL": ("/etc", "litellm_params.model in proxy_config.yaml"),
     "quantization": ("none", "LOCAL_LLM_QUANTIZATION"),
     "dtype": ("float16", "LOCAL_LLM_DTYPE"),
     "max_batch_size": (1000, "LOCAL_LLM_MAX_BATCH_SIZE"),

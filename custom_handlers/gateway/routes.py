@@ -1,10 +1,11 @@
-"""What the gateway gains when LiteLLM loads our handler: the local model's routes and a body limit.
+"""What the gateway gains when LiteLLM loads our handler: the local models' routes and a body limit.
 
-- ``GET /local/state``: loaded or not, device, dtype, quantization, memory, requests running and
-  queued, seconds idle, when it unloads. Reading it never loads the model (nor imports torch).
-- ``POST /local/release``: unload the model once the requests already sent are done, and return
-  once its memory is given back (Z-Explorer calls it before it loads the image model). Requests
-  sent after it load the model again.
+- ``GET /local/state``: every local model by its ``model_name``: loaded or not, device, dtype,
+  quantization, memory, requests running and queued, seconds idle, when it unloads. Reading it
+  never loads a model (nor imports torch).
+- ``POST /local/release``: unload every local model (or the one named by ``{"model": ...}``) once
+  the requests already sent are done, and return once its memory is given back (Z-Explorer calls
+  it before it loads the image model). Requests sent after it load the model again.
 - Request bodies over ``GATEWAY_MAX_REQUEST_MB`` get 413 before they are read (``body_limit``).
 
 LiteLLM has no setting for extra routes, so ``mount`` adds them to its FastAPI app when the proxy
@@ -14,6 +15,7 @@ gateway key, checked as on every other route.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -21,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from custom_handlers.gateway.auth import unauthorized
 from custom_handlers.gateway.body_limit import BodySizeLimit
 from custom_handlers.gateway.journal import JOURNAL_VAR, Journal, RequestJournal
 from custom_handlers.gateway.supervisor import restarts_reported
+from custom_handlers.inference.errors import InvalidRequestError, LocalLLMError
 from custom_handlers.inference.settings import (
     GatewaySettings,
     gateway_workers,
@@ -65,8 +69,12 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     async def local_state() -> dict:
         return {**provider.state(), "gateway": gateway_state()}
 
-    async def local_release() -> dict:
-        return await provider.release()
+    async def local_release(request: Request):
+        try:
+            return await provider.release(await _model_to_release(request))
+        except LocalLLMError as error:
+            log.info("POST %s refused: %s", RELEASE_PATH, error.message)
+            return JSONResponse(_error_body(error), status_code=error.status_code)
 
     routes = [
         APIRoute(STATE_PATH, local_state, methods=["GET"], dependencies=[Depends(require_key)]),
@@ -78,6 +86,42 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     app.router.routes[:0] = routes
     _limit_body_size(app, GatewaySettings().max_request_mb)
     _journal_requests(app)
+
+
+async def _model_to_release(request: Request) -> str | None:
+    """The ``model`` of the body (``{"model": "<model_name>"}``); None: every local model."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequestError(
+            'The body must be JSON: {"model": "<model_name>"} to release one local model, or '
+            "empty to release them all."
+        ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("model", ""), str | None):
+        raise InvalidRequestError(
+            '\'model\' must be the model_name of a local model: {"model": "qwen3-4b"}.',
+            param="model",
+        )
+    unknown = sorted(set(body) - {"model"})
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown field {unknown[0]!r}: the body takes only 'model'.", param=unknown[0]
+        )
+    return body.get("model") or None
+
+
+def _error_body(error: LocalLLMError) -> dict:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code or str(error.status_code),
+        }
+    }
 
 
 def gateway_state() -> dict:

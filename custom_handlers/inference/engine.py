@@ -302,6 +302,11 @@ class Engine:
         return len({id(r.job) for r in rows if not r.done and not r.job.cancelled})
 
     @property
+    def releasing(self) -> bool:
+        """A release is asked for or under way."""
+        return self._release is not None or self._releases_queued > 0
+
+    @property
     def queued(self) -> int:
         return max(0, self._jobs.qsize() - self._releases_queued) + (self._waiting is not None)
 

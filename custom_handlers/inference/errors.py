@@ -3,7 +3,8 @@
     Exception
      └── LocalLLMError                      500  something broke inside the gateway
           ├── InvalidRequestError           400  the caller's request is wrong
-          │    └── ContextLengthExceededError 400  prompt + max_tokens > the model's context
+          │    ├── ContextLengthExceededError 400  prompt + max_tokens > the model's context
+          │    └── NotFoundError             404  no local model of that name
           ├── ModelUnavailableError         503  the local model cannot be loaded or run right now
           └── OverloadedError               503  too many requests queued (with Retry-After)
 
@@ -34,6 +35,10 @@ class InvalidRequestError(LocalLLMError):
     type = "invalid_request_error"
 
 
+class NotFoundError(InvalidRequestError):
+    status_code = 404
+
+
 class ContextLengthExceededError(InvalidRequestError):
     def __init__(self, message: str):
         super().__init__(
@@ -44,6 +49,7 @@ class ContextLengthExceededError(InvalidRequestError):
 class ModelUnavailableError(LocalLLMError):
     status_code = 503
     type = "service_unavailable"
+    out_of_memory = False  # a load failed for lack of device memory (worth one more try)
 
 
 class OverloadedError(LocalLLMError):

@@ -6,6 +6,7 @@ time. torch and transformers are imported here, on that first load, and nowhere 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
@@ -13,9 +14,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from custom_handlers.inference.constraints import JsonConstraints
+from custom_handlers.inference.download import (
+    DownloadError,
+    LogProgress,
+    Progress,
+    download,
+    is_cached,
+    size_text,
+)
 from custom_handlers.inference.errors import ModelUnavailableError
 from custom_handlers.inference.settings import (
     DEFAULT_MODEL,
@@ -48,13 +57,49 @@ class LoadedModel:
     constraints: JsonConstraints
 
 
+class DownloadWatch(LogProgress):
+    """The gateway log's download lines, and how far the download is (for callers who wait)."""
+
+    def __init__(self, sink):
+        super().__init__(sink)
+        self.total = self.done = 0
+        self.active = False  # files are being fetched
+
+    def planned(self, plan) -> None:
+        super().planned(plan)
+        self.total, self.done = plan.total_bytes, plan.present_bytes
+        self.active = bool(plan.missing)
+
+    def file_started(self, name: str, size: int | None, resumed_at: int) -> None:
+        super().file_started(name, size, resumed_at)
+        self.done += resumed_at
+
+    def advanced(self, nbytes: int) -> None:
+        super().advanced(nbytes)
+        self.done += nbytes
+
+    def describe(self) -> str:
+        percent = int(100 * self.done / self.total) if self.total else 0
+        return f"{percent}% of {size_text(self.total)}"
+
+
+class Room(Protocol):
+    """What a holder asks before it loads (``registry.Registry``)."""
+
+    def admit(self, holder: ModelHolder) -> contextlib.AbstractContextManager: ...
+
+    def free_idle(self, holder: ModelHolder) -> bool: ...
+
+
 class ModelHolder:
     def __init__(self, settings_factory=LocalModelSettings):
-        self._settings_factory = settings_factory
+        self.settings_factory = settings_factory
+        self.room: Room | None = None  # the registry every load of several models goes through
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._failure: tuple[float, ModelUnavailableError] | None = None
         self.loading = False  # a load is under way (state reports; nothing waits on it)
+        self.download: DownloadWatch | None = None  # the download of a load under way, if any
         self.last_load_seconds: float | None = None  # kept after an unload: what a reload costs
 
     @property
@@ -75,10 +120,11 @@ class ModelHolder:
                 return self._loaded
             if self._failure and time.monotonic() - self._failure[0] < RETRY_AFTER_FAILURE_S:
                 raise self._failure[1]
-            settings = self._settings_factory()
+            settings = self.settings_factory()
             self.loading = True
             try:
-                self._loaded = load_model(settings)
+                with self.room.admit(self) if self.room else contextlib.nullcontext():
+                    self._loaded = self._load(settings)
             except ModelUnavailableError as exc:
                 self._failure = (time.monotonic(), exc)
                 log.error("%s", exc)
@@ -88,6 +134,22 @@ class ModelHolder:
             self._failure = None
             self.last_load_seconds = self._loaded.load_seconds
             return self._loaded
+
+    def _load(self, settings: LocalModelSettings) -> LoadedModel:
+        """``load_model``, once more after unloading idle models if it ran out of memory."""
+        self.download = DownloadWatch(log)
+        try:
+            return load_model(settings, self.download)
+        except ModelUnavailableError as exc:
+            if not exc.out_of_memory or self.room is None or not self.room.free_idle(self):
+                raise
+            log.warning(
+                "Out of memory loading %s: unloaded the idle local models, trying once more",
+                settings.source_label,
+            )
+            return load_model(settings)
+        finally:
+            self.download = None
 
     def unload(self) -> bool:
         """Drop the model and give its memory back; the next ``get`` loads it again.
@@ -150,11 +212,13 @@ def _empty_device_cache(on_gpu: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def load_model(settings: LocalModelSettings) -> LoadedModel:
+def load_model(settings: LocalModelSettings, progress: Progress | None = None) -> LoadedModel:
     """Load tokenizer and model as ``settings`` say; every failure is ``ModelUnavailableError``."""
     if (workers := gateway_workers()) > 1:
         raise ModelUnavailableError(several_workers_problem(workers))
     source = _check_source(settings)
+    if source == settings.model.strip():  # a repo id: fetch what is missing, with progress
+        _download(settings, progress)
     started = time.perf_counter()
     try:
         import torch
@@ -228,8 +292,8 @@ def _check_source(settings: LocalModelSettings) -> str:
         if not (path / settings.model_folder / "config.json").is_file():
             raise ModelUnavailableError(
                 f"The local model cannot be loaded: {settings.source_label} is a directory "
-                "without a config.json. Point LOCAL_LLM_MODEL at a Hugging Face model folder "
-                f"or a repo id (default {DEFAULT_MODEL!r})."
+                f"without a config.json. Point {settings.checkpoint_setting} at a Hugging Face "
+                f"model folder or a repo id (default {DEFAULT_MODEL!r})."
             )
         if not (path / settings.tokenizer_folder).is_dir():
             raise ModelUnavailableError(
@@ -241,10 +305,23 @@ def _check_source(settings: LocalModelSettings) -> str:
     if looks_like_path:
         raise ModelUnavailableError(
             f"The local model cannot be loaded: {settings.source_label} does not exist. Set "
-            "LOCAL_LLM_MODEL to an existing model directory or a Hugging Face repo id "
-            f"(default {DEFAULT_MODEL!r}) and restart the gateway."
+            f"{settings.checkpoint_setting} to an existing model directory or a Hugging Face "
+            f"repo id (default {DEFAULT_MODEL!r}) and restart the gateway."
         )
     return source
+
+
+def _download(settings: LocalModelSettings, progress: Progress | None) -> None:
+    """Fetch the files of a repo id the cache lacks (nothing when it has them all), logging the
+    progress, so a first request's long wait shows in the gateway's log."""
+    if is_cached(settings):
+        return
+    try:
+        download(settings, progress or LogProgress(log))
+    except DownloadError as exc:
+        raise ModelUnavailableError(
+            f"The local model cannot be loaded from {settings.source_label}: {exc.message}"
+        ) from None
 
 
 def _tie_missing_lm_head(model, loading_info: dict, settings: LocalModelSettings) -> None:
@@ -273,11 +350,24 @@ def _tie_missing_lm_head(model, loading_info: dict, settings: LocalModelSettings
 
 def _load_error(settings: LocalModelSettings, exc: Exception) -> ModelUnavailableError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _out_of_memory(exc):
+        error = ModelUnavailableError(
+            f"The local model cannot be loaded from {settings.source_label}: out of memory on "
+            f"its device ({reason[:200]}). Free memory (POST /local/release, a smaller or "
+            "4-bit checkpoint, the image model unloaded), then retry."
+        )
+        error.out_of_memory = True
+        return error
     return ModelUnavailableError(
         f"The local model cannot be loaded from {settings.source_label}: {reason[:300]} "
-        "Check that LOCAL_LLM_MODEL names a Hugging Face repo id you can download (or is in the "
-        "local Hugging Face cache) or a local model directory, then retry."
+        f"Check that {settings.checkpoint_setting} names a Hugging Face repo id you can download "
+        "(or is in the local Hugging Face cache) or a local model directory, then retry."
     )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (without importing torch), or an allocator's own words."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def _resolve_device(requested: str, torch) -> str:

@@ -10,7 +10,9 @@ The provider translates and validates; it never touches tensors. The path of one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,10 +39,18 @@ from custom_handlers.inference.engine import (
     TokenLogprob,
     ToolRun,
 )
-from custom_handlers.inference.errors import ContextLengthExceededError, InvalidRequestError
+from custom_handlers.inference.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    LocalLLMError,
+    ModelUnavailableError,
+    NotFoundError,
+    OverloadedError,
+)
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.registry import LocalModel, Registry
 from custom_handlers.inference.request import ChatRequest, parse_chat_request
-from custom_handlers.inference.settings import LocalModelSettings
+from custom_handlers.inference.settings import LocalModelsSettings
 from custom_handlers.inference.tools import CallDelta
 
 
@@ -77,24 +87,35 @@ class _Outcome:
 
 
 class LocalLLM(CustomLLM):
-    def __init__(self, holder: ModelHolder | None = None) -> None:
+    """Every local model of the gateway (``registry``), behind LiteLLM's provider interface."""
+
+    def __init__(self, holder: ModelHolder | None = None, registry: Registry | None = None):
         super().__init__()
-        self.holder = holder or ModelHolder()
-        self.settings = LocalModelSettings()
-        self.engine = Engine(
-            self.holder,
-            self.settings.max_batch_size,
-            self.settings.max_queue,
-            self.settings.keep_alive,
-            int(self.settings.prefix_cache_mb * 2**20),
-        )
-        self._load_lock: asyncio.Lock | None = None
+        self.registry = registry or Registry.single(holder)
+
+    def use(self, registry: Registry) -> None:
+        """Serve the models of ``registry`` (the gateway's configuration) from now on."""
+        self.registry = registry
+
+    # The first model's parts: the one model of a registry made without a configuration.
+    @property
+    def first(self) -> LocalModel:
+        return next(iter(self.registry.models.values()))
+
+    @property
+    def holder(self) -> ModelHolder:
+        return self.first.holder
+
+    @property
+    def engine(self) -> Engine:
+        return self.first.engine
 
     # ---- LiteLLM entry points -------------------------------------------------------------
 
     async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
-        request = self._parse(messages, optional_params, stream=False)
-        job = await self._start(request, AsyncSink())
+        local = self._model(model, kwargs)
+        request = _parse(local, messages, optional_params, stream=False)
+        job = await self._start(local, request, AsyncSink())
         outcome = _Outcome()
         try:
             while not isinstance(event := await job.sink.get(), Done):
@@ -113,10 +134,12 @@ class LocalLLM(CustomLLM):
         answers it with an HTTP error (the Responses API's stream otherwise opened with a 200 and a
         lone ``response.failed`` event, which the openai SDK cannot read).
         """
-        return self._stream(self._parse(messages, optional_params, stream=True), model)
+        local = self._model(model, kwargs)
+        request = _parse(local, messages, optional_params, stream=True)
+        return self._stream(local, request, model)
 
-    async def _stream(self, request: ChatRequest, model: str) -> AsyncIterator:
-        job = await self._start(request, AsyncSink())
+    async def _stream(self, local: LocalModel, request: ChatRequest, model: str) -> AsyncIterator:
+        job = await self._start(local, request, AsyncSink())
         chunks = _Chunks(model, job)
         try:
             while True:
@@ -132,8 +155,9 @@ class LocalLLM(CustomLLM):
             job.cancel()
 
     def completion(self, model, messages, *args, optional_params=None, **kwargs):
-        request = self._parse(messages, optional_params, stream=False)
-        job = self._start_sync(request)
+        local = self._model(model, kwargs)
+        request = _parse(local, messages, optional_params, stream=False)
+        job = self._start_sync(local, request)
         outcome = _Outcome()
         try:
             while not isinstance(event := job.sink.get(), Done):
@@ -146,8 +170,9 @@ class LocalLLM(CustomLLM):
     def streaming(
         self, model, messages, *args, optional_params=None, **kwargs
     ) -> Iterator[GenericStreamingChunk]:
-        request = self._parse(messages, optional_params, stream=True)
-        job = self._start_sync(request)
+        local = self._model(model, kwargs)
+        request = _parse(local, messages, optional_params, stream=True)
+        job = self._start_sync(local, request)
         chunks = _Chunks(model, job)
         try:
             while not isinstance(event := job.sink.get(), Done):
@@ -156,84 +181,204 @@ class LocalLLM(CustomLLM):
         finally:
             job.cancel()
 
-    # ---- the model's state and release (GET /local/state, POST /local/release) ----------------
+    # ---- the models' state and release (GET /local/state, POST /local/release) ---------------
 
     def state(self) -> dict[str, object]:
-        """What is loaded where, the memory it holds, and the requests it serves."""
-        loaded = self.holder.loaded
+        """Every local model: what is loaded where, the memory it holds, the requests it serves."""
         return {
-            "loaded": loaded is not None,
-            "loading": self.holder.loading,
-            "source": LocalModelSettings().model,  # read now: the next load uses the current value
-            "device": loaded.device if loaded else None,
-            "dtype": loaded.dtype if loaded else None,
-            "quantization": loaded.quantization if loaded else None,
-            "context_length": loaded.context_length if loaded else None,
-            "load_seconds": _rounded(self.holder.last_load_seconds),  # the last load's, if any
-            "memory": self.holder.memory(),
-            **self.engine.state(),
-            "last_error": self.holder.last_error,
+            "models": [_model_state(m) for m in self.registry.models.values()],
+            "max_loaded_models": self.registry.max_loaded,
         }
 
-    async def release(self) -> dict[str, object]:
-        """Unload the model once the requests before this call are done; then its state."""
+    async def release(self, name: str | None = None) -> dict[str, object]:
+        """Unload every model (or the one named) once the requests sent before this call are
+        done; then the models released and the state. ``NotFoundError`` for an unknown name."""
+        if name is None:
+            models = list(self.registry.models.values())
+        elif (one := self.registry.models.get(name)) is not None:
+            models = [one]
+        else:
+            raise NotFoundError(
+                f"No local model is named {name!r} (local models: "
+                f"{', '.join(self.registry.models) or 'none'}).",
+                param="model",
+                code="model_not_found",
+            )
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-
         started = time.monotonic()
-        marker = self.engine.release(on_done=wake)
-        if not marker.done.is_set():
-            await done
+        markers = []
+        for model in models:
+            done = loop.create_future()
+
+            def wake(done=done) -> None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+            marker = model.engine.release(on_done=wake)
+            markers.append((model, marker, done))
+        for _, marker, done in markers:
+            if not marker.done.is_set():
+                await done
         return {
-            "released": marker.released,
+            "released": [model.name for model, marker, _ in markers if marker.released],
             "waited_seconds": round(time.monotonic() - started, 3),
             "state": self.state(),
         }
 
+    def preload(self) -> threading.Thread | None:
+        """Load the models marked ``preload: true``, in the configuration's order, on a thread of
+        their own (the gateway starts meanwhile); the thread, or None when none is marked.
+
+        A preloaded model stays loaded until its first request (keep_alive counts from the end of
+        a request), unless another model needs its room."""
+        marked = [m for m in self.registry.models.values() if m.settings.preload]
+        if not marked:
+            return None
+        if len(marked) > self.registry.max_loaded:
+            log.warning(
+                "%d local models are marked preload but LOCAL_LLM_MAX_LOADED_MODELS is %d: the "
+                "last %d loaded stay loaded",
+                len(marked),
+                self.registry.max_loaded,
+                self.registry.max_loaded,
+            )
+
+        def load_all() -> None:
+            for model in marked:
+                model.touch()
+                with contextlib.suppress(LocalLLMError):  # logged; the first request retries
+                    model.holder.get()
+
+        thread = threading.Thread(target=load_all, name="local-llm-preload", daemon=True)
+        thread.start()
+        return thread
+
     # ---- internals --------------------------------------------------------------------------
 
-    def _parse(self, messages, optional_params, *, stream: bool) -> ChatRequest:
-        return parse_chat_request(
-            messages, optional_params or {}, stream=stream, max_n=self.settings.max_n
-        )
+    def _model(self, model: str, kwargs: dict) -> LocalModel:
+        """The local model a call is for: its entry's name (LiteLLM's model group), checked
+        against the deployment's ``zlocal/<id>``; a model not declared is refused (400)."""
+        params = kwargs.get("litellm_params") or {}
+        metadata = params.get("metadata") or {}
+        group = metadata.get("model_group") if isinstance(metadata, dict) else None
+        return self.registry.find(group if isinstance(group, str) else None, model)
 
-    async def _start(self, request: ChatRequest, sink: AsyncSink) -> Job:
-        loaded = await self._load()
-        if _is_small(request):  # under a millisecond: a thread hop would cost more than it saves
+    async def _start(self, local: LocalModel, request: ChatRequest, sink: AsyncSink) -> Job:
+        local.touch()
+        _check_room_in_queue(local)
+        local.arriving += 1  # counted as queued, and the model as busy, until the engine has it
+        try:
+            loaded = await self._load(local)
+            if _is_small(request):  # under a millisecond: a thread hop would cost more
+                prepared = _prepare(loaded, request)
+            else:
+                prepared = await asyncio.to_thread(_prepare, loaded, request)
+            return local.engine.submit(_job(local, loaded, request, prepared, sink))
+        finally:
+            local.arriving -= 1
+
+    def _start_sync(self, local: LocalModel, request: ChatRequest) -> Job:
+        local.touch()
+        _check_room_in_queue(local)
+        local.arriving += 1
+        try:
+            loaded = local.holder.get()
             prepared = _prepare(loaded, request)
-        else:
-            prepared = await asyncio.to_thread(_prepare, loaded, request)
-        return self.engine.submit(self._job(loaded, request, prepared, sink))
+            return local.engine.submit(_job(local, loaded, request, prepared, SyncSink()))
+        finally:
+            local.arriving -= 1
 
-    def _start_sync(self, request: ChatRequest) -> Job:
-        loaded = self.holder.get()
-        return self.engine.submit(self._job(loaded, request, _prepare(loaded, request), SyncSink()))
-
-    async def _load(self) -> LoadedModel:
-        """The loaded model. One executor thread waits on a load, however many requests do."""
-        if (loaded := self.holder.loaded) is not None:
+    async def _load(self, local: LocalModel) -> LoadedModel:
+        """The loaded model. One thread loads it, however many requests wait for it; a request
+        that has waited ``LOCAL_LLM_DOWNLOAD_WAIT`` for a download still running gets a 503
+        saying so (the download goes on: a later request finds it further along, or done)."""
+        if (loaded := local.holder.loaded) is not None:
             return loaded
-        if self._load_lock is None:
-            self._load_lock = asyncio.Lock()
-        async with self._load_lock:
-            return await asyncio.to_thread(self.holder.get)
+        if local.load_task is None or local.load_task.done():
+            local.load_task = asyncio.ensure_future(asyncio.to_thread(local.holder.get))
+            local.load_task.add_done_callback(_retrieved)
+        task, started = local.load_task, time.monotonic()
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), 1.0)
+            except TimeoutError:
+                watch = local.holder.download
+                if watch is None or not watch.active:
+                    continue
+                if time.monotonic() - started >= LocalModelsSettings().download_wait:
+                    raise _still_downloading(local, watch.describe()) from None
 
-    def _job(self, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
-        ids = prepared.prompt_ids
-        max_new = _output_budget(loaded, request, len(ids), self.settings.default_max_tokens)
-        return Job(
-            ids,
-            request.sampling,
-            max_new,
-            sink,
-            prepared.grammar,
-            request.keep_alive,
-            prepared.tools,
-            request.logprobs,
+
+def _still_downloading(local: LocalModel, progress: str) -> ModelUnavailableError:
+    error = ModelUnavailableError(
+        f"The local model {local.name!r} is still downloading ({progress}; the gateway's log "
+        f"shows its progress). Retry in a minute, or download it ahead with "
+        f"`z-explorer pull {local.name}`.",
+        code="model_downloading",
+    )
+    error.headers = {"retry-after": "60"}
+    return error
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """A load's failure is told to the requests that wait for it, and logged by the holder;
+    asyncio need not report it again when nobody waits any more."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _parse(local: LocalModel, messages, optional_params, *, stream: bool) -> ChatRequest:
+    return parse_chat_request(
+        messages, optional_params or {}, stream=stream, max_n=local.settings.max_n
+    )
+
+
+def _check_room_in_queue(local: LocalModel) -> None:
+    """A request that would wait beyond the model's queue (its own, or for its load) gets 503."""
+    if local.queued >= local.settings.max_queue:
+        raise OverloadedError(
+            f"The local model {local.name!r} is busy: {local.queued} requests are waiting "
+            f"already (max_queue {local.settings.max_queue}). Retry in a few seconds.",
+            retry_after=2,
         )
+
+
+def _job(local: LocalModel, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
+    ids = prepared.prompt_ids
+    max_new = _output_budget(loaded, request, len(ids), local.settings.default_max_tokens)
+    return Job(
+        ids,
+        request.sampling,
+        max_new,
+        sink,
+        prepared.grammar,
+        request.keep_alive,
+        prepared.tools,
+        request.logprobs,
+    )
+
+
+def _model_state(model: LocalModel) -> dict[str, object]:
+    holder, settings = model.holder, model.settings
+    loaded = holder.loaded
+    return {
+        "model": model.name,
+        # read now for a model without an entry: the next load uses the current LOCAL_LLM_MODEL
+        "source": settings.model if model.model_id is not None else holder.settings_factory().model,
+        "loaded": loaded is not None,
+        "loading": holder.loading,
+        "device": loaded.device if loaded else None,
+        "dtype": loaded.dtype if loaded else None,
+        "quantization": loaded.quantization if loaded else None,
+        "context_length": loaded.context_length if loaded else None,
+        "load_seconds": _rounded(holder.last_load_seconds),  # the last load's, if any
+        "memory": holder.memory(),
+        **model.engine.state(),
+        "requests": {"running": model.engine.running, "queued": model.queued},
+        "max_batch_size": model.engine.max_rows,
+        "max_queue": settings.max_queue,
+        "preload": settings.preload,
+        "last_error": holder.last_error,
+    }
 
 
 # Streams send at most one chunk every STREAM_INTERVAL seconds: the proxy's work per chunk is the
@@ -447,6 +592,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+log = logging.getLogger("custom_handlers.provider")
 
 
 def _configure_logging() -> None:

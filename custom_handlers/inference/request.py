@@ -50,6 +50,7 @@ _ZERO_OR_UNSET = ("presence_penalty", "frequency_penalty")
 # variable that sets it ("": none, the loaded model fixes it). A request that tries one is refused:
 # it cannot change what the server does, and answering as if it had would mislead the caller.
 # keep_alive is per request on purpose; "model" is the alias, never an optional parameter.
+_CONFIG = "proxy_config.yaml"
 _SERVER_ONLY: dict[str, str] = {
     **{
         name: f"LOCAL_LLM_{name.upper()}"
@@ -74,6 +75,7 @@ _SERVER_ONLY: dict[str, str] = {
         "LOCAL_LLM_QUANTIZATION",
     ),
     "batch_size": "LOCAL_LLM_MAX_BATCH_SIZE",
+    **dict.fromkeys(("model_info", "litellm_params", "max_loaded_models"), _CONFIG),
     **dict.fromkeys(("queue_size", "max_queue_size"), "LOCAL_LLM_MAX_QUEUE"),
     **dict.fromkeys(("token", "hf_token", "use_auth_token"), "HF_TOKEN"),
     "cache_dir": "HF_HOME",
@@ -255,8 +257,18 @@ def _server_only_env(name: Any) -> str | None:
 def _server_only_message(name: str, env: str) -> str:
     if not env:
         how = "it is fixed by the model the gateway loads and cannot be set per request"
-    else:
+    elif env == _CONFIG:
+        how = f"each local model's settings are set in {_CONFIG} and the gateway's environment"
+    elif env == "LOCAL_LLM_MODEL":
+        how = f"each local model's checkpoint is its entry's litellm_params.model in {_CONFIG}"
+    elif not env.startswith(_ENV_PREFIX.upper()):
         how = f"set {env} in the gateway's environment (see env.example) instead"
+    else:
+        setting = env.removeprefix(_ENV_PREFIX.upper()).lower()
+        how = (
+            f"set it as the model's model_info.{setting} in {_CONFIG}, or {env} in the "
+            "gateway's environment for every local model, instead"
+        )
     return (
         f"'{name}' is a server-only setting of the local model: {how}. Remove it from the request."
     )

@@ -1,7 +1,8 @@
-"""Server-only settings of the local model, read from ``LOCAL_LLM_*`` environment variables.
+"""Server-only settings of the local models.
 
-A client's request body never reaches these: they are read from the gateway's environment (and its
-``.env``) when the model is first loaded.
+Each local model's settings are its ``model_info`` in ``proxy_config.yaml`` (``catalog``), on top of
+the ``LOCAL_LLM_*`` environment variables (and the gateway's ``.env``), which are every local
+model's defaults. A client's request body never reaches these.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
@@ -70,6 +71,10 @@ class LocalModelSettings(BaseSettings):
         "that starts like an earlier one (the same system prompt) skips that part of its "
         "prefill. 0 turns it off. 512 MiB holds about 3,600 tokens of Qwen3-4B.",
     )
+    preload: bool = Field(
+        False,
+        description="Load the model when the gateway starts, so the first request finds it warm.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Allow custom modelling code from the model repo (off: Qwen3 needs none).",
@@ -89,6 +94,21 @@ class LocalModelSettings(BaseSettings):
         ),
     )
 
+    _entry: str | None = PrivateAttr(None)  # the proxy_config.yaml entry these settings are for
+    _from_env: bool = PrivateAttr(True)  # the checkpoint is LOCAL_LLM_MODEL's
+
+    def for_entry(self, name: str, *, checkpoint_from_env: bool) -> LocalModelSettings:
+        """These settings, named after the ``model_name`` they belong to (in messages)."""
+        self._entry, self._from_env = name, checkpoint_from_env
+        return self
+
+    @property
+    def checkpoint_setting(self) -> str:
+        """Where the checkpoint is set, as messages tell the user to fix it."""
+        if self._from_env:
+            return "LOCAL_LLM_MODEL"
+        return f"the litellm_params.model of {self._entry!r} in proxy_config.yaml"
+
     @property
     def tokenizer_folder(self) -> str:
         """The tokenizer's subfolder: LOCAL_LLM_TOKENIZER_SUBFOLDER, else LOCAL_LLM_SUBFOLDER."""
@@ -101,9 +121,39 @@ class LocalModelSettings(BaseSettings):
 
     @property
     def source_label(self) -> str:
+        if self._entry is not None:
+            folder = f", subfolder {self.model_folder!r}" if self.model_folder else ""
+            source = f"LOCAL_LLM_MODEL={self.model!r}" if self._from_env else repr(self.model)
+            return f"model {self._entry!r} ({source}{folder})"
         if self.model_folder:
             return f"LOCAL_LLM_MODEL={self.model!r} (LOCAL_LLM_SUBFOLDER={self.model_folder!r})"
         return f"LOCAL_LLM_MODEL={self.model!r}"
+
+
+class LocalModelsSettings(BaseSettings):
+    """Settings of the local models as a whole."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCAL_LLM_", extra="ignore")
+
+    max_loaded_models: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Most local models loaded at once (LOCAL_LLM_MAX_LOADED_MODELS). A request for another "
+            "one first unloads the least recently used idle model. 1 by default: the GPU is shared "
+            "with the image model."
+        ),
+    )
+
+    download_wait: float = Field(
+        60,
+        ge=0,
+        description=(
+            "Seconds a request waits for its model's download (a checkpoint not in the Hugging "
+            "Face cache yet) before a 503 that says how far it is; the download goes on "
+            "(LOCAL_LLM_DOWNLOAD_WAIT). `z-explorer pull` downloads ahead."
+        ),
+    )
 
 
 class GatewaySettings(BaseSettings):

@@ -22,6 +22,7 @@ PUBLIC = [
     "Library",
     "LibraryError",
     "LocalModelState",
+    "LocalState",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "ProviderAuthError",
@@ -83,3 +84,11 @@ def test_the_library_functions_keep_the_old_apps_signatures():
         "context_prompt",
         "count",
     ]
+
+
+def test_release_gpu_takes_a_model_first_and_the_timeout_by_name():
+    for function in (client.release_gpu, client.Client.release_gpu, client.AsyncClient.release_gpu):
+        parameters = inspect.signature(function).parameters
+        assert [p for p in parameters if p != "self"] == ["model", "timeout"]
+        assert parameters["model"].default is None
+        assert parameters["timeout"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -177,9 +177,10 @@ def test_models(on_gateway, cli):
 def test_doctor_all_good(on_gateway, cli, model):
     result = cli("doctor", "--model", model)
     assert result.exit_code == 0, result.stdout
-    assert [line[:1] for line in out_lines(result)] == ["✓"] * 6
+    assert [line[:1] for line in out_lines(result)] == ["✓"] * 7  # one local model: qwen3-4b
     assert f"✓ answer: {model} answered in" in result.stdout
-    assert out_lines(result)[-1].startswith("✓ local model: ")
+    assert out_lines(result)[-2].startswith("✓ local models: ")
+    assert out_lines(result)[-1].startswith(f"✓ local model {LOCAL}: ")
     assert_plain(result)
 
 

@@ -1,5 +1,6 @@
-"""``local_model_state``, ``release_gpu``, ``z-explorer release-gpu`` and doctor's local-model line
-against the real gateway and its tiny local model (``/local/state`` and ``/local/release``).
+"""``local_state``, ``release_gpu``, ``z-explorer release-gpu`` and doctor's local-model lines
+against the real gateway and its tiny local model, qwen3-4b (``/local/state`` and
+``/local/release``).
 
 Each test starts from a known state by releasing the model first: the gateway is shared by the
 session, and other tests load the model.
@@ -14,7 +15,9 @@ import time
 
 import pytest
 
-from client import AsyncClient, Client, GatewayTimeoutError, release_gpu
+from client import AsyncClient, Client, GatewayTimeoutError, ModelNotFoundError, release_gpu
+
+from .conftest import assert_one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +48,29 @@ def start_long_request(gateway, max_tokens: int) -> tuple[threading.Thread, list
 
 def wait_until_running(client: Client, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while client.local_model_state().running_requests < 1:
+    while client.local_model_state(LOCAL).running_requests < 1:
         assert time.monotonic() < deadline, "the long request never started"
         time.sleep(0.05)
+
+
+def local_line(stdout: str) -> str:
+    """What doctor says of qwen3-4b, after its ``✓ local model qwen3-4b: ``."""
+    prefix = f"✓ local model {LOCAL}: "
+    [line] = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    return line.removeprefix(prefix)
 
 
 def test_state_before_and_after_a_request(on_gateway, tiny_model_dir):
     with Client(model=LOCAL) as client:
         client.release_gpu()
-        before = client.local_model_state()
+        whole = client.local_state()
+        before = whole[LOCAL]
         again = client.local_model_state()  # reading the state never loads the model
         client.generate_text("Say hi.", max_tokens=4)
         after = client.local_model_state()
+    assert LOCAL in whole.names and whole.loaded == () and whole.max_loaded_models >= 1
+    assert CLOUD not in whole.names
+    assert (before.model, after.model) == (LOCAL, LOCAL)
     assert (before.loaded, before.loading, again.loaded) == (False, False, False)
     assert before.source == after.source == str(tiny_model_dir)
     assert after.loaded and not after.loading
@@ -76,11 +90,16 @@ def test_release_frees_the_model_and_a_second_release_has_nothing_to_free(on_gat
         state = client.local_model_state()
         client.generate_text("Say hi.", max_tokens=4)  # the next request loads it again
         reloaded = client.local_model_state()
-    assert first.released is True and first.waited_seconds >= 0
-    assert first.state.loaded is False
-    assert second.released is False and second.state.loaded is False
+        by_name = client.release_gpu(LOCAL)
+        with pytest.raises(ModelNotFoundError) as unknown:
+            client.release_gpu("no-such-model")
+    assert first.released == (LOCAL,) and first.waited_seconds >= 0
+    assert first.state.loaded == () and first.state[LOCAL].loaded is False
+    assert second.released == () and second.state.loaded == ()
     assert state.loaded is False
     assert reloaded.loaded is True
+    assert by_name.released == (LOCAL,) and by_name.state[LOCAL].loaded is False
+    assert LOCAL in unknown.value.available and "'no-such-model'" in str(unknown.value)
 
 
 def test_release_waits_for_the_running_request_or_times_out(on_gateway):
@@ -88,7 +107,7 @@ def test_release_waits_for_the_running_request_or_times_out(on_gateway):
         client.generate_text("Say hi.", max_tokens=4)  # loaded: the timings below are generation's
         thread, answers = start_long_request(on_gateway, 1500)
         wait_until_running(client)
-        with pytest.raises(GatewayTimeoutError, match="did not release the local model within"):
+        with pytest.raises(GatewayTimeoutError, match="did not release the local models within"):
             client.release_gpu(timeout=0.2)
         thread.join(120)
         client.release_gpu()  # whatever the timed-out release left, start from nothing loaded
@@ -99,8 +118,8 @@ def test_release_waits_for_the_running_request_or_times_out(on_gateway):
         thread.join(120)
     assert answers[0].status_code == 200
     assert answers[0].json()["choices"][0]["finish_reason"] == "length"  # not cut by the release
-    assert result.released is True and result.waited_seconds > 0
-    assert result.state.loaded is False
+    assert result.released == (LOCAL,) and result.waited_seconds > 0
+    assert result.state[LOCAL].loaded is False
 
 
 def test_async_client_and_the_module_level_release(on_gateway):
@@ -110,8 +129,9 @@ def test_async_client_and_the_module_level_release(on_gateway):
             return await client.local_model_state(), await client.release_gpu(timeout=120)
 
     state, result = asyncio.run(twin())
-    assert state.loaded and result.released and not result.state.loaded
-    assert release_gpu().released is False
+    assert state.loaded and result.released == (LOCAL,) and not result.state.loaded
+    assert release_gpu().released == ()
+    assert release_gpu(LOCAL, timeout=60).released == ()
 
 
 def test_doctor_shows_the_local_model_without_loading_it(on_gateway, cli, tiny_model_dir):
@@ -119,16 +139,18 @@ def test_doctor_shows_the_local_model_without_loading_it(on_gateway, cli, tiny_m
         client.release_gpu()
     cloud = cli("doctor", "--model", CLOUD)
     assert cloud.exit_code == 0, cloud.stdout
-    last = cloud.stdout.splitlines()[-1]
-    assert last.startswith(f"✓ local model: {tiny_model_dir} not loaded (loads on the next request")
+    assert re.search(r"^✓ local models: 0 of \d+ loaded; at most \d+ at once", cloud.stdout, re.M)
+    line = local_line(cloud.stdout)
+    assert line.startswith(f"{tiny_model_dir} not loaded (loads on the next request")
     with Client() as client:
-        assert client.local_model_state().loaded is False
+        assert client.local_state().loaded == ()
 
     local = cli("doctor", "--model", LOCAL)  # its answer check loads the model
     assert local.exit_code == 0, local.stdout
-    last = local.stdout.splitlines()[-1]
-    assert last.startswith(f"✓ local model: {tiny_model_dir} loaded on ")
-    assert re.search(r"; \d+ running, \d+ queued", last), last
+    assert re.search(rf"^✓ local models: 1 of \d+ loaded \({LOCAL}\)", local.stdout, re.M)
+    line = local_line(local.stdout)
+    assert line.startswith(f"{tiny_model_dir} loaded on ")
+    assert re.search(r"; \d+ running, \d+ queued", line), line
 
 
 def test_cli_release_gpu(on_gateway, cli):
@@ -136,8 +158,13 @@ def test_cli_release_gpu(on_gateway, cli):
         client.generate_text("Say hi.", max_tokens=4)
     first = cli("release-gpu")
     assert first.exit_code == 0, first.stderr
-    assert first.stdout.startswith("Released the local model (") and first.stdout.count("\n") == 1
+    assert first.stdout.startswith(f"Released {LOCAL} (") and first.stdout.count("\n") == 1
     second = cli("release-gpu", "--timeout", "60")
     assert second.exit_code == 0, second.stderr
-    assert "was not loaded: nothing to release" in second.stdout
-    assert "\x1b[" not in first.stdout + first.stderr + second.stdout + second.stderr
+    assert second.stdout.startswith("No local model was loaded: nothing to release")
+    third = cli("release-gpu", "--model", LOCAL)
+    assert third.exit_code == 0, third.stderr
+    assert third.stdout.startswith(f"{LOCAL} (") and "was not loaded" in third.stdout
+    everything = first.stdout + first.stderr + second.stdout + second.stderr + third.stdout
+    assert "\x1b[" not in everything
+    assert_one_line_error(cli("release-gpu", "-m", "no-such-model"), "'no-such-model'", LOCAL)
