@@ -1,7 +1,8 @@
 """The gateway's ``proxy_config.yaml``, read and edited round-trip: comments, order and layout kept.
 
-``z-explorer setup`` only ever adds a ``model_list`` entry, for a model the file does not have yet;
-everything else in the file is written back as it was read (ruamel.yaml's round-trip mode).
+``z-explorer setup`` only ever adds a ``model_list`` entry, for a model the file does not have yet
+(a cloud model, or a local ``zlocal/...`` one with its ``model_info``); everything else in the file
+is written back as it was read (ruamel.yaml's round-trip mode).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -26,6 +30,17 @@ ADDED_COMMENT = "Added by z-explorer setup."
 
 class GatewayConfigError(ClientError):
     """proxy_config.yaml is missing or cannot be read as the gateway's configuration."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``model_list`` entry, as plain values: its name, ``litellm_params.model``, the other
+    ``litellm_params`` and its ``model_info``."""
+
+    name: str
+    model: str
+    params: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def config_path() -> Path:
@@ -84,6 +99,24 @@ class GatewayConfig:
                 found[str(entry.get("model_name"))] = str(entry["litellm_params"].get("model"))
         return found
 
+    def entries(self) -> list[Entry]:
+        """Every entry with ``litellm_params``, in file order, as plain values."""
+        found = []
+        for item in self._data.get("model_list") or []:
+            params = item.get("litellm_params") if isinstance(item, Mapping) else None
+            if not isinstance(params, Mapping):
+                continue
+            info = item.get("model_info")
+            found.append(
+                Entry(
+                    str(item.get("model_name")),
+                    str(params.get("model")),
+                    {k: v for k, v in params.items() if k != "model"},
+                    dict(info) if isinstance(info, Mapping) else {},
+                )
+            )
+        return found
+
     def alias_for(self, litellm_model: str) -> str | None:
         """The first ``model_name`` whose entry calls ``litellm_model``, if any."""
         for alias, model in self.models().items():
@@ -91,14 +124,26 @@ class GatewayConfig:
                 return alias
         return None
 
-    def add_model(self, alias: str, litellm_model: str) -> None:
-        """Append an entry after the last one, with a comment saying where it came from."""
+    def add_model(
+        self,
+        alias: str,
+        litellm_model: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        model_info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an entry after the last one, with a comment saying where it came from.
+
+        ``params``: ``litellm_params`` besides ``model`` (``num_retries: 0``); ``model_info``:
+        written when given and not empty."""
         entries = self._data.get("model_list")
         if entries is None:
             entries = self._data["model_list"] = CommentedSeq()
         entry = CommentedMap()
         entry["model_name"] = alias
-        entry["litellm_params"] = CommentedMap(model=litellm_model)
+        entry["litellm_params"] = CommentedMap(model=litellm_model, **(params or {}))
+        if model_info:
+            entry["model_info"] = CommentedMap(model_info)
         tail = _take_trailing_comment(entries)
         entries.append(entry)
         offset = _list_layout(self._source)[1]

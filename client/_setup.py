@@ -1,6 +1,10 @@
 """``z-explorer setup``'s model: a ``Choice`` (what the user picked), a ``Plan`` (the exact changes
 to ``./.env`` and ``proxy_config.yaml``), and ``apply`` (the only step that writes).
 
+Every model is a ``proxy_config.yaml`` entry and ``LLM_MODEL`` names it: a cloud model's entry, or
+a local one's (``zlocal/<repo id or folder>``, ``_local_entries``); an entry that is already there
+is used, not written again.
+
 The wizard (``_wizard.py``) and the command-line options both end in a ``Choice``. ``make_plan``
 compares it with what the files already say, so re-running setup changes only what the user
 changed, and nothing is written until ``apply``: a cancelled wizard leaves every file as it was.
@@ -18,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client._config import write_env_file
-from client._gateway_config import GatewayConfig
+from client._gateway_config import Entry, GatewayConfig
+from client._local_entries import (
+    Defaults,
+    Loads,
+    alias_of,
+    find_or_make,
+    kept_vars_note,
+    loads,
+)
 from client._providers import (
     PROVIDERS,
     SetupError,
@@ -30,18 +42,16 @@ from client._providers import (
     provider,
 )
 from client._setup_checks import check_local_folder, ollama_status, z_image_cache_note
+from custom_handlers.inference.catalog import is_local
 from custom_handlers.inference.settings import DEFAULT_MODEL as DEFAULT_LOCAL_SOURCE
 
 ENV_FILE = Path(".env")
-LOCAL_ALIAS = "qwen3-4b"
-LOCAL_PROVIDER_PREFIX = "zlocal/"
+LOCAL_ALIAS = "qwen3-4b"  # the shipped entry of the default checkpoint
 # bitsandbytes (the default checkpoint's 4-bit format) is installed on Linux only.
 MAC_LOCAL_SOURCE = "Qwen/Qwen3-4B-Instruct-2507"
 Z_IMAGE_SOURCE = "Tongyi-MAI/Z-Image-Turbo"
-Z_IMAGE_FOLDERS = {
-    "LOCAL_LLM_SUBFOLDER": "text_encoder",
-    "LOCAL_LLM_TOKENIZER_SUBFOLDER": "tokenizer",
-}
+Z_IMAGE_ALIAS = "z-image-text-encoder"
+Z_IMAGE_FOLDERS = {"subfolder": "text_encoder", "tokenizer_subfolder": "tokenizer"}
 MASTER_KEY = "LITELLM_MASTER_KEY"
 # What only the client reads; any other change needs the gateway restarted.
 CLIENT_VARS = frozenset(
@@ -54,7 +64,6 @@ ENV_HEADER = (
 NOTES = {
     MASTER_KEY: "The gateway's key (made by z-explorer setup). Clients send it as their API key.",
     "LLM_MODEL": "The model z-explorer uses: a model_name from proxy_config.yaml.",
-    "LOCAL_LLM_MODEL": "The local model's checkpoint (Hugging Face repo id or folder).",
 }
 
 KINDS = ("local", "cloud", "z-image")
@@ -65,9 +74,9 @@ class Choice:
     """What the user picked. ``kind`` is local, cloud, z-image, or client (client settings only)."""
 
     kind: str
-    local_source: str | None = None
+    local_source: str | None = None  # local, z-image: repo id or folder (None: the default)
     litellm_model: str | None = None
-    alias: str | None = None
+    alias: str | None = None  # cloud: the model_name; local, z-image: one the user gave
     keys_to_store: dict[str, str] = field(default_factory=dict)
     client: dict[str, str] = field(default_factory=dict)
 
@@ -78,7 +87,8 @@ class Plan:
     env_before: dict[str, str]
     env_changes: dict[str, str | None]
     config: GatewayConfig | None
-    new_model: tuple[str, str] | None = None
+    new_model: Entry | None = None
+    notes: list[str] = field(default_factory=list)  # shown with the changes, changing nothing
 
     @property
     def empty(self) -> bool:
@@ -92,8 +102,7 @@ class Plan:
     def summary(self) -> list[str]:
         lines = []
         if self.new_model:
-            alias, model = self.new_model
-            lines.append(f"{self.config.path}: add model {alias} ({model})")
+            lines.append(f"{self.config.path}: add model {_described(self.new_model)}")
         for name, value in self.env_changes.items():
             if value is None:
                 lines.append(f"{self.env_path}: remove {name}")
@@ -101,7 +110,7 @@ class Plan:
             was = self.env_before.get(name)
             before = f" (was {_shown(name, was)})" if was is not None else ""
             lines.append(f"{self.env_path}: {name}={_shown(name, value)}{before}")
-        return lines
+        return lines + self.notes
 
     def shadowed(self) -> list[str]:
         """Names this plan writes that the process environment sets otherwise (and so wins)."""
@@ -137,9 +146,9 @@ def has_nvidia_gpu() -> bool:
 def make_plan(choice: Choice, config: GatewayConfig | None, env_path: Path = ENV_FILE) -> Plan:
     before = read_env(env_path)
     wanted: dict[str, str | None] = dict(choice.client)
-    new_model = None
+    new_model, notes = None, []
     if choice.kind in ("local", "z-image"):
-        wanted.update(_local_values(choice, config))
+        wanted["LLM_MODEL"], new_model, notes = _local_entry(choice, config, before, env_path)
     elif choice.kind == "cloud":
         new_model = _cloud_entry(choice, config)
         wanted["LLM_MODEL"] = choice.alias
@@ -151,34 +160,43 @@ def make_plan(choice: Choice, config: GatewayConfig | None, env_path: Path = ENV
         for name, value in wanted.items()
         if before.get(name) != value and not (value is None and name not in before)
     }
-    return Plan(env_path, before, changes, config, new_model)
+    return Plan(env_path, before, changes, config, new_model, notes)
 
 
-def _local_values(choice: Choice, config: GatewayConfig | None) -> dict[str, str | None]:
-    if config is not None and not config.models().get(LOCAL_ALIAS, "").startswith(
-        LOCAL_PROVIDER_PREFIX
-    ):
-        raise SetupError(
-            f"{config.path} has no {LOCAL_ALIAS!r} entry served by custom_handlers "
-            f"(model: {LOCAL_PROVIDER_PREFIX}...): restore it from the project's "
-            "proxy_config.yaml to use the local model."
-        )
-    values: dict[str, str | None] = {"LLM_MODEL": LOCAL_ALIAS}
+def _local_entry(
+    choice: Choice, config: GatewayConfig | None, env_file: dict[str, str], env_path: Path
+) -> tuple[str, Entry | None, list[str]]:
+    """The entry of the local model picked (``LLM_MODEL``), one to add if the file has none,
+    and what the ``LOCAL_LLM_*`` lines of an earlier setup, left in ./.env, mean for it."""
+    if config is None:
+        raise SetupError("A local model needs the gateway's proxy_config.yaml.")
     if choice.kind == "z-image":
-        values["LOCAL_LLM_MODEL"] = choice.local_source or Z_IMAGE_SOURCE
-        values.update(Z_IMAGE_FOLDERS)
+        want = Loads(choice.local_source or Z_IMAGE_SOURCE, **Z_IMAGE_FOLDERS)
+        names = [Z_IMAGE_ALIAS]
     else:
-        values["LOCAL_LLM_MODEL"] = choice.local_source or default_local_source()
-        values.update(dict.fromkeys(Z_IMAGE_FOLDERS))  # a plain checkpoint has no subfolders
-    return values
+        want = Loads(choice.local_source or default_local_source())
+        names = [alias_of(want.checkpoint)]
+        if want.checkpoint == default_local_source():
+            names.insert(0, LOCAL_ALIAS)
+    alias, new = find_or_make(
+        config,
+        want,
+        alias=choice.alias,
+        names=names,
+        prefer=effective("LLM_MODEL", env_file),
+        env_file=env_file,
+    )
+    entry = new or next(e for e in config.entries() if e.name == alias)
+    note = kept_vars_note(entry, env_file, str(env_path))
+    return alias, new, [note] if note else []
 
 
-def _cloud_entry(choice: Choice, config: GatewayConfig | None) -> tuple[str, str] | None:
+def _cloud_entry(choice: Choice, config: GatewayConfig | None) -> Entry | None:
     if config is None:
         raise SetupError("A cloud model needs the gateway's proxy_config.yaml.")
     existing = config.models().get(choice.alias)
     if existing is None:
-        return (choice.alias, choice.litellm_model)
+        return Entry(choice.alias, choice.litellm_model)
     if existing != choice.litellm_model:
         raise SetupError(
             f"{config.path} already has a model named {choice.alias!r} (it calls {existing}): "
@@ -191,7 +209,8 @@ def apply(plan: Plan) -> None:
     """Write the plan: proxy_config.yaml first, then ./.env, each atomically; Ctrl-C waits."""
     with _no_interrupt():
         if plan.new_model and plan.config is not None:
-            plan.config.add_model(*plan.new_model)
+            new = plan.new_model
+            plan.config.add_model(new.name, new.model, params=new.params, model_info=new.info)
             plan.config.save()
         if plan.env_changes:
             notes = {k: v for k, v in NOTES.items() if k in plan.env_changes}
@@ -223,16 +242,16 @@ def key_status(name: str, env_file: dict[str, str]) -> str | None:
 
 
 def current_choice(config: GatewayConfig | None, env_file: dict[str, str]) -> Choice:
-    """What the files (and the environment) say now, as a Choice: the wizard's defaults."""
+    """What the files (and the environment) say now, as a Choice: the wizard's defaults. A local
+    entry gives the checkpoint it loads; one with subfolders is taken for Z-Image's."""
     model = effective("LLM_MODEL", env_file) or LOCAL_ALIAS
-    if model == LOCAL_ALIAS:
-        z_image = effective("LOCAL_LLM_SUBFOLDER", env_file)
-        return Choice(
-            "z-image" if z_image else "local",
-            local_source=effective("LOCAL_LLM_MODEL", env_file),
-        )
-    litellm_model = (config.models().get(model) if config else None) or None
-    return Choice("cloud", litellm_model=litellm_model, alias=model)
+    entry = next((e for e in config.entries() if e.name == model), None) if config else None
+    if entry is None and model == LOCAL_ALIAS:
+        return Choice("local")
+    if entry is not None and is_local(entry.model):
+        loaded = loads(entry, Defaults.read(env_file))
+        return Choice("z-image" if loaded.subfolder else "local", local_source=loaded.checkpoint)
+    return Choice("cloud", litellm_model=entry.model if entry else None, alias=model)
 
 
 def provider_of(litellm_model: str | None) -> str:
@@ -240,6 +259,19 @@ def provider_of(litellm_model: str | None) -> str:
     if prefix in ("ollama", "ollama_chat"):
         return "ollama"
     return prefix if prefix in PROVIDERS and prefix != "other" else "other"
+
+
+def _described(entry: Entry) -> str:
+    """``name (model, key: value, ...)``: the entry's settings as the YAML will say them."""
+    settings = {**entry.params, **entry.info}
+    said = [entry.model, *(f"{k}: {_yaml_scalar(v)}" for k, v in settings.items())]
+    return f"{entry.name} ({', '.join(said)})"
+
+
+def _yaml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)
 
 
 def _shown(name: str, value: str) -> str:
@@ -262,8 +294,10 @@ def options_choice(
     env_file: dict[str, str],
 ) -> Choice:
     """The Choice that setup's command-line options make (no questions asked)."""
-    if (alias or save_key) and not provider_name:
-        raise SetupError("--alias and --save-key go with --provider.")
+    if save_key and not provider_name:
+        raise SetupError("--save-key goes with --provider.")
+    if alias and not (provider_name or local or z_image):
+        raise SetupError("--alias goes with --provider, --local or --z-image.")
     if local_model and not (local or z_image):
         raise SetupError("--local-model goes with --local or --z-image.")
     if local or z_image:
@@ -273,7 +307,8 @@ def options_choice(
             )
         folders = Z_IMAGE_FOLDERS if z_image else None
         source = check_local_folder(local_model, folders) if local_model else None
-        return Choice("z-image" if z_image else "local", local_source=source)
+        name = check_alias(alias) if alias else None
+        return Choice("z-image" if z_image else "local", local_source=source, alias=name)
     if provider_name:
         return _cloud_choice(provider(provider_name), model, alias, save_key, config, env_file)
     current = current_choice(config, env_file)  # --yes alone: keep what is there

@@ -15,23 +15,25 @@ OLLAMA_DEFAULT = "http://localhost:11434"
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or Path(text).exists()
 
 
 def check_local_folder(source: str, folders: dict[str, str] | None = None) -> str:
-    """``source`` as a repo id, or an existing folder with the model's files where the loader
-    looks (``folders``: LOCAL_LLM_SUBFOLDER / LOCAL_LLM_TOKENIZER_SUBFOLDER values)."""
+    """``source`` as a repo id, or as the absolute path of an existing folder with the model's
+    files where the loader looks (``folders``: the ``subfolder`` and ``tokenizer_subfolder`` a
+    model_info gives). Absolute, because the gateway may run from another folder, and a bare
+    relative name there (``zlocal/mymodel``) would mean the default model."""
     source = source.strip()
     if not source:
         raise SetupError("Please enter a Hugging Face repo id or a folder.")
-    if not _looks_like_path(source):
+    if not looks_like_path(source):
         if not _REPO_ID.fullmatch(source):
             raise SetupError(f"{source!r} is neither a folder here nor a repo id (owner/name).")
         return source
-    path = Path(source).expanduser()
-    model = (folders or {}).get("LOCAL_LLM_SUBFOLDER", "")
-    tokenizer = (folders or {}).get("LOCAL_LLM_TOKENIZER_SUBFOLDER", "")
+    path = Path(os.path.abspath(Path(source).expanduser()))
+    model = (folders or {}).get("subfolder", "")
+    tokenizer = (folders or {}).get("tokenizer_subfolder", "")
     if not path.is_dir():
         raise SetupError(f"{source} is not a folder.")
     if not (path / model / "config.json").is_file():
@@ -43,7 +45,7 @@ def check_local_folder(source: str, folders: dict[str, str] | None = None) -> st
 
 def z_image_cache_note(source: str) -> str:
     """Whether loading Z-Image's text encoder from ``source`` downloads anything."""
-    if _looks_like_path(source):
+    if looks_like_path(source):
         return f"The text encoder is read from {Path(source).expanduser()}/text_encoder."
     try:
         from huggingface_hub import try_to_load_from_cache

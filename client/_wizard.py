@@ -47,6 +47,10 @@ PROVIDER_OPTIONS = [
     Option("Other (enter a LiteLLM model id)", "other"),
 ]
 ANOTHER = "__another__"
+ENTRY_NOTE = (
+    "The gateway serves it as a zlocal/ model of proxy_config.yaml: setup adds that entry unless "
+    "the file has one (every change is listed before anything is saved)."
+)
 
 
 class Wizard:
@@ -84,25 +88,28 @@ class Wizard:
         else:
             self.say("No NVIDIA GPU found: the model will run on the CPU, slowly.", "yellow")
         same = self.current.kind == "local" and self.current.local_source
-        source = _ask(
+        answer = _ask(
             questionary.text(
                 "Checkpoint (Hugging Face repo id or model folder):",
                 default=(self.current.local_source if same else None) or default_local_source(),
                 validate=lambda text: _valid(check_local_folder, text, None),
             )
-        ).strip()
+        )
+        self.say(ENTRY_NOTE)
         self.say("The first request loads it (a download the first time): allow a few minutes.")
-        return source
+        return check_local_folder(answer)
 
     def ask_z_image_source(self) -> str:
         same = self.current.kind == "z-image" and self.current.local_source
-        source = _ask(
+        answer = _ask(
             questionary.text(
                 "Z-Image (Hugging Face repo id, or the folder it was downloaded to):",
                 default=(self.current.local_source if same else None) or Z_IMAGE_SOURCE,
                 validate=lambda text: _valid(check_local_folder, text, Z_IMAGE_FOLDERS),
             )
-        ).strip()
+        )
+        source = check_local_folder(answer, Z_IMAGE_FOLDERS)
+        self.say(ENTRY_NOTE)
         self.say(z_image_cache_note(source))
         return source
 

@@ -2,7 +2,8 @@
 the options for scripts in-process, and what ends up in ``.env`` and ``proxy_config.yaml``.
 
 Each test runs in its own folder with a copy of the project's proxy_config.yaml; the doctor step
-at the end points at a free port, where nothing answers."""
+at the end points at a free port, where nothing answers. The local entries setup writes are read
+back with the gateway's own parser (``custom_handlers.inference.catalog``)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pexpect
 import pytest
 from ruamel.yaml import YAML
 
+from custom_handlers.inference.catalog import local_entries
 from tests.client.conftest import assert_one_line_error
 from tests.servers import CONFIG, free_port
 
 DOWN, ENTER, CTRL_C, CTRL_U = "\x1b[B", "\r", "\x03", "\x15"
 USER_ENV = "# my settings\nexport FOO=bar\n\n# the library\nLOCAL_LIBRARY_DIR=./mine\n"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+DEFAULT_CHECKPOINT = "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
+SETUP_VARS = ("LOCAL_LLM_MODEL", "LOCAL_LLM_SUBFOLDER", "LOCAL_LLM_TOKENIZER_SUBFOLDER")
 
 
 @pytest.fixture
@@ -36,6 +41,8 @@ def project(_isolated, monkeypatch) -> Path:
     monkeypatch.setenv("LITELLM_PROXY_API_BASE", f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("LOCAL_LIBRARY_DIR")
     monkeypatch.delenv("Z_EXPLORER_GATEWAY_CONFIG", raising=False)
+    for name in [n for n in os.environ if n.startswith("LOCAL_LLM_")]:
+        monkeypatch.delenv(name)
     return _isolated
 
 
@@ -48,6 +55,55 @@ def env_of(folder: Path) -> dict[str, str]:
 def models_in(path: Path) -> dict[str, str]:
     data = YAML(typ="safe").load(path.read_text())
     return {m["model_name"]: m["litellm_params"]["model"] for m in data["model_list"]}
+
+
+def local_models_in(path: Path) -> dict[str, tuple[str, str, str]]:
+    """name -> (checkpoint, weights folder, tokenizer folder), as the gateway reads the file."""
+    data = YAML(typ="safe").load(path.read_text())
+    entries = local_entries(data, foreign_keys={"disable_background_health_check"})
+    return {
+        e.name: (e.checkpoint, e.settings.model_folder, e.settings.tokenizer_folder)
+        for e in entries
+    }
+
+
+def entry_in(path: Path, name: str) -> dict:
+    data = YAML(typ="safe").load(path.read_text())
+    return next(m for m in data["model_list"] if m["model_name"] == name)
+
+
+def added_block(name: str, model: str, **info) -> str:
+    """The text setup appends to proxy_config.yaml's model_list for a local model."""
+    lines = [
+        "",
+        "  # Added by z-explorer setup.",
+        f"  - model_name: {name}",
+        "    litellm_params:",
+        f"      model: zlocal/{model}",
+        "      num_retries: 0",
+        "    model_info:",
+        *(f"      {key}: {value}" for key, value in info.items()),
+        "      disable_background_health_check: true",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def assert_added_to_config(folder: Path, block: str) -> None:
+    """proxy_config.yaml is the shipped one with ``block`` after the last model, nothing else:
+    its comments, order and layout are kept."""
+    original = CONFIG.read_text()
+    split = original.index("\nlitellm_settings:")
+    edited = (folder / "proxy_config.yaml").read_text()
+    assert edited == original[:split] + block + original[split:]
+
+
+def z_image_folder(parent: Path, tiny_model_dir: Path) -> Path:
+    """A downloaded Z-Image's layout: text_encoder/ with a config.json, and tokenizer/."""
+    z_image = parent / "Z-Image-Turbo"
+    (z_image / "text_encoder").mkdir(parents=True)
+    (z_image / "tokenizer").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", z_image / "text_encoder")
+    return z_image
 
 
 def owner_only(path: Path) -> bool:
@@ -141,6 +197,7 @@ def test_wizard_cloud_by_default_prints_the_export_line_and_writes_no_key(projec
 
 
 def test_wizard_local_model_from_a_folder(project, tiny_model_dir):
+    name = tiny_model_dir.name.lower()
     term = Terminal(project)
     term.answer("LLM:", ENTER)  # 1. Local, the default
     term.answer("Checkpoint", CTRL_U, str(tiny_model_dir), ENTER)
@@ -148,19 +205,19 @@ def test_wizard_local_model_from_a_folder(project, tiny_model_dir):
     status, screen = term.finish()
 
     assert status == 0, screen
+    assert "setup adds that entry unless the file has one" in screen
+    assert f"proxy_config.yaml: add model {name} (zlocal/{tiny_model_dir}, num_retries: 0" in screen
     env = env_of(project)
-    assert (env["LLM_MODEL"], env["LOCAL_LLM_MODEL"]) == ("qwen3-4b", str(tiny_model_dir))
-    assert "LOCAL_LLM_SUBFOLDER" not in env
+    assert env["LLM_MODEL"] == name
+    assert not set(SETUP_VARS) & set(env)
     assert owner_only(project / ".env")
     assert_kept_users_lines(project)
-    assert_yaml_untouched(project)
+    assert_added_to_config(project, added_block(name, str(tiny_model_dir)))
+    assert local_models_in(project / "proxy_config.yaml")[name] == (str(tiny_model_dir), "", "")
 
 
 def test_wizard_z_image_text_encoder(project, tiny_model_dir):
-    z_image = project / "Z-Image-Turbo"
-    (z_image / "text_encoder").mkdir(parents=True)
-    (z_image / "tokenizer").mkdir()
-    shutil.copy(tiny_model_dir / "config.json", z_image / "text_encoder")
+    z_image = z_image_folder(project, tiny_model_dir)
     term = Terminal(project)
     term.answer("LLM:", "3", ENTER)
     term.answer("Z-Image (Hugging Face repo id", CTRL_U, "./nowhere", ENTER)
@@ -171,9 +228,12 @@ def test_wizard_z_image_text_encoder(project, tiny_model_dir):
 
     assert status == 0, screen
     assert f"read from {z_image}/text_encoder" in screen
+    assert "proxy_config.yaml: add model z-image-text-encoder" in screen
     env = env_of(project)
-    assert env["LOCAL_LLM_MODEL"] == str(z_image)
-    assert (env["LOCAL_LLM_SUBFOLDER"], env["LOCAL_LLM_TOKENIZER_SUBFOLDER"]) == (
+    assert env["LLM_MODEL"] == "z-image-text-encoder"
+    assert not set(SETUP_VARS) & set(env)
+    assert local_models_in(project / "proxy_config.yaml")["z-image-text-encoder"] == (
+        str(z_image),
         "text_encoder",
         "tokenizer",
     )
@@ -225,27 +285,138 @@ def test_rerunning_the_wizard_with_enter_throughout_changes_nothing(project, cli
     assert [(project / n).stat().st_mtime_ns for n in (".env", "proxy_config.yaml")] == stamps
 
 
+def test_rerunning_the_wizard_on_a_local_entry_changes_nothing(project, cli):
+    assert cli("setup", "--local", "--local-model", "Qwen/Qwen3-1.7B").exit_code == 0
+    before = {n: (project / n).read_bytes() for n in (".env", "proxy_config.yaml")}
+
+    term = Terminal(project)
+    term.answer("LLM:", ENTER)  # Local: the current choice
+    term.answer("Checkpoint", ENTER)  # Qwen/Qwen3-1.7B, what the entry loads
+    status, screen = term.finish()
+
+    assert status == 0, screen
+    assert "Nothing to change" in screen
+    assert {n: (project / n).read_bytes() for n in before} == before
+
+
 # ---- the options, for scripts -------------------------------------------------------------------
 
 
-def test_local_writes_the_env_and_says_what_to_run_next(project, cli, tiny_model_dir):
-    result = cli("setup", "--local", "--local-model", str(tiny_model_dir))
+def test_local_default_uses_the_shipped_entry_and_says_what_to_run_next(project, cli):
+    result = cli("setup", "--local")
     assert result.exit_code == 0, result.stderr
     env = env_of(project)
     assert env["LLM_MODEL"] == "qwen3-4b"
-    assert env["LOCAL_LLM_MODEL"] == str(tiny_model_dir)
+    assert not set(SETUP_VARS) & set(env)
     assert env["LITELLM_MASTER_KEY"].startswith("sk-")
     assert owner_only(project / ".env")
     assert_kept_users_lines(project)
-    assert_yaml_untouched(project)
+    assert_yaml_untouched(project)  # zlocal/qwen3-4b is the default checkpoint
+    assert local_models_in(project / "proxy_config.yaml")["qwen3-4b"][0] == DEFAULT_CHECKPOINT
     assert "✓ settings:" in result.stdout and "✗ gateway: Nothing answers" in result.stdout
     assert "Next: start the gateway in this folder" in result.stderr
     assert "uv run z-explorer-gateway" in result.stderr
 
 
-def test_local_default_checkpoint(project, cli):
-    assert cli("setup", "--local").exit_code == 0
-    assert env_of(project)["LOCAL_LLM_MODEL"] == "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
+def test_local_default_without_a_local_entry_adds_one(project, cli):
+    config = project / "proxy_config.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o-mini   # cloud\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-4o-mini\n"
+        "# the rest\n"
+        "litellm_settings:\n"
+        "  drop_params: false\n"
+    )
+    result = cli("setup", "--local")
+    assert result.exit_code == 0, result.stderr
+    assert config.read_text() == (
+        "model_list:\n"
+        "  - model_name: gpt-4o-mini   # cloud\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-4o-mini\n"
+        f"{added_block('qwen3-4b', DEFAULT_CHECKPOINT)[1:]}"
+        "# the rest\n"
+        "litellm_settings:\n"
+        "  drop_params: false\n"
+    )
+    assert env_of(project)["LLM_MODEL"] == "qwen3-4b"
+    assert local_models_in(config) == {"qwen3-4b": (DEFAULT_CHECKPOINT, "", "")}
+
+
+def test_local_default_on_macos_is_an_unquantized_checkpoint(project, cli, monkeypatch):
+    monkeypatch.setattr("client._setup.sys", SimpleNamespace(platform="darwin"))
+    result = cli("setup", "--local")
+    assert result.exit_code == 0, result.stderr
+    # qwen3-4b names the 4-bit checkpoint, which macOS cannot load: a name of its own.
+    assert_added_to_config(
+        project, added_block("qwen3-4b-instruct-2507", "Qwen/Qwen3-4B-Instruct-2507")
+    )
+    assert env_of(project)["LLM_MODEL"] == "qwen3-4b-instruct-2507"
+    assert cli("setup", "--yes").exit_code == 0
+    assert "Nothing to change" in cli("setup", "--local").stderr
+
+
+def test_local_repo_id_gets_an_entry_named_after_it(project, cli):
+    result = cli("setup", "--local", "--local-model", "Qwen/Qwen3-1.7B")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "proxy_config.yaml: add model qwen3-1.7b (zlocal/Qwen/Qwen3-1.7B, num_retries: 0, "
+        "disable_background_health_check: true)" in result.stderr
+    )
+    assert_added_to_config(project, added_block("qwen3-1.7b", "Qwen/Qwen3-1.7B"))
+    assert env_of(project)["LLM_MODEL"] == "qwen3-1.7b"
+    assert not set(SETUP_VARS) & set(env_of(project))
+    assert local_models_in(project / "proxy_config.yaml")["qwen3-1.7b"] == (
+        "Qwen/Qwen3-1.7B",
+        "",
+        "",
+    )
+
+
+def test_local_folder_is_written_as_an_absolute_path(project, cli, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, project / "models" / "My Qwen")
+    result = cli("setup", "--local", "--local-model", "models/My Qwen")
+    assert result.exit_code == 0, result.stderr
+    folder = str(project / "models" / "My Qwen")  # the gateway may start in another folder
+    assert_added_to_config(project, added_block("my-qwen", folder))
+    assert env_of(project)["LLM_MODEL"] == "my-qwen"
+    assert local_models_in(project / "proxy_config.yaml")["my-qwen"] == (folder, "", "")
+
+
+def test_rerunning_a_local_choice_changes_nothing(project, cli, tiny_model_dir):
+    for args in (
+        ["--local"],
+        ["--local", "--local-model", "Qwen/Qwen3-1.7B"],
+        ["--local", "--local-model", str(tiny_model_dir)],
+        ["--z-image"],
+    ):
+        assert cli("setup", *args).exit_code == 0
+        files = {n: (project / n).read_bytes() for n in (".env", "proxy_config.yaml")}
+        again = cli("setup", *args)
+        assert "Nothing to change" in again.stderr, args
+        assert {n: (project / n).read_bytes() for n in files} == files, args
+    assert list(local_models_in(project / "proxy_config.yaml")) == [
+        "qwen3-4b",
+        "qwen3-1.7b",
+        tiny_model_dir.name.lower(),
+        "z-image-text-encoder",
+    ]
+    switched = cli("setup", "--local", "--local-model", "Qwen/Qwen3-1.7B")  # back to one
+    assert "  .env: LLM_MODEL=qwen3-1.7b (was z-image-text-encoder)" in switched.stderr
+    assert "add model" not in switched.stderr
+
+
+def test_a_local_alias_is_used_once_and_taken_names_are_not(project, cli):
+    args = ("setup", "--local", "--local-model", "Qwen/Qwen3-1.7B", "--alias", "small")
+    assert cli(*args).exit_code == 0
+    assert "Nothing to change" in cli(*args).stderr
+    assert local_models_in(project / "proxy_config.yaml")["small"][0] == "Qwen/Qwen3-1.7B"
+    # A derived name that another model has gets a number.
+    assert cli("setup", "--local", "--local-model", "someone/small").exit_code == 0
+    assert env_of(project)["LLM_MODEL"] == "small-2"
+    assert local_models_in(project / "proxy_config.yaml")["small-2"][0] == "someone/small"
 
 
 def test_a_new_cloud_model_is_added_keeping_the_files_comments_and_order(project, cli):
@@ -313,30 +484,78 @@ def test_rerunning_changes_only_what_the_user_changed(project, cli):
 
 
 def test_switching_between_local_and_z_image(project, cli, tiny_model_dir):
-    z_image = project / "zi"
-    (z_image / "text_encoder").mkdir(parents=True)
-    (z_image / "tokenizer").mkdir()
-    shutil.copy(tiny_model_dir / "config.json", z_image / "text_encoder")
+    z_image = z_image_folder(project, tiny_model_dir)
     result = cli("setup", "--z-image", "--local-model", str(z_image))
     assert result.exit_code == 0, result.stderr
-    assert ".env: LOCAL_LLM_TOKENIZER_SUBFOLDER=tokenizer" in result.stderr  # not a secret
     assert f"The text encoder is read from {z_image}/text_encoder." in result.stderr
-    env = env_of(project)
-    assert (env["LOCAL_LLM_SUBFOLDER"], env["LOCAL_LLM_TOKENIZER_SUBFOLDER"]) == (
-        "text_encoder",
-        "tokenizer",
-    )
+    assert "subfolder: text_encoder, tokenizer_subfolder: tokenizer" in result.stderr
+    assert env_of(project)["LLM_MODEL"] == "z-image-text-encoder"
     assert cli("setup", "--local").exit_code == 0
-    env = env_of(project)
-    assert "LOCAL_LLM_SUBFOLDER" not in env and "LOCAL_LLM_TOKENIZER_SUBFOLDER" not in env
-    assert env["LOCAL_LLM_MODEL"] == "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
+    assert env_of(project)["LLM_MODEL"] == "qwen3-4b"
+    assert local_models_in(project / "proxy_config.yaml") == {
+        "qwen3-4b": (DEFAULT_CHECKPOINT, "", ""),
+        "z-image-text-encoder": (str(z_image), "text_encoder", "tokenizer"),
+    }
 
 
 def test_z_image_from_the_hub_by_default(project, cli):
     result = cli("setup", "--z-image")
     assert result.exit_code == 0, result.stderr
-    assert env_of(project)["LOCAL_LLM_MODEL"] == "Tongyi-MAI/Z-Image-Turbo"
     assert "Tongyi-MAI/Z-Image-Turbo is" in result.stderr and "Hugging Face cache" in result.stderr
+    block = added_block(
+        "z-image-text-encoder",
+        "Tongyi-MAI/Z-Image-Turbo",
+        subfolder="text_encoder",
+        tokenizer_subfolder="tokenizer",
+    )
+    assert_added_to_config(project, block)  # comments, order and layout kept
+    assert env_of(project)["LLM_MODEL"] == "z-image-text-encoder"
+    assert entry_in(project / "proxy_config.yaml", "z-image-text-encoder")["model_info"] == {
+        "subfolder": "text_encoder",
+        "tokenizer_subfolder": "tokenizer",
+        "disable_background_health_check": True,
+    }
+
+
+EARLIER_Z_IMAGE = (
+    "LLM_MODEL=qwen3-4b\n"
+    "LOCAL_LLM_MODEL=Tongyi-MAI/Z-Image-Turbo\n"
+    "LOCAL_LLM_SUBFOLDER=text_encoder\n"
+    "LOCAL_LLM_TOKENIZER_SUBFOLDER=tokenizer\n"
+    "LITELLM_MASTER_KEY=sk-earlier-setup-key-0123456789\n"
+)
+
+
+def test_an_earlier_setups_local_lines_are_kept_and_new_entries_ignore_them(
+    project, cli, monkeypatch
+):
+    """Before local models were entries, setup wrote Z-Image as LOCAL_LLM_* lines that make the
+    shipped qwen3-4b load Z-Image's encoder. They stay (qwen3-4b still needs them); a new entry
+    does not inherit their subfolders."""
+    (project / ".env").write_text(EARLIER_Z_IMAGE)
+    assert "Nothing to change" in cli("setup", "--yes").stderr  # qwen3-4b is Z-Image's, as before
+    assert "Nothing to change" in cli("setup", "--z-image").stderr
+
+    result = cli("setup", "--local", "--local-model", "Qwen/Qwen3-1.7B")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        ".env: kept LOCAL_LLM_MODEL, LOCAL_LLM_SUBFOLDER, LOCAL_LLM_TOKENIZER_SUBFOLDER (the "
+        "defaults of local entries that do not set their own): qwen3-1.7b does not depend on "
+        "these lines" in result.stderr
+    )
+    assert (project / ".env").read_text() == EARLIER_Z_IMAGE.replace(
+        "LLM_MODEL=qwen3-4b", "LLM_MODEL=qwen3-1.7b"
+    )
+    assert_added_to_config(
+        project,
+        added_block("qwen3-1.7b", "Qwen/Qwen3-1.7B", subfolder="''", tokenizer_subfolder="''"),
+    )
+    for line in EARLIER_Z_IMAGE.splitlines()[1:4]:  # the gateway's environment, from .env
+        monkeypatch.setenv(*line.split("=", 1))
+    assert local_models_in(project / "proxy_config.yaml") == {
+        "qwen3-4b": ("Tongyi-MAI/Z-Image-Turbo", "text_encoder", "tokenizer"),
+        "qwen3-1.7b": ("Qwen/Qwen3-1.7B", "", ""),
+    }
 
 
 def test_save_key_stores_the_key_from_the_environment(project, cli, monkeypatch):
@@ -385,6 +604,15 @@ def test_ollama_needs_no_key(project, cli, monkeypatch):
         (["--local", "--provider", "openai"], ["choose one of --local, --z-image and --provider"]),
         (["--local", "--local-model", "./no/such/folder"], ["is not a folder"]),
         (["--local", "--model", "gpt-4o"], ["--local-model"]),
+        (
+            ["--local", "--local-model", "Qwen/Qwen3-1.7B", "--alias", "gpt-4o-mini"],
+            ["already has a model named 'gpt-4o-mini'", "openai/gpt-4o-mini", "--alias"],
+        ),
+        (
+            ["--z-image", "--alias", "qwen3-4b"],  # qwen3-4b loads another checkpoint
+            ["already has a model named 'qwen3-4b'", "zlocal/Tongyi-MAI/Z-Image-Turbo"],
+        ),
+        (["--alias", "mine", "--yes"], ["--alias goes with --provider, --local or --z-image"]),
     ],
 )
 def test_impossible_choices_are_one_line_and_change_nothing(project, cli, args, needles):

@@ -62,6 +62,8 @@ def test_fresh_clone_to_a_local_enhance(tmp_path_factory, tiny_model_dir):
 
     setup = z_explorer(folder, shell, "setup", "--local", "--local-model", str(tiny_model_dir))
     assert setup.returncode == 0, setup.stderr
+    assert f"add model {tiny_model_dir.name.lower()} (zlocal/{tiny_model_dir}" in setup.stderr
+    assert "LOCAL_LLM_MODEL" not in (folder / ".env").read_text()  # the entry names it
     assert "✗ gateway: Nothing answers" in setup.stdout
     assert "Next: start the gateway in this folder" in setup.stderr
 
@@ -74,7 +76,8 @@ def test_fresh_clone_to_a_local_enhance(tmp_path_factory, tiny_model_dir):
         again = z_explorer(folder, shell, "setup", "--yes")  # the gateway is up now
         assert again.returncode == 0, again.stdout + again.stderr
         assert "Nothing to change" in again.stderr
-        assert [line[:1] for line in again.stdout.splitlines()] == ["✓"] * 6
+        checks = again.stdout.splitlines()
+        assert {line[:1] for line in checks} == {"✓"} and "✓ local models: " in again.stdout
         assert 'Ready. Next: uv run z-explorer enhance "a cute fox"' in again.stderr
     finally:
         gateway.stop()
