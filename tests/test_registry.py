@@ -95,3 +95,16 @@ def test_a_load_still_out_of_memory_after_the_retry_is_a_503(tiny_model_dir, mon
     with pytest.raises(ModelUnavailableError):
         ask(local, "b", tiny_model_dir)
     assert len(calls) == 2 and loaded(local) == []
+
+
+def test_a_model_swapped_out_is_freed(tiny_model_dir):
+    """Nothing keeps the unloaded model alive: its memory can go back to the system."""
+    import gc
+    import weakref
+
+    local = provider(tiny_model_dir, ["a", "b"], max_loaded=1)
+    ask(local, "a", tiny_model_dir)
+    weights = weakref.ref(local.registry.models["a"].holder.loaded.model)
+    ask(local, "b", tiny_model_dir)
+    gc.collect()
+    assert loaded(local) == ["b"] and weights() is None

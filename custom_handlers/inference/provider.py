@@ -293,9 +293,9 @@ class LocalLLM(CustomLLM):
         saying so (the download goes on: a later request finds it further along, or done)."""
         if (loaded := local.holder.loaded) is not None:
             return loaded
-        if local.load_task is None or local.load_task.done():
+        if local.load_task is None:
             local.load_task = asyncio.ensure_future(asyncio.to_thread(local.holder.get))
-            local.load_task.add_done_callback(_retrieved)
+            local.load_task.add_done_callback(lambda task: _load_done(local, task))
         task, started = local.load_task, time.monotonic()
         while True:
             try:
@@ -319,9 +319,12 @@ def _still_downloading(local: LocalModel, progress: str) -> ModelUnavailableErro
     return error
 
 
-def _retrieved(task: asyncio.Task) -> None:
-    """A load's failure is told to the requests that wait for it, and logged by the holder;
-    asyncio need not report it again when nobody waits any more."""
+def _load_done(local: LocalModel, task: asyncio.Task) -> None:
+    """Forget the finished load: its result is the model, which must not outlive an unload. Its
+    failure is told to the requests that wait for it, and logged by the holder; asyncio need not
+    report it again when nobody waits any more."""
+    if local.load_task is task:
+        local.load_task = None
     if not task.cancelled():
         task.exception()
 

@@ -314,10 +314,12 @@ def test_the_installed_command_fails_in_one_line(_isolated):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: Cannot reach")
 
 
-def run_on_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+def run_on_terminal(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[int, str]:
     """Run a command with a pseudo-terminal as its stdin, stdout and stderr."""
     master, slave = os.openpty()
-    process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env)
+    process = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     chunks = []
     while True:

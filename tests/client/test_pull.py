@@ -20,6 +20,7 @@ import pytest
 
 from custom_handlers.inference import download as dl
 from custom_handlers.inference.settings import LocalModelSettings
+from tests.client.test_cli import run_on_terminal
 from tests.hf_fake import FakeHub, hub_environment
 from tests.servers import free_port
 
@@ -438,7 +439,7 @@ def test_piped_progress_is_plain_lines_and_a_second_pull_finds_it_present(projec
 
 def test_on_a_terminal_a_bar_is_drawn(project, env, hub):
     terminal = env | {"TERM": "xterm-256color", "COLUMNS": "120"}
-    status, output = run_on_terminal([z_explorer(), "pull", "zimage"], project, terminal)
+    status, output = run_on_terminal([z_explorer(), "pull", "zimage"], terminal, cwd=project)
     assert status == 0, output
     assert "━" in output and "\x1b[" in output  # rich's bar, drawn with cursor control
     assert "zimage: test/z-image-tiny (text_encoder/, tokenizer/): 6 files, " in output
@@ -490,21 +491,3 @@ def test_ctrl_c_keeps_what_came_and_the_next_pull_resumes(project, env, hub, rep
     [blob] = [p for p in blobs.iterdir() if p.stat().st_size == BIG_SIZE]
     assert sha256(blob) == sha256(repos[BIG] / "model.safetensors")
     assert not list(blobs.glob("*.incomplete"))
-
-
-def run_on_terminal(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Run a command with a pseudo-terminal as its stdin, stdout and stderr."""
-    master, slave = os.openpty()
-    process = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the command closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
