@@ -126,6 +126,16 @@ def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
         # Same messages, two tokenizers: the prompts count differently.
         assert a.json()["usage"]["prompt_tokens"] != b.json()["usage"]["prompt_tokens"]
         assert a.json()["model"] == "small" and b.json()["model"] == "wide"
+        # Every route reaches the model named: the text completion of the same words is counted
+        # by wide's tokenizer, as its chat was.
+        text = httpx.post(
+            f"{gw.base_url}/v1/completions",
+            json={"model": "wide", "prompt": FOX[0]["content"], "max_tokens": 2},
+            headers={"Authorization": f"Bearer {gw.key}"},
+            timeout=120,
+        )
+        assert text.status_code == 200, text.text
+        assert text.json()["usage"]["prompt_tokens"] == b.json()["usage"]["prompt_tokens"]
         # keep_alive 0 applies to small only: it is unloaded after its answer, wide stays.
         assert wait_for(lambda: loaded(gw) == ["wide"]), models(gw)
 
@@ -169,7 +179,7 @@ def test_with_one_model_loaded_at_a_time_requests_swap_them(two_checkpoints, tmp
 
 def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpoints, tmp_path):
     small, wide = two_checkpoints
-    gw = start(tmp_path, {"small": (str(small), {}), "wide": (str(wide), {})})
+    gw = start(tmp_path, {"small": (str(small), {}), "wide": (str(wide), {"max_queue": 2})})
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             running = pool.submit(ask, gw, "small", **LONG)
@@ -178,6 +188,9 @@ def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpo
             # wide waits for small's request: counted as queued, small stays loaded meanwhile.
             assert wait_for(lambda: models(gw)["wide"]["requests"]["queued"] == 2)
             assert loaded(gw) == ["small"] and not running.done()
+            full = ask(gw, "wide")  # wide's queue (max_queue 2) is full: a 503, at once
+            assert full.status_code == 503 and full.headers["retry-after"] == "2", full.text
+            assert "'wide' is busy" in full.json()["error"]["message"]
             first = running.result()
             answers = [f.result() for f in waiting]
         assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 150
