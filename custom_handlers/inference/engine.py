@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
 from custom_handlers.inference.errors import LocalLLMError, ModelUnavailableError, OverloadedError
-from custom_handlers.inference.kvbatch import KVBatch
+from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.prefix import PrefixCache, start_cache
 from custom_handlers.inference.request import SamplingParams
@@ -276,12 +276,14 @@ class Engine:
         max_queue: int = 64,
         keep_alive: float = 300,
         prefix_cache_bytes: int = 0,
+        kv_cache_bytes: int = 0,
     ):
         self._holder = holder
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.keep_alive = keep_alive
+        self.kv_cache_bytes = kv_cache_bytes  # the running rows' KV pool at most (0: no limit)
         self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
         self._jobs: queue.Queue[Job | Release] = queue.Queue()
         self._releases_queued = 0  # Release markers in ``_jobs`` (not requests)
@@ -321,6 +323,21 @@ class Engine:
             "keep_alive_seconds": self.keep_alive,
             "unload_in_seconds": None if idle_left is None else round(idle_left, 3),
             "prefix_cache": self.prefix.state(),
+            "kv_cache": self._kv_state(),
+        }
+
+    def kv_budget(self, loaded: LoadedModel) -> KVBudget:
+        """The KV pool's limit for ``loaded``: bytes, bytes per token, slots."""
+        token_bytes = kv_token_bytes(loaded.model.config, loaded.dtype)
+        return KVBudget(self.kv_cache_bytes, token_bytes, self.max_rows)
+
+    def _kv_state(self) -> dict[str, int]:
+        batch = self._batch  # the engine thread may replace it meanwhile
+        return {
+            "bytes": batch.nbytes,
+            "budget_bytes": self.kv_cache_bytes,
+            "slots": batch.slots,
+            "columns": batch.columns,
         }
 
     def release(self, on_done: Callable[[], None] | None = None) -> Release:
@@ -405,7 +422,7 @@ class Engine:
             if job.cancelled:
                 job.emit(Done())
                 continue
-            if self._rows and len(self._rows) + job.sampling.n > self.max_rows:
+            if self._rows and not self._room_for(job):
                 self._waiting = job
                 return
             try:
@@ -414,6 +431,12 @@ class Engine:
                 _fail(job, exc)
             except Exception as exc:
                 _fail(job, _internal_error(exc))
+
+    def _room_for(self, job: Job) -> bool:
+        """Whether the job's rows fit in the batch and the KV pool next to the running rows."""
+        n = job.sampling.n
+        tokens = len(job.prompt_ids) + job.max_new_tokens
+        return len(self._rows) + n <= self.max_rows and self._batch.fits(n, tokens)
 
     def _unload_for(self, marker: Release) -> None:
         self._release = None
@@ -471,12 +494,13 @@ class Engine:
         self.prefix.add(job.prompt_ids, cache)
         logits = out.logits[:, -1].float()
         if n > 1:
-            cache.batch_repeat_interleave(n)
             logits = logits.expand(n, -1).clone()
         rows = [self._new_row(job, i, loaded) for i in range(n)]
         job.open_rows = n
         tokens = self._choose(rows, logits)
-        self._batch.add(cache, n, len(job.prompt_ids))
+        if not self._rows:  # a new pool, sized for the model loaded now
+            self._batch = KVBatch(self.kv_budget(loaded))
+        self._batch.add(cache, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
         self._rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._advance(rows, tokens, loaded.eos_token_ids)
@@ -509,7 +533,7 @@ class Engine:
             cache=self._batch.cache,
             use_cache=True,
         )
-        self._batch.mask = mask
+        self._batch.advance()
         for row in self._rows:
             row.length += 1
         tokens = self._choose(self._rows, out.logits[:, -1].float())

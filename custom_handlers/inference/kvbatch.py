@@ -1,87 +1,259 @@
-"""The running batch's KV cache: rows of different lengths, left-padded to one length.
+"""The running batch's KV cache: one slot per row, allocated ahead and written in place.
 
-transformers' ``DynamicCache`` holds ``[batch, heads, length, head_dim]`` tensors per layer. Rows
-join (their prefill cache is left-padded or the batch is) and leave (``batch_select_indices``)
-between decoding steps; padding columns no row needs any more are trimmed, so the cache never
-grows beyond the longest row in it. ``mask`` marks real tokens (1) and padding (0).
+Per layer, keys and values live in ``[slots, kv_heads, columns, head_dim]`` tensors. Row ``i`` is
+slot ``i``; its tokens fill columns ``0 .. length-1`` (right-padded). A decoding step writes each
+row's new key and value at that row's own column (``index_put_``, in place) and attends over the
+columns ``0 .. longest`` as a view, a mask hiding each row's padding. Nothing is reallocated per
+step: the step that grew a transformers ``DynamicCache`` by ``torch.cat`` copied the whole cache
+each time (for Qwen3-4B at 4k tokens, ~1.2 GB per row per step on a GPU).
+
+- **Joining** rows copy their prefill's KV into their slots (``n`` choices: the one prompt into
+  ``n`` slots); nobody else's KV moves. Room is reserved for each row's whole answer (prompt +
+  max_new_tokens), so a running row never needs more columns.
+- **Growing**: the pool starts small and grows, slots by powers of two up to the batch size and
+  columns to the longest reservation (rounded up to ``COLUMN_STEP``): a copy, only when a row
+  joins that does not fit, never during decoding.
+- **Leaving** rows free their slots; the rows after them move down (rows leave in order), so the
+  rows in use stay ``0 .. rows-1``. The last row leaving frees the pool: an idle model holds no KV.
+- **Budget**: the pool never takes more than ``budget_bytes`` (``LOCAL_LLM_KV_CACHE_MB``). A job
+  whose rows would not fit next to the running ones waits for rows to leave (``fits``); one that
+  could not fit alone is refused before it is queued (``KVBudget.check``: 400).
+
+Why not a paged cache (vLLM, transformers' continuous batching): a page table needs an attention
+kernel that reads pages (``paged|sdpa`` in transformers is their own batching's), and a gather
+before plain SDPA would copy the cache every step again. Fixed slots keep plain SDPA and pay in
+padding instead: a short row next to a long one reserves as many columns as the long one.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
 from typing import Any
+
+from custom_handlers.inference.errors import InvalidRequestError
+
+COLUMN_STEP = 256  # columns are reserved in multiples of this many tokens
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_token_bytes(config: Any, dtype: str) -> int:
+    """Bytes of keys and values one token takes in the cache, over all layers, in ``dtype`` (the
+    model's compute dtype: the KV of a 4-bit model is in it too)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+
+
+def _columns_for(tokens: int) -> int:
+    return max(COLUMN_STEP, math.ceil(tokens / COLUMN_STEP) * COLUMN_STEP)
+
+
+def _power_of_two(rows: int) -> int:
+    return 1 << max(0, rows - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """What the pool may hold: ``budget_bytes`` (0: no limit) of ``token_bytes`` each."""
+
+    budget_bytes: int
+    token_bytes: int
+    max_slots: int
+
+    def bytes_for(self, slots: int, columns: int) -> int:
+        return slots * columns * self.token_bytes
+
+    def tokens_alone(self, rows: int) -> int | None:
+        """The most tokens (prompt + answer) each of ``rows`` rows may reserve when alone."""
+        if self.budget_bytes <= 0:
+            return None
+        per_row = self.budget_bytes // (max(rows, 1) * self.token_bytes)
+        return per_row // COLUMN_STEP * COLUMN_STEP
+
+    def check(self, rows: int, tokens: int) -> None:
+        """400 for a job that could not fit even with the pool to itself."""
+        need = self.bytes_for(rows, _columns_for(tokens))
+        if self.budget_bytes <= 0 or need <= self.budget_bytes:
+            return
+        need /= 2**20
+        raise InvalidRequestError(
+            f"This request needs {need:,.0f} MiB of KV cache ({rows} choice(s) x {tokens} tokens "
+            f"of prompt and max_tokens), more than the local model's KV cache "
+            f"({self.budget_bytes / 2**20:,.0f} MiB, LOCAL_LLM_KV_CACHE_MB). Reduce max_tokens, "
+            "the prompt or n.",
+            param="max_tokens",
+        )
 
 
 class KVBatch:
-    def __init__(self) -> None:
-        self.cache: Any = None
-        self.mask: Any = None  # [rows, length] int64
+    """The batch's KV slots. ``cache`` is what the model is called with while rows exist."""
+
+    def __init__(self, budget: KVBudget | None = None) -> None:
+        self.budget = budget
+        self.cache: Any = None  # SlotCache over the pool, while rows exist
+        self.lengths: Any = None  # [rows] int64: each row's tokens in the cache
+        self.reserved: list[int] = []  # each row's most tokens (prompt + max_new_tokens)
+        self.keys: list[Any] = []  # per layer, [slots, kv_heads, columns, head_dim]
+        self.values: list[Any] = []
+        self.width = 0  # columns the current step attends over (longest row + 1)
 
     @property
     def rows(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
+        return len(self.reserved)
 
-    def add(self, cache: Any, rows: int, length: int) -> None:
-        """Append ``rows`` rows whose cache (from their own prefill) is ``length`` long."""
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def columns(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
+
+    def fits(self, rows: int, tokens: int) -> bool:
+        """Whether ``rows`` more rows reserving ``tokens`` each fit next to the running ones."""
+        if self.budget is None or self.budget.budget_bytes <= 0:
+            return True
+        slots, columns = self._size_for(rows, tokens)
+        return self.budget.bytes_for(slots, columns) <= self.budget.budget_bytes
+
+    def _size_for(self, rows: int, tokens: int) -> tuple[int, int]:
+        """The pool's size with ``rows`` more rows: columns for the longest reservation; slots by
+        powers of two (few regrowths) but never more than the budget or the batch allows."""
+        needed = self.rows + rows
+        columns = max(self.columns, _columns_for(max([tokens, *self.reserved])))
+        slots = _power_of_two(needed)
+        if self.budget is not None:
+            slots = min(slots, self.budget.max_slots)
+            if self.budget.budget_bytes > 0:
+                slots = min(slots, self.budget.budget_bytes // (columns * self.budget.token_bytes))
+        return max(self.slots, needed, slots), columns
+
+    def add(self, cache: Any, rows: int, length: int, tokens: int) -> None:
+        """Give ``rows`` rows the KV of their prefill (``cache``, 1 or ``rows`` rows of ``length``
+        tokens), reserving ``tokens`` columns for each."""
         import torch
 
-        mask = torch.ones(rows, length, dtype=torch.long, device=self._device(cache))
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-            return
-        width = max(self.mask.shape[1], length)
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+        first = cache.layers[0].keys
+        slots, columns = self._size_for(rows, tokens)
+        if not self.keys:
+            self._allocate(cache, slots, columns)
+        elif (slots, columns) != (self.slots, self.columns):
+            self._grow(slots, columns)
+        start = self.rows
+        for mine_k, mine_v, theirs in zip(self.keys, self.values, cache.layers, strict=True):
+            mine_k[start : start + rows, :, :length] = theirs.keys
+            mine_v[start : start + rows, :, :length] = theirs.values
+        added = torch.full((rows,), length, dtype=torch.long, device=first.device)
+        self.lengths = added if self.lengths is None else torch.cat([self.lengths, added])
+        self.reserved.extend([tokens] * rows)
+
+    def _allocate(self, cache: Any, slots: int, columns: int) -> None:
+        import torch
+
+        for layer in cache.layers:
+            _, heads, _, dim = layer.keys.shape
+            shape = (slots, heads, columns, dim)
+            # Zeros, not empty: masked columns still meet the values (0 x NaN is NaN).
+            self.keys.append(torch.zeros(shape, dtype=layer.keys.dtype, device=layer.keys.device))
+            self.values.append(
+                torch.zeros(shape, dtype=layer.values.dtype, device=layer.values.device)
             )
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
+        self.cache = slot_cache(self)
+
+    def _grow(self, slots: int, columns: int) -> None:
+        import torch
+
+        rows, used = self.rows, self.columns
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                _, heads, _, dim = old.shape
+                new = torch.zeros((slots, heads, columns, dim), dtype=old.dtype, device=old.device)
+                new[:rows, :, :used] = old[:rows]
+                store[i] = new
 
     def step_mask(self) -> Any:
-        """The attention mask for one more token per row; becomes ``mask`` after the step."""
+        """The attention mask of the next step (each row: its tokens and the one it adds), and
+        where each row's new key and value go."""
         import torch
 
-        ones = torch.ones(self.rows, 1, dtype=self.mask.dtype, device=self.mask.device)
-        return torch.cat([self.mask, ones], dim=1)
+        self.width = int(self.lengths.max()) + 1
+        columns = torch.arange(self.width, device=self.lengths.device)
+        return (columns[None, :] <= self.lengths[:, None]).long()
+
+    def advance(self) -> None:
+        """Each row holds one more token (after a step)."""
+        self.lengths += 1
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows (in this order); frees the rest."""
+        """Keep only these rows, in this order (ascending); their slots become ``0..k-1``."""
         import torch
 
-        if not indices:
-            self.cache = self.mask = None
+        if not indices:  # the pool is freed with its last row
+            self.cache, self.lengths, self.reserved = None, None, []
+            self.keys, self.values, self.width = [], [], 0
             return
         if indices == list(range(self.rows)):
             return
-        index = torch.tensor(indices, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop leading columns that are padding in every row."""
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start == 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, start:]
-            layer.values = layer.values[:, :, start:]
-        self.mask = self.mask[:, start:]
-
-    @staticmethod
-    def _device(cache: Any):
-        return cache.layers[0].keys.device
+        # Rows before the first that left stay put; the ones after it move down.
+        first = next((i for i, kept in enumerate(indices) if kept != i), len(indices))
+        if first < len(indices):
+            moving = torch.tensor(indices[first:], device=self.lengths.device)
+            used = int(self.lengths[moving].max())
+            for store in (self.keys, self.values):
+                for tensor in store:
+                    tensor[first : len(indices), :, :used] = tensor[moving, :, :used]
+        self.lengths = self.lengths[torch.tensor(indices, device=self.lengths.device)]
+        self.reserved = [self.reserved[i] for i in indices]
 
 
-def _left_pad(states, width: int):
-    import torch.nn.functional as F
+@functools.cache
+def _slot_layer_class():
+    from transformers.cache_utils import DynamicLayer
 
-    missing = width - states.shape[-2]
-    return F.pad(states, (0, 0, missing, 0)) if missing else states
+    class SlotLayer(DynamicLayer):
+        """One layer's view of the pool, as transformers' attention calls it."""
+
+        def __init__(self, batch: KVBatch, index: int):
+            super().__init__()
+            self.batch, self.index = batch, index
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            batch = self.batch
+            keys, values = batch.keys[self.index], batch.values[self.index]
+            rows = batch.rows
+            if key_states.shape[2] != 1 or key_states.shape[0] != rows:
+                raise RuntimeError("the slot pool takes one new token per row")
+            import torch
+
+            where = (torch.arange(rows, device=keys.device), slice(None), batch.lengths)
+            keys[where] = key_states[:, :, 0]
+            values[where] = value_states[:, :, 0]
+            return keys[:rows, :, : batch.width], values[:rows, :, : batch.width]
+
+        def get_seq_length(self) -> int:
+            return self.batch.width - 1
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.batch.width - 1 + query_length, 0
+
+        def get_max_length(self) -> int:
+            return self.batch.columns
+
+    return SlotLayer
 
 
-def _left_pad_mask(mask, width: int):
-    import torch.nn.functional as F
+def slot_cache(batch: KVBatch) -> Any:
+    """A transformers ``Cache`` whose layers read and write ``batch``'s slots."""
+    from transformers.cache_utils import Cache
 
-    missing = width - mask.shape[1]
-    return F.pad(mask, (missing, 0)) if missing else mask
+    layer = _slot_layer_class()
+    return Cache(layers=[layer(batch, i) for i in range(len(batch.keys))])

@@ -346,8 +346,13 @@ def _check_room_in_queue(local: LocalModel) -> None:
 
 
 def _job(local: LocalModel, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
-    ids = prepared.prompt_ids
-    max_new = _output_budget(loaded, request, len(ids), local.settings.default_max_tokens)
+    ids, n = prepared.prompt_ids, request.sampling.n
+    budget = local.engine.kv_budget(loaded)
+    default = local.settings.default_max_tokens
+    if (room := budget.tokens_alone(n)) is not None and room > len(ids):
+        default = min(default, room - len(ids))  # without max_tokens: what fits in the KV cache
+    max_new = _output_budget(loaded, request, len(ids), default)
+    budget.check(n, len(ids) + max_new)
     return Job(
         ids,
         request.sampling,

@@ -59,6 +59,7 @@ class LocalModel:
             settings.max_queue,
             settings.keep_alive,
             int(settings.prefix_cache_mb * 2**20),
+            int(settings.kv_cache_mb * 2**20),
         )
         self.last_used = 0.0  # monotonic time of the last request; 0: never asked for
         self.arriving = 0  # requests not yet in the engine's queue (waiting for the model to load)

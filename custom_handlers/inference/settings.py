@@ -64,6 +64,14 @@ class LocalModelSettings(BaseSettings):
         ge=1,
         description="Most requests waiting for room in the batch; beyond: 503 + Retry-After.",
     )
+    kv_cache_mb: float = Field(
+        2048,
+        ge=0,
+        description="Memory (MiB, on the model's device) for the running requests' KV cache, "
+        "allocated as they need it and written in place. A request that does not fit next to "
+        "the running ones waits; one that cannot fit alone gets a 400. 2048 MiB holds about "
+        "14,500 tokens of Qwen3-4B (144 KiB each). 0: no limit.",
+    )
     prefix_cache_mb: float = Field(
         512,
         ge=0,
