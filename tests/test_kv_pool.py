@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -12,19 +11,13 @@ from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.settings import LocalModelSettings
 from tests.test_batching import ENDLESS, _messages
+from tests.test_keep_alive import wait_for
 
 LONG = {"max_tokens": 200, "temperature": 1.0, "response_format": ENDLESS}
 
 
 def handler(model_dir, **settings) -> LocalLLM:
     return LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(model_dir), **settings)))
-
-
-def wait_for(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return condition()
 
 
 def test_decoding_writes_in_place_and_the_pool_is_freed_with_its_last_row(tiny_model_dir):
