@@ -182,7 +182,8 @@ def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpo
     gw = start(tmp_path, {"small": (str(small), {}), "wide": (str(wide), {"max_queue": 2})})
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            running = pool.submit(ask, gw, "small", **LONG)
+            # Long enough to outlast the checks below on a loaded CI machine (150 did not).
+            running = pool.submit(ask, gw, "small", **{**LONG, "max_tokens": 1200})
             assert wait_for(lambda: models(gw)["small"]["requests"]["running"] == 1)
             waiting = [pool.submit(ask, gw, "wide", max_tokens=3, seed=s) for s in (1, 2)]
             # wide waits for small's request: counted as queued, small stays loaded meanwhile.
@@ -193,7 +194,7 @@ def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpo
             assert "'wide' is busy" in full.json()["error"]["message"]
             first = running.result()
             answers = [f.result() for f in waiting]
-        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 150
+        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 1200
         assert [a.status_code for a in answers] == [200, 200]
         ids = {a.json()["id"] for a in [first, *answers]}
         assert len(ids) == 3  # each answered once

@@ -107,15 +107,19 @@ class KVBatch:
 
     @property
     def slots(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        keys = self.keys  # one read: another thread may be reporting the state
+        return keys[0].shape[0] if keys else 0
 
     @property
     def columns(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        keys = self.keys
+        return keys[0].shape[2] if keys else 0
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
+        """Bytes of the pool (read from other threads: the lists are replaced, never filled)."""
+        keys, values = self.keys, self.values
+        return sum(t.nbytes for t in keys) + sum(t.nbytes for t in values)
 
     def fits(self, rows: int, tokens: int) -> bool:
         """Whether ``rows`` more rows reserving ``tokens`` each fit next to the running ones."""
@@ -158,26 +162,29 @@ class KVBatch:
     def _allocate(self, cache: Any, slots: int, columns: int) -> None:
         import torch
 
+        keys, values = [], []
         for layer in cache.layers:
             _, heads, _, dim = layer.keys.shape
             shape = (slots, heads, columns, dim)
             # Zeros, not empty: masked columns still meet the values (0 x NaN is NaN).
-            self.keys.append(torch.zeros(shape, dtype=layer.keys.dtype, device=layer.keys.device))
-            self.values.append(
-                torch.zeros(shape, dtype=layer.values.dtype, device=layer.values.device)
-            )
+            keys.append(torch.zeros(shape, dtype=layer.keys.dtype, device=layer.keys.device))
+            values.append(torch.zeros(shape, dtype=layer.values.dtype, device=layer.values.device))
+        self.keys, self.values = keys, values
         self.cache = slot_cache(self)
 
     def _grow(self, slots: int, columns: int) -> None:
         import torch
 
         rows, used = self.rows, self.columns
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                _, heads, _, dim = old.shape
-                new = torch.zeros((slots, heads, columns, dim), dtype=old.dtype, device=old.device)
-                new[:rows, :, :used] = old[:rows]
-                store[i] = new
+
+        def grown(old):
+            _, heads, _, dim = old.shape
+            new = torch.zeros((slots, heads, columns, dim), dtype=old.dtype, device=old.device)
+            new[:rows, :, :used] = old[:rows]
+            return new
+
+        self.keys = [grown(t) for t in self.keys]
+        self.values = [grown(t) for t in self.values]
 
     def step_mask(self) -> Any:
         """The attention mask of the next step (each row: its tokens and the one it adds), and
