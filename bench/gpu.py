@@ -150,8 +150,11 @@ def measure_variant(
         model=str(path), device=name, dtype=dtype, quantization=quantization, keep_alive=-1
     )
     holder = ModelHolder(lambda: settings)
-    prefix_bytes = int(settings.prefix_cache_mb * 2**20)  # the gateway's default: reuse on
-    engine = Engine(holder, 32, 128, keep_alive=-1, prefix_cache_bytes=prefix_bytes)
+    prefix_bytes = int(settings.prefix_cache_mb * 2**20)  # the gateway's defaults: reuse on,
+    kv_bytes = int(settings.kv_cache_mb * 2**20)  # and the KV pool's budget
+    engine = Engine(
+        holder, 32, 128, keep_alive=-1, prefix_cache_bytes=prefix_bytes, kv_cache_bytes=kv_bytes
+    )
     device.reset_peak()
     before = device.used()
     started = time.perf_counter()
@@ -186,6 +189,7 @@ def measure_variant(
     column["prefix"] = f"{cold * 1000:,.0f} ms cold, {again * 1000:,.0f} ms seen before"
     column["generate"] = _generate_floor(device, loaded, prompt, tokens)
     column["memory"] = _memory_line(device, before, after_load)
+    column["kv"] = f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB"
     marker = engine.release()
     marker.done.wait()
     after_release = device.used()
@@ -245,6 +249,7 @@ ROWS = [
     ("graphs", "CUDA graphs on / off"),
     ("generate", "transformers generate, one stream (floor)"),
     ("memory", "device memory (CPU: process RSS)"),
+    ("kv", "KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"),
     ("released", "after release"),
 ]
 

@@ -284,6 +284,7 @@ class Engine:
         self.max_queue = max_queue
         self.keep_alive = keep_alive
         self.kv_cache_bytes = kv_cache_bytes  # the running rows' KV pool at most (0: no limit)
+        self.peak_kv_bytes = 0  # the KV pool at its largest so far
         self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
         self._jobs: queue.Queue[Job | Release] = queue.Queue()
         self._releases_queued = 0  # Release markers in ``_jobs`` (not requests)
@@ -338,6 +339,7 @@ class Engine:
             "budget_bytes": self.kv_cache_bytes,
             "slots": batch.slots,
             "columns": batch.columns,
+            "peak_bytes": self.peak_kv_bytes,
         }
 
     def release(self, on_done: Callable[[], None] | None = None) -> Release:
@@ -501,6 +503,7 @@ class Engine:
         if not self._rows:  # a new pool, sized for the model loaded now
             self._batch = KVBatch(self.kv_budget(loaded))
         self._batch.add(cache, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
         self._rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._advance(rows, tokens, loaded.eos_token_ids)
