@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from custom_handlers.inference.catalog import ConfigError, local_entries, read_config
+from custom_handlers.inference.catalog import (
+    ConfigError,
+    local_entries,
+    problem_line,
+    read_config,
+)
 from custom_handlers.inference.registry import Registry
 from custom_handlers.inference.settings import LocalModelsSettings
 
@@ -67,10 +72,7 @@ def configure_from_proxy(provider: LocalLLM) -> None:
     except ConfigError as exc:
         refuse_to_start(str(exc))
     except ValidationError as exc:
-        error = exc.errors()[0]
-        refuse_to_start(
-            f"LOCAL_LLM_{str(error['loc'][0]).upper()}: {error['msg']} (got {error['input']!r})"
-        )
+        refuse_to_start(problem_line(exc))
     provider.use(Registry.of_entries(entries, max_loaded))
     if entries:
         names = ", ".join(f"{e.name} ({e.checkpoint})" for e in entries)

@@ -99,7 +99,7 @@ def local_entries(
     try:
         defaults = LocalModelSettings()  # LOCAL_LLM_*: every local model's defaults
     except ValidationError as exc:
-        raise ConfigError(f"{source}: local models: {_one_line(exc, {})}") from None
+        raise ConfigError(f"{source}: local models: {problem_line(exc)}") from None
     entries: list[LocalEntry] = []
     for position, item in enumerate(config.get("model_list") or []):
         params = item.get("litellm_params") if isinstance(item, Mapping) else None
@@ -149,12 +149,12 @@ def _settings(
     try:
         return LocalModelSettings(**values, model=checkpoint)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_one_line(exc, values)}") from None
+        raise ConfigError(f"{where}: {problem_line(exc, values)}") from None
 
 
-def _one_line(exc: ValidationError, given: Mapping[str, Any]) -> str:
+def problem_line(exc: ValidationError, given: Mapping[str, Any] | None = None) -> str:
     """The first problem: which setting (model_info's or the environment's), what is allowed."""
     error = exc.errors()[0]
     key = str(error["loc"][0]) if error["loc"] else "?"
-    name = f"model_info.{key}" if key in given else f"LOCAL_LLM_{key.upper()}"
+    name = f"model_info.{key}" if key in (given or {}) else f"LOCAL_LLM_{key.upper()}"
     return f"{name}: {error['msg']} (got {error.get('input')!r})"

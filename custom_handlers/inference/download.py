@@ -353,12 +353,12 @@ def _what_is_missing(names: Iterable[str], settings: LocalModelSettings) -> list
 
 
 def _local_directory(settings: LocalModelSettings) -> Path | None:
-    """The checkpoint's directory if it is one; None for a repo id. Mirrors the loader's test."""
+    """The checkpoint's directory if it is one; None for a repo id (the loader's test)."""
     source = settings.model.strip()
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+    if settings.checkpoint_is_a_path:
         raise DownloadError(
             f"{source} does not exist: a local model must be a model folder (with config.json), "
             "a Hugging Face model is a repo id (org/name).",

@@ -217,7 +217,7 @@ def load_model(settings: LocalModelSettings, progress: Progress | None = None) -
     if (workers := gateway_workers()) > 1:
         raise ModelUnavailableError(several_workers_problem(workers))
     source = _check_source(settings)
-    if source == settings.model.strip():  # a repo id: fetch what is missing, with progress
+    if not Path(source).exists():  # a repo id: fetch what the cache lacks, with progress
         _download(settings, progress)
     started = time.perf_counter()
     try:
@@ -279,7 +279,6 @@ def load_model(settings: LocalModelSettings, progress: Progress | None = None) -
 
 def _check_source(settings: LocalModelSettings) -> str:
     source = settings.model.strip()
-    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
     path = Path(source).expanduser()
     if path.exists():
         if settings.model_folder and not (path / settings.model_folder / "config.json").is_file():
@@ -302,7 +301,7 @@ def _check_source(settings: LocalModelSettings) -> str:
                 "that holds tokenizer.json (Z-Image: tokenizer)."
             )
         return str(path)
-    if looks_like_path:
+    if settings.checkpoint_is_a_path:
         raise ModelUnavailableError(
             f"The local model cannot be loaded: {settings.source_label} does not exist. Set "
             f"{settings.checkpoint_setting} to an existing model directory or a Hugging Face "

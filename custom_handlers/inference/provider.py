@@ -45,7 +45,6 @@ from custom_handlers.inference.errors import (
     LocalLLMError,
     ModelUnavailableError,
     NotFoundError,
-    OverloadedError,
 )
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.registry import LocalModel, Registry
@@ -263,29 +262,19 @@ class LocalLLM(CustomLLM):
         return self.registry.find(group if isinstance(group, str) else None, model)
 
     async def _start(self, local: LocalModel, request: ChatRequest, sink: AsyncSink) -> Job:
-        local.touch()
-        _check_room_in_queue(local)
-        local.arriving += 1  # counted as queued, and the model as busy, until the engine has it
-        try:
+        with local.arrival():
             loaded = await self._load(local)
             if _is_small(request):  # under a millisecond: a thread hop would cost more
                 prepared = _prepare(loaded, request)
             else:
                 prepared = await asyncio.to_thread(_prepare, loaded, request)
             return local.engine.submit(_job(local, loaded, request, prepared, sink))
-        finally:
-            local.arriving -= 1
 
     def _start_sync(self, local: LocalModel, request: ChatRequest) -> Job:
-        local.touch()
-        _check_room_in_queue(local)
-        local.arriving += 1
-        try:
+        with local.arrival():
             loaded = local.holder.get()
             prepared = _prepare(loaded, request)
             return local.engine.submit(_job(local, loaded, request, prepared, SyncSink()))
-        finally:
-            local.arriving -= 1
 
     async def _load(self, local: LocalModel) -> LoadedModel:
         """The loaded model. One thread loads it, however many requests wait for it; a request
@@ -333,16 +322,6 @@ def _parse(local: LocalModel, messages, optional_params, *, stream: bool) -> Cha
     return parse_chat_request(
         messages, optional_params or {}, stream=stream, max_n=local.settings.max_n
     )
-
-
-def _check_room_in_queue(local: LocalModel) -> None:
-    """A request that would wait beyond the model's queue (its own, or for its load) gets 503."""
-    if local.queued >= local.settings.max_queue:
-        raise OverloadedError(
-            f"The local model {local.name!r} is busy: {local.queued} requests are waiting "
-            f"already (max_queue {local.settings.max_queue}). Retry in a few seconds.",
-            retry_after=2,
-        )
 
 
 def _job(local: LocalModel, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:

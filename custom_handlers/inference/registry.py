@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 from custom_handlers.inference.catalog import PREFIX, LocalEntry
 from custom_handlers.inference.engine import Engine, Release
-from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError, OverloadedError
 from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.settings import LocalModelSettings
 
@@ -78,6 +78,24 @@ class LocalModel:
     def idle(self) -> bool:
         """No request running, queued or on its way: the model may be unloaded."""
         return not (self.engine.running or self.queued or self.engine.releasing)
+
+    @contextlib.contextmanager
+    def arrival(self) -> Iterator[None]:
+        """A request on its way to the engine (loading the model, templating): the model is
+        marked used, the request counts as queued and the model as busy. A request that would
+        wait beyond ``max_queue`` gets a 503 with Retry-After instead."""
+        self.touch()
+        if self.queued >= self.settings.max_queue:
+            raise OverloadedError(
+                f"The local model {self.name!r} is busy: {self.queued} requests are waiting "
+                f"already (max_queue {self.settings.max_queue}). Retry in a few seconds.",
+                retry_after=2,
+            )
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

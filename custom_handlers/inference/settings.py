@@ -124,6 +124,12 @@ class LocalModelSettings(BaseSettings):
         return folder.strip().strip("/")
 
     @property
+    def checkpoint_is_a_path(self) -> bool:
+        """Whether the checkpoint is written as a path (it must then exist), not a repo id."""
+        source = self.model.strip()
+        return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+    @property
     def model_folder(self) -> str:
         return self.subfolder.strip().strip("/")
 
