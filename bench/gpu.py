@@ -15,17 +15,22 @@ there) it measures:
 - 8 concurrent JSON-constrained requests (an array that cannot end, so each runs its full length);
 - the TTFT of a ~2,000-token prompt, cold and then again (prefix reuse: the second prefills one
   token);
-- ``transformers`` ``generate`` on the same weights, one stream: the in-process floor;
+- ``transformers`` ``generate`` on the same weights, one stream, greedy: the in-process floor,
+  against the engine's own greedy single stream (both from submit to the last token);
+- single-stream and 16-concurrent decoding with CUDA graphs on (the default, every row above) and
+  off;
 - device memory before load, after load, at peak, and after the model is released.
 
 Random weights rarely produce text the test tokenizer can show, so times are taken from the
-engine's ``Finish`` and ``Done`` events, and token counts from ``Finish.completion_tokens``.
-CUDA-graph decoding is not in this engine yet (issue 14): its row says so.
+engine's ``Finish`` and ``Done`` events, and token counts from ``Finish.completion_tokens``. They
+also end a turn at random points, so here end-of-turn ends nothing: every request runs its full
+length, as ``generate(min_new_tokens=...)`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import platform
@@ -53,10 +58,13 @@ class Result:
     tokens: int  # completion tokens
 
 
-def run_jobs(engine: Engine, prompts: list[list[int]], tokens: int, grammar=None) -> list[Result]:
-    """Submit one job per prompt at once; wait for all. Each job samples (temperature 1, seeded)."""
+def run_jobs(
+    engine: Engine, prompts: list[list[int]], tokens: int, grammar=None, temperature: float = 1.0
+) -> list[Result]:
+    """Submit one job per prompt at once; wait for all. Each job samples (temperature 1, seeded;
+    0: greedy)."""
     jobs = [
-        Job(p, SamplingParams(temperature=1.0, seed=i), tokens, SyncSink(), grammar)
+        Job(p, SamplingParams(temperature=temperature, seed=i), tokens, SyncSink(), grammar)
         for i, p in enumerate(prompts)
     ]
     results: list[Result | Failed | None] = [None] * len(jobs)
@@ -161,14 +169,16 @@ def measure_variant(
     loaded = holder.get()
     load_seconds = time.perf_counter() - started
     after_load = device.used()
+    # Every request runs its full length (random weights end turns at random points).
+    loaded = holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     prompt = _prompt(loaded, 24)
     run_jobs(engine, [prompt], 8)  # warm-up: first kernels, allocator
     column = {"load": f"{load_seconds:.1f} s", "weights": f"{loaded.model_bytes / MiB:,.0f} MiB"}
 
-    [single] = run_jobs(engine, [prompt], tokens)
-    [first] = run_jobs(engine, [prompt], 1)
+    [single] = run_jobs(engine, [prompt], tokens, temperature=0)
+    [first] = run_jobs(engine, [prompt], 1, temperature=0)
     decode = (single.tokens - 1) / max(1e-9, single.seconds - first.seconds)
-    column["single"] = f"{decode:,.0f} tokens/s ({single.tokens} tokens)"
+    column["single"] = f"{decode:,.0f} tokens/s ({single.tokens} tokens, greedy)"
     if (bandwidth := device.bandwidth()) is not None:
         bound = bandwidth / loaded.model_bytes
         column["bound"] = f"{bound:,.0f} tokens/s ({bandwidth / 1e12:.2f} TB/s copy)"
@@ -187,7 +197,17 @@ def measure_variant(
     cold = run_jobs(engine, [long_prompt], 1)[0].seconds
     again = run_jobs(engine, [long_prompt], 1)[0].seconds
     column["prefix"] = f"{cold * 1000:,.0f} ms cold, {again * 1000:,.0f} ms seen before"
-    column["generate"] = _generate_floor(device, loaded, prompt, tokens)
+    floor = _generate_floor(device, loaded, prompt, tokens)
+    # Right after, in the same conditions (on the CPU, generate's thread starts a second OpenMP
+    # team, which slows every thread's parallel regions from then on: compare like with like).
+    [again] = run_jobs(engine, [prompt], tokens, temperature=0)
+    ours = again.tokens / again.seconds
+    column["generate"] = (
+        f"{floor:,.0f} tokens/s ({tokens} tokens, greedy); the engine's single stream right "
+        f"after, measured the same way (submit to last token): {ours:,.0f} tokens/s = "
+        f"{ours / floor:.2f}x"
+    )
+    column["graphs"] = _graphs_on_off(engine, device, prompt, tokens)
     column["memory"] = _memory_line(device, before, after_load)
     column["kv"] = f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB"
     marker = engine.release()
@@ -209,7 +229,28 @@ def _prompt(loaded: LoadedModel, length: int) -> list[int]:
     return ids[:length]
 
 
-def _generate_floor(device: Device, loaded: LoadedModel, prompt: list[int], tokens: int) -> str:
+def _graphs_on_off(engine: Engine, device: Device, prompt: list[int], tokens: int) -> str:
+    """Single-stream and 16-concurrent tokens/s as measured above (graphs as configured), then
+    with CUDA graphs off; the graphs captured."""
+
+    def rates() -> tuple[float, float]:
+        [one] = run_jobs(engine, [prompt], tokens, temperature=0)
+        many = run_jobs(engine, [prompt] * 16, tokens)
+        return one.tokens / one.seconds, sum(r.tokens for r in many) / max(r.seconds for r in many)
+
+    on = rates()
+    graphs = engine.state()["cuda_graphs"]
+    engine.use_cuda_graphs(False)
+    off = rates()
+    engine.use_cuda_graphs(True)
+    label = "on" if graphs["enabled"] else f"off ({graphs['off_reason']})"
+    return (
+        f"{label}: {on[0]:,.0f} / {on[1]:,.0f} tokens/s (1 / 16 streams), {graphs['graphs']} "
+        f"graphs; forced off: {off[0]:,.0f} / {off[1]:,.0f} tokens/s"
+    )
+
+
+def _generate_floor(device: Device, loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
     torch = device.torch
     input_ids = torch.tensor([prompt], device=loaded.model.device)
     with torch.inference_mode():
@@ -222,8 +263,7 @@ def _generate_floor(device: Device, loaded: LoadedModel, prompt: list[int], toke
         )
         if device.cuda:
             torch.cuda.synchronize()
-    made = out.shape[1] - len(prompt)
-    return f"{made / (time.perf_counter() - started):,.0f} tokens/s ({made} tokens, greedy)"
+    return (out.shape[1] - len(prompt)) / (time.perf_counter() - started)
 
 
 def _memory_line(device: Device, before: int, after_load: int) -> str:
@@ -246,7 +286,7 @@ ROWS = [
     ("ttft16", "TTFT, 16 arriving together"),
     ("json8", "8 concurrent, JSON-constrained"),
     ("prefix", "TTFT of a ~2,000-token prompt"),
-    ("graphs", "CUDA graphs on / off"),
+    ("graphs", "CUDA graphs (every row above as configured) / forced off"),
     ("generate", "transformers generate, one stream (floor)"),
     ("memory", "device memory (CPU: process RSS)"),
     ("kv", "KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"),
@@ -303,8 +343,6 @@ def main() -> None:
                 columns["bitsandbytes 4-bit"] = measure_variant(
                     path, device, "4bit", "bfloat16", tokens
                 )
-    for column in columns.values():
-        column.setdefault("graphs", "not in this engine yet (eager steps)")
     text = "\n".join(
         [
             environment(device),

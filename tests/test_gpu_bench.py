@@ -40,7 +40,10 @@ def test_the_gpu_benchmark_runs_on_the_cpu_and_prints_every_row(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(result.stdout)
     assert list(rows) == [label for _, label in ROWS]
-    assert rows["single-stream decode"][0].endswith("tokens/s (8 tokens)")
+    assert rows["single-stream decode"][0].endswith("tokens/s (8 tokens, greedy)")
+    assert "right after" in rows["transformers generate, one stream (floor)"][0]
+    graphs = rows["CUDA graphs (every row above as configured) / forced off"][0]
+    assert graphs.startswith("off (not on CUDA (cpu))") and "forced off" in graphs
     assert rows["aggregate, 16 concurrent"][0].endswith("tokens/s")
     assert "seen before" in rows["TTFT of a ~2,000-token prompt"][0]
     assert rows["after release"][0].endswith("against before load)")
@@ -56,4 +59,6 @@ def test_the_gpu_benchmark_on_cuda(tmp_path):
         pytest.skip("no CUDA device")
     result = _run("--device", "cuda", "--skip-4bit", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "of the bound" in _rows(result.stdout)["single-stream decode"][0]
+    rows = _rows(result.stdout)
+    assert "of the bound" in rows["single-stream decode"][0]
+    assert rows["CUDA graphs (every row above as configured) / forced off"][0].startswith("on:")

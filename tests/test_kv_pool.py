@@ -29,8 +29,9 @@ def test_decoding_writes_in_place_and_the_pool_is_freed_with_its_last_row(tiny_m
         seen = []  # (tensor address, row 0's tokens in the pool) while it decodes
         while not running.done():
             batch = engine._batch
-            if batch.keys and batch.lengths is not None:
-                seen.append((batch.keys[0].data_ptr(), int(batch.lengths[0])))
+            lengths = batch.lengths  # one read: the engine thread replaces the list
+            if batch.keys and lengths:
+                seen.append((batch.keys[0].data_ptr(), lengths[0]))
             await asyncio.sleep(0.001)
         return seen, await running
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
+from custom_handlers.inference.decode import Decoder
 from custom_handlers.inference.errors import LocalLLMError, ModelUnavailableError, OverloadedError
 from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
@@ -277,6 +278,7 @@ class Engine:
         keep_alive: float = 300,
         prefix_cache_bytes: int = 0,
         kv_cache_bytes: int = 0,
+        cuda_graphs: bool = True,
     ):
         self._holder = holder
         self.prefix = PrefixCache(prefix_cache_bytes)
@@ -285,6 +287,9 @@ class Engine:
         self.keep_alive = keep_alive
         self.kv_cache_bytes = kv_cache_bytes  # the running rows' KV pool at most (0: no limit)
         self.peak_kv_bytes = 0  # the KV pool at its largest so far
+        self.cuda_graphs = cuda_graphs  # decode steps replayed from CUDA graphs, on CUDA
+        self.graph_mode: str | None = None  # forces a Decoder mode ("static": tests on the CPU)
+        self._decoder: Decoder | None = None  # the loaded model's decoding steps
         self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
         self._jobs: queue.Queue[Job | Release] = queue.Queue()
         self._releases_queued = 0  # Release markers in ``_jobs`` (not requests)
@@ -325,7 +330,22 @@ class Engine:
             "unload_in_seconds": None if idle_left is None else round(idle_left, 3),
             "prefix_cache": self.prefix.state(),
             "kv_cache": self._kv_state(),
+            "cuda_graphs": self._graphs_state(),
         }
+
+    def _graphs_state(self) -> dict[str, object]:
+        decoder = self._decoder  # the engine thread may replace it meanwhile
+        if decoder is not None:
+            return decoder.state()
+        reason = None if self.cuda_graphs else "turned off (cuda_graphs: false)"
+        return {"enabled": None, "graphs": 0, "off_reason": reason}
+
+    def use_cuda_graphs(self, on: bool) -> None:
+        """Decode with CUDA graphs (on CUDA) or without, from the next request on; only while no
+        request runs or waits (bench/gpu.py's on/off row)."""
+        if self.running or self.queued:
+            raise RuntimeError("use_cuda_graphs is for an idle engine")
+        self.cuda_graphs, self._decoder = on, None
 
     def kv_budget(self, loaded: LoadedModel) -> KVBudget:
         """The KV pool's limit for ``loaded``: bytes, bytes per token, slots."""
@@ -464,8 +484,10 @@ class Engine:
             return None
 
     def _unload_model(self) -> bool:
-        """Unload the model and the prompts' KV kept with it; whether a model was loaded."""
+        """Unload the model, the prompts' KV kept with it, the KV pool and the CUDA graphs;
+        whether a model was loaded."""
         self.prefix.clear()
+        self._batch, self._decoder = KVBatch(), None
         return self._holder.unload()
 
     def _idle_left(self) -> float | None:
@@ -500,13 +522,30 @@ class Engine:
         rows = [self._new_row(job, i, loaded) for i in range(n)]
         job.open_rows = n
         tokens = self._choose(rows, logits)
-        if not self._rows:  # a new pool, sized for the model loaded now
-            self._batch = KVBatch(self.kv_budget(loaded))
+        decoder = self._decoder_for(loaded)
+        if not self._rows and self._batch.budget != self.kv_budget(loaded):
+            self._batch = KVBatch(self.kv_budget(loaded))  # a pool for the model loaded now
+        self._batch.keep_pool = decoder.graphs  # graphs point into it: kept while loaded
         self._batch.add(cache, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
         self._rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._advance(rows, tokens, loaded.eos_token_ids)
+
+    def _decoder_for(self, loaded: LoadedModel) -> Decoder:
+        """The decoding steps of ``loaded``: CUDA graphs on CUDA unless turned off."""
+        if self._decoder is not None and self._decoder.is_for(loaded.model):
+            return self._decoder
+        if self.graph_mode is not None:
+            mode, reason = self.graph_mode, None
+        elif not self.cuda_graphs:
+            mode, reason = "eager", "turned off (cuda_graphs: false)"
+        elif not str(loaded.model.device).startswith("cuda"):
+            mode, reason = "eager", f"not on CUDA ({loaded.model.device})"
+        else:
+            mode, reason = "cuda", None
+        self._decoder = Decoder(loaded.model, mode, self._holder.label, reason)
+        return self._decoder
 
     def _new_row(self, job: Job, index: int, loaded: LoadedModel) -> _Row:
         sampling = row_sampling(
@@ -522,24 +561,15 @@ class Engine:
     # ---- one decoding step for every row -------------------------------------------------------
 
     def _step(self) -> None:
-        import torch
-
         loaded = self._holder.get()
-        device = loaded.model.device
-        input_ids = torch.tensor([[r.last] for r in self._rows], device=device)
-        positions = torch.tensor([[r.length] for r in self._rows], device=device)
-        mask = self._batch.step_mask()
-        out = loaded.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self._batch.cache,
-            use_cache=True,
+        rows = self._rows
+        logits = self._decoder_for(loaded).step(
+            loaded.model, self._batch, [r.last for r in rows], [r.length for r in rows]
         )
         self._batch.advance()
-        for row in self._rows:
+        for row in rows:
             row.length += 1
-        tokens = self._choose(self._rows, out.logits[:, -1].float())
+        tokens = self._choose(self._rows, logits.float())
         self._advance(self._rows, tokens, loaded.eos_token_ids)
 
     def _choose(self, rows: list[_Row], logits) -> list[int]:
@@ -666,6 +696,8 @@ class Engine:
         for job in {id(r.job): r.job for r in self._rows if not r.done}.values():
             _fail(job, error)
         self._rows, self._batch = [], KVBatch()
+        if self._decoder is not None:  # its graphs point into the pool just dropped
+            self._decoder.drop()
         self.prefix.clear()
         self._holder.release_cached_memory()
 

@@ -14,7 +14,9 @@ each time (for Qwen3-4B at 4k tokens, ~1.2 GB per row per step on a GPU).
   columns to the longest reservation (rounded up to ``COLUMN_STEP``): a copy, only when a row
   joins that does not fit, never during decoding.
 - **Leaving** rows free their slots; the rows after them move down (rows leave in order), so the
-  rows in use stay ``0 .. rows-1``. The last row leaving frees the pool: an idle model holds no KV.
+  rows in use stay ``0 .. rows-1``. The last row leaving frees the pool: an idle model holds no KV
+  (``keep_pool``: it stays while the model is loaded, for CUDA graphs that point into it; the
+  engine frees it with the model).
 - **Budget**: the pool never takes more than ``budget_bytes`` (``LOCAL_LLM_KV_CACHE_MB``). A job
   whose rows would not fit next to the running ones waits for rows to leave (``fits``); one that
   could not fit alone is refused before it is queued (``KVBudget.check``: 400).
@@ -28,6 +30,7 @@ padding instead: a short row next to a long one reserves as many columns as the 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,12 +51,28 @@ def kv_token_bytes(config: Any, dtype: str) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
 
 
-def _columns_for(tokens: int) -> int:
+def columns_for(tokens: int) -> int:
+    """Columns that hold ``tokens``: a multiple of ``COLUMN_STEP``."""
     return max(COLUMN_STEP, math.ceil(tokens / COLUMN_STEP) * COLUMN_STEP)
 
 
-def _power_of_two(rows: int) -> int:
+def power_of_two(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
+
+
+_POOL_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one decoding step calls the model with: ``rows`` rows (slots ``0 .. rows-1``, through
+    ``row_index``), each writing its new key and value at column ``write_at[row]`` and attending
+    over columns ``0 .. width-1``."""
+
+    rows: int
+    width: int
+    row_index: Any  # [rows] int64: 0 .. rows-1
+    write_at: Any  # [rows] int64
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,7 @@ class KVBudget:
 
     def check(self, rows: int, tokens: int) -> None:
         """400 for a job that could not fit even with the pool to itself."""
-        need = self.bytes_for(rows, _columns_for(tokens))
+        need = self.bytes_for(rows, columns_for(tokens))
         if self.budget_bytes <= 0 or need <= self.budget_bytes:
             return
         need /= 2**20
@@ -92,14 +111,16 @@ class KVBudget:
 class KVBatch:
     """The batch's KV slots. ``cache`` is what the model is called with while rows exist."""
 
-    def __init__(self, budget: KVBudget | None = None) -> None:
+    def __init__(self, budget: KVBudget | None = None, keep_pool: bool = False) -> None:
         self.budget = budget
-        self.cache: Any = None  # SlotCache over the pool, while rows exist
-        self.lengths: Any = None  # [rows] int64: each row's tokens in the cache
+        self.keep_pool = keep_pool  # the pool outlives its last row (CUDA graphs point into it)
+        self.pool_id = 0  # changes whenever the pool's tensors do (0: no pool)
+        self.cache: Any = None  # SlotCache over the pool
+        self.lengths: list[int] = []  # each row's tokens in the cache
         self.reserved: list[int] = []  # each row's most tokens (prompt + max_new_tokens)
         self.keys: list[Any] = []  # per layer, [slots, kv_heads, columns, head_dim]
         self.values: list[Any] = []
-        self.width = 0  # columns the current step attends over (longest row + 1)
+        self.step: Step | None = None  # the step the model is being called for
 
     @property
     def rows(self) -> int:
@@ -132,8 +153,8 @@ class KVBatch:
         """The pool's size with ``rows`` more rows: columns for the longest reservation; slots by
         powers of two (few regrowths) but never more than the budget or the batch allows."""
         needed = self.rows + rows
-        columns = max(self.columns, _columns_for(max([tokens, *self.reserved])))
-        slots = _power_of_two(needed)
+        columns = max(self.columns, columns_for(max([tokens, *self.reserved])))
+        slots = power_of_two(needed)
         if self.budget is not None:
             slots = min(slots, self.budget.max_slots)
             if self.budget.budget_bytes > 0:
@@ -143,9 +164,6 @@ class KVBatch:
     def add(self, cache: Any, rows: int, length: int, tokens: int) -> None:
         """Give ``rows`` rows the KV of their prefill (``cache``, 1 or ``rows`` rows of ``length``
         tokens), reserving ``tokens`` columns for each."""
-        import torch
-
-        first = cache.layers[0].keys
         slots, columns = self._size_for(rows, tokens)
         if not self.keys:
             self._allocate(cache, slots, columns)
@@ -155,8 +173,7 @@ class KVBatch:
         for mine_k, mine_v, theirs in zip(self.keys, self.values, cache.layers, strict=True):
             mine_k[start : start + rows, :, :length] = theirs.keys
             mine_v[start : start + rows, :, :length] = theirs.values
-        added = torch.full((rows,), length, dtype=torch.long, device=first.device)
-        self.lengths = added if self.lengths is None else torch.cat([self.lengths, added])
+        self.lengths.extend([length] * rows)
         self.reserved.extend([tokens] * rows)
 
     def _allocate(self, cache: Any, slots: int, columns: int) -> None:
@@ -171,6 +188,7 @@ class KVBatch:
             values.append(torch.zeros(shape, dtype=layer.values.dtype, device=layer.values.device))
         self.keys, self.values = keys, values
         self.cache = slot_cache(self)
+        self.pool_id = next(_POOL_IDS)
 
     def _grow(self, slots: int, columns: int) -> None:
         import torch
@@ -185,40 +203,39 @@ class KVBatch:
 
         self.keys = [grown(t) for t in self.keys]
         self.values = [grown(t) for t in self.values]
-
-    def step_mask(self) -> Any:
-        """The attention mask of the next step (each row: its tokens and the one it adds), and
-        where each row's new key and value go."""
-        import torch
-
-        self.width = int(self.lengths.max()) + 1
-        columns = torch.arange(self.width, device=self.lengths.device)
-        return (columns[None, :] <= self.lengths[:, None]).long()
+        self.pool_id = next(_POOL_IDS)
 
     def advance(self) -> None:
         """Each row holds one more token (after a step)."""
-        self.lengths += 1
+        self.lengths = [length + 1 for length in self.lengths]
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows, in this order (ascending); their slots become ``0..k-1``."""
         import torch
 
-        if not indices:  # the pool is freed with its last row
-            self.cache, self.lengths, self.reserved = None, None, []
-            self.keys, self.values, self.width = [], [], 0
+        if not indices:
+            self.lengths, self.reserved = [], []
+            if not self.keep_pool:  # the pool is freed with its last row
+                self.free()
             return
         if indices == list(range(self.rows)):
             return
         # Rows before the first that left stay put; the ones after it move down.
         first = next((i for i, kept in enumerate(indices) if kept != i), len(indices))
         if first < len(indices):
-            moving = torch.tensor(indices[first:], device=self.lengths.device)
-            used = int(self.lengths[moving].max())
+            moving = indices[first:]
+            used = max(self.lengths[i] for i in moving)
+            where = torch.tensor(moving, device=self.keys[0].device)
             for store in (self.keys, self.values):
                 for tensor in store:
-                    tensor[first : len(indices), :, :used] = tensor[moving, :, :used]
-        self.lengths = self.lengths[torch.tensor(indices, device=self.lengths.device)]
+                    tensor[first : len(indices), :, :used] = tensor[where, :, :used]
+        self.lengths = [self.lengths[i] for i in indices]
         self.reserved = [self.reserved[i] for i in indices]
+
+    def free(self) -> None:
+        """Return the pool's memory (no row may be left)."""
+        self.cache, self.lengths, self.reserved, self.step = None, [], [], None
+        self.keys, self.values, self.pool_id = [], [], 0
 
 
 @functools.cache
@@ -234,23 +251,20 @@ def _slot_layer_class():
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            batch = self.batch
+            batch, step = self.batch, self.batch.step
             keys, values = batch.keys[self.index], batch.values[self.index]
-            rows = batch.rows
-            if key_states.shape[2] != 1 or key_states.shape[0] != rows:
+            if key_states.shape[2] != 1 or key_states.shape[0] != step.rows:
                 raise RuntimeError("the slot pool takes one new token per row")
-            import torch
-
-            where = (torch.arange(rows, device=keys.device), slice(None), batch.lengths)
+            where = (step.row_index, slice(None), step.write_at)
             keys[where] = key_states[:, :, 0]
             values[where] = value_states[:, :, 0]
-            return keys[:rows, :, : batch.width], values[:rows, :, : batch.width]
+            return keys[: step.rows, :, : step.width], values[: step.rows, :, : step.width]
 
         def get_seq_length(self) -> int:
-            return self.batch.width - 1
+            return self.batch.step.width - 1
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.batch.width - 1 + query_length, 0
+            return self.batch.step.width - 1 + query_length, 0
 
         def get_max_length(self) -> int:
             return self.batch.columns

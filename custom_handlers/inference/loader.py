@@ -101,6 +101,7 @@ class ModelHolder:
         self.loading = False  # a load is under way (state reports; nothing waits on it)
         self.download: DownloadWatch | None = None  # the download of a load under way, if any
         self.last_load_seconds: float | None = None  # kept after an unload: what a reload costs
+        self.label = ""  # the model loaded last, as log lines name it (settings.source_label)
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -133,6 +134,7 @@ class ModelHolder:
                 self.loading = False
             self._failure = None
             self.last_load_seconds = self._loaded.load_seconds
+            self.label = settings.source_label
             return self._loaded
 
     def _load(self, settings: LocalModelSettings) -> LoadedModel:

@@ -79,6 +79,13 @@ class LocalModelSettings(BaseSettings):
         "that starts like an earlier one (the same system prompt) skips that part of its "
         "prefill. 0 turns it off. 512 MiB holds about 3,600 tokens of Qwen3-4B.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, replay decoding steps from captured CUDA graphs (one launch a step "
+        "instead of hundreds), each checked against an eager step when captured; on any error or "
+        "mismatch the model decodes eagerly and the log says why. false: always eager. The KV "
+        "cache then stays allocated while the model is loaded (the graphs point into it).",
+    )
     preload: bool = Field(
         False,
         description="Load the model when the gateway starts, so the first request finds it warm.",

@@ -1,0 +1,150 @@
+"""Decoding steps through the CUDA-graph path: bucketed, padded, checked, and eager on any failure.
+
+On the CPU the graph path runs in its "static" mode: the same padded rows, bucketed widths and
+static buffers as on CUDA, without capturing. A captured graph replays exactly those steps, so
+what can go wrong in the shapes and buffers is checked here; only the capture itself needs CUDA
+(the last test, skipped without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from custom_handlers.inference import decode
+from custom_handlers.inference.loader import ModelHolder
+from custom_handlers.inference.provider import LocalLLM
+from custom_handlers.inference.settings import LocalModelSettings
+from tests.test_batching import ENDLESS, _messages
+
+# Rows of different prompt and answer lengths that join and leave at different steps, so the batch
+# goes through several row buckets (16 for 9 rows down to 1 for the last) and, with the long
+# answers, two widths (256 and 512 columns).
+BODIES = [
+    {"max_tokens": tokens, "temperature": 0, "response_format": ENDLESS}
+    for tokens in (300, 5, 40, 12, 330, 3, 25, 60, 8)
+]
+
+
+def handler(model_dir, graph_mode: str | None = None, **settings) -> LocalLLM:
+    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(model_dir), **settings)))
+    local.engine.graph_mode = graph_mode
+    return local
+
+
+def answers(local: LocalLLM, bodies=BODIES, n: int = 1) -> list[tuple[str, str, int]]:
+    async def together():
+        return await asyncio.gather(
+            *(
+                local.acompletion("x", _messages(i), optional_params={**body, "n": n})
+                for i, body in enumerate(bodies)
+            )
+        )
+
+    return [
+        (c.message.content, c.finish_reason, r.usage.completion_tokens)
+        for r in asyncio.run(together())
+        for c in r.choices
+    ]
+
+
+def graphs_state(local: LocalLLM) -> dict:
+    return local.state()["models"][0]["cuda_graphs"]
+
+
+@pytest.fixture(scope="module")
+def eager_answers(tiny_model_dir):
+    return answers(handler(tiny_model_dir))
+
+
+def test_the_graph_path_answers_token_for_token_as_eager_decoding(tiny_model_dir, eager_answers):
+    local = handler(tiny_model_dir, "static")
+    got = answers(local)
+    assert got == eager_answers
+    assert [tokens for _, _, tokens in got] == [b["max_tokens"] for b in BODIES]
+    state = graphs_state(local)
+    assert state["enabled"] is True and state["off_reason"] is None
+    sizes = {key for key in local.engine._decoder._graphs}  # (rows bucket, columns)
+    assert {1, 2} <= {rows for rows, _ in sizes} and {256, 512} <= {w for _, w in sizes}
+    assert max(rows for rows, _ in sizes) >= 8  # the first rows were decoded together
+
+
+def test_with_graphs_the_pool_is_kept_while_loaded_and_freed_with_the_model(tiny_model_dir):
+    local = handler(tiny_model_dir, "static")
+    answers(local, BODIES[:3])
+    pool = local.state()["models"][0]["kv_cache"]
+    assert pool["bytes"] > 0 and pool["slots"] >= 4  # idle, still allocated: graphs point into it
+    address = local.engine._batch.keys[0].data_ptr()
+    again = answers(local, BODIES[1:3])  # fits the kept pool: same tensors, graphs reused
+    assert local.engine._batch.keys[0].data_ptr() == address
+    assert again == answers(handler(tiny_model_dir), BODIES[1:3])
+    captured = local.engine._decoder.captured
+    answers(local, BODIES[1:3])
+    assert local.engine._decoder.captured == captured  # nothing captured again
+    assert asyncio.run(local.release())["released"]
+    pool = local.state()["models"][0]["kv_cache"]
+    assert pool["bytes"] == 0 and pool["slots"] == 0
+    assert local.engine._decoder is None  # the graphs went with the model
+
+
+def test_n_choices_and_sampling_with_a_seed_are_the_same_through_graphs(tiny_model_dir):
+    bodies = [{"max_tokens": 30, "temperature": 1.0, "seed": 7}, {"max_tokens": 20, "seed": 8}]
+    assert answers(handler(tiny_model_dir, "static"), bodies, n=3) == answers(
+        handler(tiny_model_dir), bodies, n=3
+    )
+
+
+@pytest.fixture
+def engine_log(caplog):
+    caplog.set_level(logging.WARNING, logger="custom_handlers.engine")
+    return caplog
+
+
+def test_a_graph_that_disagrees_with_eager_turns_graphs_off_with_one_line(
+    tiny_model_dir, eager_answers, engine_log, monkeypatch
+):
+    monkeypatch.setattr(decode, "disagreement", lambda got, expected: "differs by 3.1e-01")
+    local = handler(tiny_model_dir, "static")
+    assert answers(local) == eager_answers  # the mismatched step was run again, eagerly
+    state = graphs_state(local)
+    assert state["enabled"] is False and "differs by 3.1e-01" in state["off_reason"]
+    assert state["graphs"] == 0
+    lines = [r.getMessage() for r in engine_log.records if "CUDA graphs off" in r.getMessage()]
+    assert len(lines) == 1 and "decoding runs eager" in lines[0] and "differs" in lines[0]
+
+
+def test_a_capture_that_fails_turns_graphs_off_and_decoding_goes_on(
+    tiny_model_dir, eager_answers, engine_log, monkeypatch
+):
+    def broken(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode.Decoder, "_capture", broken)
+    local = handler(tiny_model_dir, "static")
+    assert answers(local) == eager_answers
+    assert "operation not permitted" in graphs_state(local)["off_reason"]
+    assert len([r for r in engine_log.records if "CUDA graphs off" in r.getMessage()]) == 1
+    asyncio.run(local.release())
+    pool = local.state()["models"][0]["kv_cache"]
+    assert pool["bytes"] == 0
+
+
+def test_graphs_are_off_on_the_cpu_and_when_the_setting_says_so(tiny_model_dir):
+    cpu = handler(tiny_model_dir)
+    assert graphs_state(cpu)["enabled"] is None  # nothing loaded yet
+    answers(cpu, BODIES[:1])
+    assert graphs_state(cpu) == {"enabled": False, "graphs": 0, "off_reason": "not on CUDA (cpu)"}
+    assert cpu.state()["models"][0]["kv_cache"]["bytes"] == 0  # eager: freed with its last row
+    off = handler(tiny_model_dir, cuda_graphs=False)
+    assert graphs_state(off)["off_reason"] == "turned off (cuda_graphs: false)"
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_captured_cuda_graphs_answer_as_eager_decoding_on_cuda(tiny_model_dir):
+    eager = answers(handler(tiny_model_dir, device="cuda", cuda_graphs=False))
+    local = handler(tiny_model_dir, device="cuda")
+    assert answers(local) == eager
+    state = graphs_state(local)
+    assert state["enabled"] is True and state["graphs"] >= 4, state
