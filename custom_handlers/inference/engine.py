@@ -1,9 +1,10 @@
 """The generation thread: continuous batching of every request's choices, token by token.
 
 Generation never runs on the proxy's event loop. One worker thread owns a batch of rows (one row
-per choice of a request). Between two decoding steps, new requests join (their prompt is prefilled
-on its own, then its KV cache joins the batch's) and finished or cancelled rows leave. Each row has
-its own sampling parameters, seed, stop strings, token budget and, where asked, JSON constraint.
+per choice of a request). Between two decoding steps, new requests join (the prompts taken are
+prefilled together, then their KV is copied into the batch's slots) and finished or cancelled rows
+leave. Each row has its own sampling parameters, seed, stop strings, token budget and, where asked,
+JSON constraint.
 
 Each job carries its own output channel (a ``Sink``) and a cancel flag checked before every step,
 so a caller who goes away leaves the batch at the next step. Events a job emits, in order:
@@ -301,6 +302,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # thread start, release markers count
         self.peak_rows = 0  # the largest batch so far (rows)
+        self.peak_prefill = 0  # the most prompts prefilled in one forward pass so far
         self._stopping = False  # the process exits: the thread leaves its loop
 
     @property
@@ -424,41 +426,46 @@ class Engine:
     # ---- joining ------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Take queued jobs while the batch has room; wait for one when the batch is empty.
+        """Take queued jobs while the batch has room; wait for one when the batch is empty. The
+        jobs taken are prefilled together (``_prefill``).
 
         After a ``Release`` is taken nobody joins: the batch drains, then the model is unloaded.
         """
-        while True:
-            if self._release is not None:
-                if self._rows:
+        taken: list[Job] = []
+        try:
+            while True:
+                if self._release is not None:
+                    if self._rows or taken:
+                        return
+                    self._unload_for(self._release)
+                job = self._next_job(block=not (self._rows or taken))
+                if job is None or job is _STOP:
                     return
-                self._unload_for(self._release)
-            job = self._next_job(block=not self._rows)
-            if job is None or job is _STOP:
-                return
-            if isinstance(job, Release):
-                with self._lock:
-                    self._releases_queued -= 1
-                self._release = job
-                continue
-            if job.cancelled:
-                job.emit(Done())
-                continue
-            if self._rows and not self._room_for(job):
-                self._waiting = job
-                return
-            try:
-                self._prefill(job)
-            except LocalLLMError as exc:
-                _fail(job, exc)
-            except Exception as exc:
-                _fail(job, _internal_error(exc))
+                if isinstance(job, Release):
+                    with self._lock:
+                        self._releases_queued -= 1
+                    self._release = job
+                    continue
+                if job.cancelled:
+                    job.emit(Done())
+                    continue
+                if (self._rows or taken) and not self._room_for(job, taken):
+                    self._waiting = job
+                    return
+                taken.append(job)
+        finally:
+            if taken:
+                self._prefill(taken)
 
-    def _room_for(self, job: Job) -> bool:
-        """Whether the job's rows fit in the batch and the KV pool next to the running rows."""
-        n = job.sampling.n
-        tokens = len(job.prompt_ids) + job.max_new_tokens
-        return len(self._rows) + n <= self.max_rows and self._batch.fits(n, tokens)
+    def _room_for(self, job: Job, taken: list[Job]) -> bool:
+        """Whether the job's rows fit in the batch and the KV pool next to the running rows and
+        the jobs ``taken`` to join with it."""
+        if self._batch.budget is None and taken:  # the pool's size per token is not known yet
+            return False
+        joining = [*taken, job]
+        rows = sum(j.sampling.n for j in joining)
+        tokens = max(len(j.prompt_ids) + j.max_new_tokens for j in joining)
+        return len(self._rows) + rows <= self.max_rows and self._batch.fits(rows, tokens)
 
     def _unload_for(self, marker: Release) -> None:
         self._release = None
@@ -503,20 +510,75 @@ class Engine:
         self._unload_at = None if keep_alive < 0 else self._last_done + keep_alive
         job.emit(Done())
 
-    def _prefill(self, job: Job) -> None:
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill the jobs taken and let their rows join the batch.
+
+        Jobs that reuse the same prefix (or none) are prefilled together, in one forward pass
+        over their prompts right-padded to the longest (``_prefill_group``).
+        """
+        try:
+            loaded = self._holder.get()
+        except LocalLLMError as exc:
+            for job in jobs:
+                _fail(job, exc)
+            return
+        groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
+        for job in jobs:
+            entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed before
+            groups.setdefault((id(entry), reused), []).append((job, entry, reused))
+        for group in groups.values():
+            for part in _similar_lengths(group):
+                try:
+                    self._prefill_group(loaded, part)
+                except Exception as exc:
+                    if len(part) == 1:
+                        _fail(part[0][0], _error_of(exc))
+                        continue
+                    # The pass over all of them failed (memory, or one job's problem): each alone.
+                    for item in part:
+                        try:
+                            self._prefill_group(loaded, [item])
+                        except Exception as exc:
+                            _fail(item[0], _error_of(exc))
+
+    def _prefill_group(self, loaded: LoadedModel, group: list[tuple[Job, object, int]]) -> None:
+        """One forward pass over the prompts of jobs that share their first ``reused`` tokens
+        (from the prefix cache's ``entry``, or none), each right-padded to the longest: causal
+        attention keeps a prompt's tokens from ever seeing the padding after them."""
         import torch
         from transformers import DynamicCache
 
-        loaded = self._holder.get()
-        model, n = loaded.model, job.sampling.n
-        entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed for an earlier prompt
+        model, (_, entry, reused) = loaded.model, group[0]
+        rows = len(group)
         cache = (
-            start_cache(entry, reused, model.config) if entry else DynamicCache(config=model.config)
+            start_cache(entry, reused, model.config, rows)
+            if entry
+            else DynamicCache(config=model.config)
         )
-        input_ids = torch.tensor([job.prompt_ids[reused:]], device=model.device)
-        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        self.prefix.add(job.prompt_ids, cache)
-        logits = out.logits[:, -1].float()
+        rests = [job.prompt_ids[reused:] for job, _, _ in group]
+        width = max(len(rest) for rest in rests)
+        ids = [rest + [loaded.pad_token_id] * (width - len(rest)) for rest in rests]
+        last = sorted({len(rest) - 1 for rest in rests})  # where each prompt's next token comes
+        keep = 1 if rows == 1 else torch.tensor(last, device=model.device)
+        input_ids = torch.tensor(ids, device=model.device)
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
+        self.peak_prefill = max(self.peak_prefill, rows)
+        for i, (job, _, _) in enumerate(group):
+            if rows == 1:
+                kv, logits = cache, out.logits[:, -1]
+            else:
+                kv = _RowKV(cache, i, len(job.prompt_ids))
+                logits = out.logits[i : i + 1, last.index(len(rests[i]) - 1)]
+            self.prefix.add(job.prompt_ids, kv)
+            try:
+                self._join(job, loaded, logits.float(), kv)
+            except Exception as exc:  # this job only: the others of the pass join
+                _fail(job, _error_of(exc))
+
+    def _join(self, job: Job, loaded: LoadedModel, logits, kv) -> None:
+        """The job's rows join the batch: first tokens from the prefill's ``logits`` ``[1,
+        vocab]``, its prompt's KV (``kv``) copied into their slots."""
+        n = job.sampling.n
         if n > 1:
             logits = logits.expand(n, -1).clone()
         rows = [self._new_row(job, i, loaded) for i in range(n)]
@@ -526,7 +588,7 @@ class Engine:
         if not self._rows and self._batch.budget != self.kv_budget(loaded):
             self._batch = KVBatch(self.kv_budget(loaded))  # a pool for the model loaded now
         self._batch.keep_pool = decoder.graphs  # graphs point into it: kept while loaded
-        self._batch.add(cache, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
+        self._batch.add(kv, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
         self._rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self._rows))
@@ -692,7 +754,7 @@ class Engine:
             self._batch.keep(keep)
 
     def _fail_batch(self, exc: Exception) -> None:
-        error = exc if isinstance(exc, LocalLLMError) else _internal_error(exc)
+        error = _error_of(exc)
         for job in {id(r.job): r.job for r in self._rows if not r.done}.values():
             _fail(job, error)
         self._rows, self._batch = [], KVBatch()
@@ -702,9 +764,44 @@ class Engine:
         self._holder.release_cached_memory()
 
 
+class _RowKV:
+    """Row ``i`` of a batched prefill's cache, its first ``length`` tokens, copied (the prefix
+    cache may keep it: a view would keep the whole batch's tensors alive)."""
+
+    def __init__(self, cache, i: int, length: int):
+        self.layers = [_LayerKV(layer, i, length) for layer in cache.layers]
+
+
+class _LayerKV:
+    def __init__(self, layer, i: int, length: int):
+        self.keys = layer.keys[i : i + 1, :, :length].clone()
+        self.values = layer.values[i : i + 1, :, :length].clone()
+
+
+def _similar_lengths(group: list, most_padding: float = 0.5) -> list[list]:
+    """``group`` (jobs sharing a prefix) in parts whose prompts are close enough in length that
+    padding to the longest adds at most ``most_padding`` of their tokens: one 2,000-token prompt
+    is not prefilled beside fifteen short ones padded to its length."""
+    parts: list[list] = []
+    for item in sorted(group, key=lambda item: len(item[0].prompt_ids)):
+        rest = len(item[0].prompt_ids) - item[2]
+        if parts:
+            part = parts[-1]
+            tokens = sum(len(job.prompt_ids) - reused for job, _, reused in part) + rest
+            if rest * (len(part) + 1) <= (1 + most_padding) * tokens:
+                part.append(item)
+                continue
+        parts.append([item])
+    return parts
+
+
 def _fail(job: Job, error: LocalLLMError) -> None:
     job.emit(Failed(error))
     job.emit(Done())
+
+
+def _error_of(exc: Exception) -> LocalLLMError:
+    return exc if isinstance(exc, LocalLLMError) else _internal_error(exc)
 
 
 def _internal_error(exc: Exception) -> LocalLLMError:

@@ -83,13 +83,15 @@ class PrefixCache:
             self.nbytes -= entry.nbytes
 
 
-def start_cache(entry: _Entry, length: int, config: Any):
-    """A new ``DynamicCache`` holding the first ``length`` tokens of ``entry``."""
+def start_cache(entry: _Entry, length: int, config: Any, rows: int = 1):
+    """A new ``DynamicCache`` holding the first ``length`` tokens of ``entry``, for ``rows``
+    prompts that all start with them (not copied here: the prefill's update makes new tensors)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     for i, (keys, values) in enumerate(entry.layers):
-        cache.update(keys[:, :, :length], values[:, :, :length], i)
+        keys, values = keys[:, :, :length], values[:, :, :length]
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
     return cache
 
 
