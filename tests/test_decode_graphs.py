@@ -143,8 +143,9 @@ def test_graphs_are_off_on_the_cpu_and_when_the_setting_says_so(tiny_model_dir):
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
 def test_captured_cuda_graphs_answer_as_eager_decoding_on_cuda(tiny_model_dir):
-    eager = answers(handler(tiny_model_dir, device="cuda", cuda_graphs=False))
-    local = handler(tiny_model_dir, device="cuda")
+    on_cuda = {"device": "cuda", "dtype": "float32", "quantization": "none"}  # greedy: no ties
+    eager = answers(handler(tiny_model_dir, cuda_graphs=False, **on_cuda))
+    local = handler(tiny_model_dir, **on_cuda)
     assert answers(local) == eager
     state = graphs_state(local)
     assert state["enabled"] is True and state["graphs"] >= 4, state
