@@ -246,7 +246,8 @@ def _graphs_on_off(engine: Engine, device: Device, prompt: list[int], tokens: in
     label = "on" if graphs["enabled"] else f"off ({graphs['off_reason']})"
     return (
         f"{label}: {on[0]:,.0f} / {on[1]:,.0f} tokens/s (1 / 16 streams), {graphs['graphs']} "
-        f"graphs; forced off: {off[0]:,.0f} / {off[1]:,.0f} tokens/s"
+        f"graphs captured and checked in {graphs['capture_seconds']:.1f} s; forced off: "
+        f"{off[0]:,.0f} / {off[1]:,.0f} tokens/s"
     )
 
 

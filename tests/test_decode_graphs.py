@@ -66,6 +66,7 @@ def test_the_graph_path_answers_token_for_token_as_eager_decoding(tiny_model_dir
     assert [tokens for _, _, tokens in got] == [b["max_tokens"] for b in BODIES]
     state = graphs_state(local)
     assert state["enabled"] is True and state["off_reason"] is None
+    assert state["capture_seconds"] > 0
     sizes = {key for key in local.engine._decoder._graphs}  # (rows bucket, columns)
     assert {1, 2} <= {rows for rows, _ in sizes} and {256, 512} <= {w for _, w in sizes}
     assert max(rows for rows, _ in sizes) >= 8  # the first rows were decoded together
@@ -135,7 +136,8 @@ def test_graphs_are_off_on_the_cpu_and_when_the_setting_says_so(tiny_model_dir):
     cpu = handler(tiny_model_dir)
     assert graphs_state(cpu)["enabled"] is None  # nothing loaded yet
     answers(cpu, BODIES[:1])
-    assert graphs_state(cpu) == {"enabled": False, "graphs": 0, "off_reason": "not on CUDA (cpu)"}
+    off_on_cpu = {"enabled": False, "graphs": 0, "capture_seconds": 0.0}
+    assert graphs_state(cpu) == {**off_on_cpu, "off_reason": "not on CUDA (cpu)"}
     assert cpu.state()["models"][0]["kv_cache"]["bytes"] == 0  # eager: freed with its last row
     off = handler(tiny_model_dir, cuda_graphs=False)
     assert graphs_state(off)["off_reason"] == "turned off (cuda_graphs: false)"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -88,6 +89,7 @@ class Decoder:
         self._io: Any = None  # [2, slots, 1] int64: token ids, positions
         self._memory: Any = None  # the graphs' memory pool (CUDA)
         self.captured = 0  # graphs captured since load (recaptures included)
+        self.capture_seconds = 0.0  # spent capturing and checking them (first steps of a bucket)
 
     def is_for(self, model: Any) -> bool:
         return self._model() is model
@@ -97,7 +99,12 @@ class Decoder:
         return self.mode != "eager"
 
     def state(self) -> dict[str, object]:
-        return {"enabled": self.graphs, "graphs": len(self._graphs), "off_reason": self.off_reason}
+        return {
+            "enabled": self.graphs,
+            "graphs": len(self._graphs),
+            "capture_seconds": round(self.capture_seconds, 3),
+            "off_reason": self.off_reason,
+        }
 
     def step(self, model: Any, batch: KVBatch, tokens: list[int], positions: list[int]) -> Any:
         """Logits ``[rows, vocab]`` of the next step, for rows fed ``tokens`` at ``positions``."""
@@ -138,6 +145,7 @@ class Decoder:
         step's logits in ``_Graph.logits``."""
         import torch
 
+        started = time.perf_counter()
         step = functools.partial(
             decode_forward, model, batch, self._io[0, :size], self._io[1, :size], width
         )
@@ -161,7 +169,9 @@ class Decoder:
             graph = _Graph(step, cuda_graph, logits)
             cuda_graph.replay()
         self.captured += 1
-        if problem := disagreement(graph.logits, expected):
+        problem = disagreement(graph.logits, expected)  # waits for the device
+        self.capture_seconds += time.perf_counter() - started
+        if problem:
             raise GraphMismatch(f"a captured step (rows {size}, columns {width}) {problem}")
         return graph
 

@@ -340,7 +340,7 @@ class Engine:
         if decoder is not None:
             return decoder.state()
         reason = None if self.cuda_graphs else "turned off (cuda_graphs: false)"
-        return {"enabled": None, "graphs": 0, "off_reason": reason}
+        return {"enabled": None, "graphs": 0, "capture_seconds": 0.0, "off_reason": reason}
 
     def use_cuda_graphs(self, on: bool) -> None:
         """Decode with CUDA graphs (on CUDA) or without, from the next request on; only while no
