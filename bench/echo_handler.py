@@ -6,6 +6,7 @@ import time
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk
 
 
 class Echo(CustomLLM):
@@ -27,6 +28,18 @@ class Echo(CustomLLM):
 
     async def acompletion(self, model, messages, *args, model_response=None, **kwargs):
         return self._answer(model, model_response)
+
+    async def astreaming(self, model, messages, *args, **kwargs):
+        """ "ok" as one chunk, then the end: the floor for a stream's first chunk."""
+        for text, finished in (("ok", False), ("", True)):
+            yield GenericStreamingChunk(
+                text=text,
+                is_finished=finished,
+                finish_reason="stop" if finished else None,
+                index=0,
+                tool_use=None,
+                usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            )
 
 
 echo = Echo()

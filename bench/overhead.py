@@ -4,7 +4,8 @@
 
 One gateway serves both (the project's proxy_config.yaml plus an `echo` model backed by
 bench/echo_handler.py). For each, the same one-token request is timed through the proxy and
-in-process (no proxy); the difference is what the gateway adds. The model's own forward pass over
+in-process (no proxy); the difference is what the gateway adds. Streamed, the time to the first
+chunk is timed through the proxy too. The model's own forward pass over
 the same prompt is timed too, to show what our handler adds in-process around it.
 """
 
@@ -52,16 +53,26 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def through_proxy(gw: Gateway, model: str, runs: int) -> float:
-    body = {"model": model, "messages": ASK, "max_tokens": 1, "temperature": 0}
+def through_proxy(gw: Gateway, model: str, runs: int, stream: bool = False) -> float:
+    """Median ms of a one-token request; ``stream``: to the first streamed chunk."""
+    body = {"model": model, "messages": ASK, "max_tokens": 1, "temperature": 0, "stream": stream}
     headers = {"Authorization": f"Bearer {gw.key}"}
+
+    def once(http: httpx.Client) -> None:
+        if not stream:
+            http.post("/v1/chat/completions", json=body).raise_for_status()
+            return
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            next(line for line in response.iter_lines() if line.startswith("data: {"))
+
     with httpx.Client(base_url=gw.base_url, headers=headers, timeout=300) as http:
         for _ in range(5):
-            http.post("/v1/chat/completions", json=body).raise_for_status()
+            once(http)
         times = []
         for _ in range(runs):
             started = time.perf_counter()
-            http.post("/v1/chat/completions", json=body).raise_for_status()
+            once(http)
             times.append(time.perf_counter() - started)
     return median_ms(times)
 
@@ -106,6 +117,8 @@ def run(model: str, runs: int) -> list[tuple[str, str]]:
         try:
             proxy_echo = through_proxy(gw, "echo", runs)
             proxy_ours = through_proxy(gw, "qwen3-4b", runs)
+            stream_echo = through_proxy(gw, "echo", runs, stream=True)
+            stream_ours = through_proxy(gw, "qwen3-4b", runs, stream=True)
         finally:
             gw.stop()
     handler = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model)))
@@ -120,6 +133,10 @@ def run(model: str, runs: int) -> list[tuple[str, str]]:
         (
             "our handler, 1 token: through the gateway / in-process",
             f"{proxy_ours:.1f} / {local_ours:.1f} ms",
+        ),
+        (
+            "streamed, to the first chunk: echo / our handler",
+            f"{stream_echo:.1f} / {stream_ours:.1f} ms",
         ),
         ("gateway-added latency: echo", f"{proxy_echo - local_echo:.1f} ms"),
         ("gateway-added latency: our handler", f"{proxy_ours - local_ours:.1f} ms"),
