@@ -70,3 +70,24 @@ def test_a_long_prompt_is_not_padded_beside_short_ones():
     reused = [(Job(n), None, 1000) for n in (1030, 1040, 2000)]  # lengths after the reused part
     parts = [[len(job.prompt_ids) for job, _, _ in part] for part in _similar_lengths(reused)]
     assert parts == [[1030, 1040], [2000]]
+
+
+def test_a_shared_pass_out_of_memory_is_retried_prompt_by_prompt(tiny_model_dir):
+    import torch
+
+    local = handler(tiny_model_dir, prefix_cache_mb=0)
+    plain = [[{"role": "user", "content": user}] for user in USERS]
+    expected = [greedy_together(local, [chat])[0] for chat in plain]
+    model = local.holder.get().model
+    real_forward, shapes = model.forward, []
+
+    def forward(*args, **kwargs):  # CUDA's error for any pass over several prompts
+        rows, width = kwargs["input_ids"].shape
+        shapes.append((rows, width))
+        if rows > 1 and width > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+    assert greedy_together(local, plain) == expected  # every request answered, as alone
+    assert any(rows > 1 and width > 1 for rows, width in shapes)  # a shared pass was tried

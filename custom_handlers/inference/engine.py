@@ -518,9 +518,9 @@ class Engine:
         """
         try:
             loaded = self._holder.get()
-        except LocalLLMError as exc:
+        except Exception as exc:  # each job gets the error: none is left waiting
             for job in jobs:
-                _fail(job, exc)
+                _fail(job, _error_of(exc))
             return
         groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
         for job in jobs:
