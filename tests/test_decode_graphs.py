@@ -59,9 +59,14 @@ def eager_answers(tiny_model_dir):
     return answers(handler(tiny_model_dir))
 
 
-def test_the_graph_path_answers_token_for_token_as_eager_decoding(tiny_model_dir, eager_answers):
+def test_the_graph_path_answers_token_for_token_as_eager_decoding(
+    tiny_model_dir, eager_answers, caplog
+):
+    caplog.set_level(logging.INFO, logger="custom_handlers.engine")
     local = handler(tiny_model_dir, "static")
     got = answers(local)
+    lines = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
+    assert len(lines) == 1 and "agrees with an eager step" in lines[0]
     assert got == eager_answers
     assert [tokens for _, _, tokens in got] == [b["max_tokens"] for b in BODIES]
     state = graphs_state(local)

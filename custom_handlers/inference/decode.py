@@ -173,6 +173,15 @@ class Decoder:
         self.capture_seconds += time.perf_counter() - started
         if problem:
             raise GraphMismatch(f"a captured step (rows {size}, columns {width}) {problem}")
+        if self.captured == 1:  # the check at load: one line saying graphs are in use
+            log.info(
+                "CUDA graphs on for %s: the first (rows %d, columns %d) agrees with an eager step "
+                "(captured and checked in %.2f s)",
+                self.label,
+                size,
+                width,
+                self.capture_seconds,
+            )
         return graph
 
     def drop(self) -> None:
