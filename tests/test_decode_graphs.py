@@ -14,10 +14,9 @@ import logging
 import pytest
 
 from custom_handlers.inference import decode
-from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
-from custom_handlers.inference.settings import LocalModelSettings
 from tests.test_batching import ENDLESS, _messages
+from tests.test_kv_pool import handler as kv_pool_handler
 
 # Rows of different prompt and answer lengths that join and leave at different steps, so the batch
 # goes through several row buckets (16 for 9 rows down to 1 for the last) and, with the long
@@ -29,7 +28,7 @@ BODIES = [
 
 
 def handler(model_dir, graph_mode: str | None = None, **settings) -> LocalLLM:
-    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(model_dir), **settings)))
+    local = kv_pool_handler(model_dir, **settings)
     local.engine.graph_mode = graph_mode
     return local
 

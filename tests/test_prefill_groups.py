@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from custom_handlers.inference.engine import _similar_lengths
-from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
-from custom_handlers.inference.settings import LocalModelSettings
+from tests.test_kv_pool import handler
 from tests.test_prefix_cache import SYSTEM
 
 USERS = [
@@ -18,10 +17,6 @@ USERS = [
     "a market street in the rain, neon signs, reflections on the cobblestones, crowds",
     "a cat",
 ]
-
-
-def handler(model_dir, **settings) -> LocalLLM:
-    return LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(model_dir), **settings)))
 
 
 def greedy_together(local: LocalLLM, conversations: list[list[dict]]) -> list[tuple[str, int]]:

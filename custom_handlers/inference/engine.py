@@ -48,6 +48,7 @@ from custom_handlers.inference.tools import CallDelta, CallReader
 log = logging.getLogger("custom_handlers.engine")
 
 _STOP = object()  # queued at exit: the engine thread stops
+GRAPHS_OFF_BY_SETTING = "turned off (cuda_graphs: false)"
 _STOP_WAIT_S = 10.0
 
 
@@ -258,7 +259,6 @@ class _Row:
     pipeline: TextPipeline
     sampling: RowSampling
     matcher: JsonMatcher | None
-    length: int  # tokens of this row in the KV cache
     last: int = -1  # the token sampled last, fed at the next step
     count: int = 0  # tokens generated
     done: bool = False
@@ -339,7 +339,7 @@ class Engine:
         decoder = self._decoder  # the engine thread may replace it meanwhile
         if decoder is not None:
             return decoder.state()
-        reason = None if self.cuda_graphs else "turned off (cuda_graphs: false)"
+        reason = None if self.cuda_graphs else GRAPHS_OFF_BY_SETTING
         return {"enabled": None, "graphs": 0, "capture_seconds": 0.0, "off_reason": reason}
 
     def use_cuda_graphs(self, on: bool) -> None:
@@ -584,9 +584,9 @@ class Engine:
         rows = [self._new_row(job, i, loaded) for i in range(n)]
         job.open_rows = n
         tokens = self._choose(rows, logits)
-        decoder = self._decoder_for(loaded)
-        if not self._rows and self._batch.budget != self.kv_budget(loaded):
-            self._batch = KVBatch(self.kv_budget(loaded))  # a pool for the model loaded now
+        decoder, budget = self._decoder_for(loaded), self.kv_budget(loaded)
+        if not self._rows and self._batch.budget != budget:
+            self._batch = KVBatch(budget)  # a pool for the model loaded now
         self._batch.keep_pool = decoder.graphs  # graphs point into it: kept while loaded
         self._batch.add(kv, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
@@ -601,7 +601,7 @@ class Engine:
         if self.graph_mode is not None:
             mode, reason = self.graph_mode, None
         elif not self.cuda_graphs:
-            mode, reason = "eager", "turned off (cuda_graphs: false)"
+            mode, reason = "eager", GRAPHS_OFF_BY_SETTING
         elif not str(loaded.model.device).startswith("cuda"):
             mode, reason = "eager", f"not on CUDA ({loaded.model.device})"
         else:
@@ -618,19 +618,17 @@ class Engine:
             grammar = job.tools.grammar
         matcher = loaded.constraints.matcher(grammar) if grammar else None
         pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop)
-        return _Row(job, index, pipeline, sampling, matcher, length=len(job.prompt_ids))
+        return _Row(job, index, pipeline, sampling, matcher)
 
     # ---- one decoding step for every row -------------------------------------------------------
 
     def _step(self) -> None:
         loaded = self._holder.get()
-        rows = self._rows
+        rows, positions = self._rows, self._batch.lengths  # row i is slot i: its tokens so far
         logits = self._decoder_for(loaded).step(
-            loaded.model, self._batch, [r.last for r in rows], [r.length for r in rows]
+            loaded.model, self._batch, [r.last for r in rows], positions
         )
         self._batch.advance()
-        for row in rows:
-            row.length += 1
         tokens = self._choose(self._rows, logits.float())
         self._advance(self._rows, tokens, loaded.eos_token_ids)
 
