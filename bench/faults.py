@@ -11,7 +11,9 @@
    sent twice over: status and time of each answer and the gateway's resident memory after it
    (first pass), then its resident and peak (VmHWM) memory after each pass.
 3. The event loop: the longest wait for ``/health/liveliness`` (pinged every 20 ms) while one
-   100,000-message body is answered, sent with the gateway key and without.
+   request at the gateway's limits is answered (``STALLERS``: bodies of 900,000 messages and of
+   2.3 million metadata keys, bodies just under ``GATEWAY_MAX_JSON_ITEMS``, answers as large as
+   ``n``, ``max_tokens`` and ``top_logprobs`` allow), and the resident memory after each.
 
 Without --model it builds the tiny random-weight Qwen3. Loopback only, bounded in count and time.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -153,12 +156,52 @@ def _memory(pid: int) -> str:
     return f"{_rss(pid)} / {mib(process_memory(pid, 'VmHWM'))}"
 
 
-async def loop_held(gw: Gateway, key: str | None) -> tuple[int, float]:
-    """(status of a 100,000-message request, longest /health/liveliness wait meanwhile)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "qwen3-4b", "messages": [{"role": "user", "content": "fox"}] * 100_000}
-    async with httpx.AsyncClient(base_url=gw.base_url, headers=headers, timeout=120) as http:
-        request = asyncio.create_task(http.post(CHAT, json={**body, "max_tokens": 2}))
+FOX_MESSAGE = {"role": "user", "content": "fox"}
+# Name -> body: at the limits a request may reach (tests/test_surface.py sends them too).
+STALLERS = {
+    "900,000 messages (26 MiB)": {"messages": [FOX_MESSAGE] * 900_000, "max_tokens": 2},
+    "2.3 million metadata keys (27 MiB)": {
+        "messages": FOX,
+        "max_tokens": 2,
+        "metadata": {f"k{i}": 1 for i in range(2_300_000)},
+    },
+    "90,000 messages (under GATEWAY_MAX_JSON_ITEMS)": {
+        "messages": [FOX_MESSAGE] * 90_000,
+        "max_tokens": 2,
+    },
+    "240,000 metadata keys (under it)": {
+        "messages": FOX,
+        "max_tokens": 2,
+        "metadata": {f"k{i}": 1 for i in range(240_000)},
+    },
+    "n 8, max_tokens 1000, top_logprobs 20": {
+        "messages": FOX,
+        "n": 8,
+        "max_tokens": 1000,
+        "logprobs": True,
+        "top_logprobs": 20,
+    },
+    "max_tokens 780, top_logprobs 20 (the largest answer allowed)": {
+        "messages": FOX,
+        "max_tokens": 780,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "response_format": ENDLESS,
+    },
+}
+
+
+async def loop_held(gw: Gateway, body: dict, key: str | None) -> tuple[int, float]:
+    """(status of the request, longest /health/liveliness wait while it was answered).
+
+    The body is encoded before it is sent, so the client's own encoding (seconds for 900,000
+    messages) does not delay its pings."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = json.dumps({"model": "qwen3-4b", **body}).encode()
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=300) as http:
+        request = asyncio.create_task(http.post(CHAT, content=content, headers=headers))
         longest = 0.0
         while not request.done():
             started = time.perf_counter()
@@ -169,13 +212,17 @@ async def loop_held(gw: Gateway, key: str | None) -> tuple[int, float]:
 
 
 def event_loop(gw: Gateway) -> list[tuple[str, str]]:
-    rows = []
-    for label, key in (("with the key", gw.key), ("without a key", None)):
-        status, longest = asyncio.run(loop_held(gw, key))
+    pid = gw.process.pid
+    rows = [("resident memory before", _rss(pid))]
+    cases = [(name, body, gw.key) for name, body in STALLERS.items()]
+    unkeyed = STALLERS["90,000 messages (under GATEWAY_MAX_JSON_ITEMS)"]
+    cases.append(("90,000 messages without a key", unkeyed, None))
+    for name, body, key in cases:
+        status, longest = asyncio.run(loop_held(gw, body, key))
         rows.append(
             (
-                f"longest liveliness wait during a 100,000-message request {label}",
-                f"{longest * 1000:.0f} ms (the request: {status})",
+                f"longest liveliness wait: {name}",
+                f"{longest * 1000:.0f} ms (the request: {status}); resident {_rss(pid)}",
             )
         )
     return rows

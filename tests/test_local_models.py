@@ -113,8 +113,8 @@ def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
         assert {m["id"] for m in listed["data"]} == {"small", "wide"}
         before = models(gw)
         assert [before[n]["loaded"] for n in ("small", "wide")] == [False, False]
-        assert before["small"]["source"] == str(small)
-        assert before["wide"]["source"] == str(wide)
+        assert before["small"]["source"] == f"{small.name} (a local folder)"  # never a path
+        assert before["wide"]["source"] == f"{wide.name} (a local folder)"
         assert (before["small"]["max_batch_size"], before["wide"]["max_batch_size"]) == (1, 16)
         assert (before["small"]["keep_alive_seconds"], before["wide"]["keep_alive_seconds"]) == (
             0,

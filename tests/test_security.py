@@ -178,7 +178,7 @@ def test_an_endpoint_the_local_model_does_not_serve_gets_400(gateway):
         timeout=60,
     )
     error = refused(r)
-    assert "answers chat requests only" in error["message"]
+    assert error["message"].startswith("model 'qwen3-4b' does not serve /v1/embeddings")
 
 
 # ---- oversized inputs: refused quickly, memory kept -------------------------------------------
@@ -203,6 +203,10 @@ OVERSIZED = {
     ),
     "100,000 messages": (
         {"messages": [{"role": "user", "content": "fox"}] * 100_000, "max_tokens": 2},
+        "GATEWAY_MAX_JSON_ITEMS",
+    ),
+    "90,000 messages": (
+        {"messages": [{"role": "user", "content": "fox"}] * 90_000, "max_tokens": 2},
         "cannot fit",
     ),
     "max_tokens 2**62": ({"messages": FOX, "max_tokens": 2**62}, "context_length_exceeded"),

@@ -53,9 +53,12 @@ def unauthorized_reason(api_key: str | None) -> str | None:
 
 
 async def user_api_key_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
-    if (reason := unauthorized_reason(api_key)) is not None:
-        raise _unauthorized(reason)
-    return UserAPIKeyAuth(api_key=api_key, user_role=LitellmUserRoles.PROXY_ADMIN)
+    """The key check of every LiteLLM route. LiteLLM hands it the key of the one header it picked
+    (``x-litellm-api-key`` over ``Authorization`` over the others); the rule here is the one of
+    ``/local/*`` and ``/health`` instead: any header holding the gateway's key is enough."""
+    if (denied := unauthorized(request)) is not None:
+        raise denied
+    return UserAPIKeyAuth(api_key=_master_key(), user_role=LitellmUserRoles.PROXY_ADMIN)
 
 
 def presented_keys(request: Request) -> list[str]:

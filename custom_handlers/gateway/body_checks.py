@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from litellm.types.llms.openai import ValidUserMessageContentTypes
@@ -213,6 +214,8 @@ def check_chat_types(body: Mapping[str, Any]) -> None:
     stop = body.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise InvalidRequestError("'stop' must be a string or an array of strings.", param="stop")
+    for i, tool in enumerate(body.get("tools") or ()):
+        _check_tool(f"tools[{i}]", tool)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
@@ -221,6 +224,24 @@ def check_chat_types(body: Mapping[str, Any]) -> None:
     for i, message in enumerate(messages):
         if not _is_plain_message(message):
             _check_message(f"messages[{i}]", message)
+
+
+def _check_tool(where: str, tool: Any) -> None:
+    """A tool is an object; a function tool names its function with a string (a provider given
+    anything else answered with a body LiteLLM could not read: a 500)."""
+    if not isinstance(tool, Mapping):
+        raise InvalidRequestError(
+            f"{where} must be an object such as "
+            '{"type": "function", "function": {"name": ...}}.',
+            param="tools",
+        )
+    if tool.get("type", "function") != "function":
+        return
+    function = tool.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise InvalidRequestError(
+            f"{where}.function.name must be a string: the function's name.", param="tools"
+        )
 
 
 def _is_plain_message(message: Any) -> bool:
@@ -314,3 +335,247 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an object" if isinstance(value, Mapping) else "an array"
+
+
+# ---- LiteLLM's own request keys -----------------------------------------------------------------
+
+# Body keys the gateway honours although LiteLLM also knows them: OpenAI's own fields, and
+# LiteLLM's way to pass a provider a parameter it does not know (the local model refuses it).
+HONOURED = frozenset(
+    {"metadata", "user", "timeout", "stream_options", "extra_body", "keep_alive"}
+    | {"allowed_openai_params"}
+)
+# LiteLLM's keys that its proxy reads from a request body but that are not in its list of
+# parameters (``litellm.types.utils.all_litellm_params``), and why each one is refused.
+_LITELLM_REQUEST_KEYS = {
+    "mock_tool_calls": "it makes LiteLLM answer with made-up tool calls",
+    "mock_testing_fallbacks": "it makes LiteLLM fail on purpose",
+    "mock_testing_context_fallbacks": "it makes LiteLLM fail on purpose",
+    "mock_testing_rate_limit_error": "it makes LiteLLM fail on purpose",
+    "deployment_id": "a model is called by its name",
+    "specific_deployment": "a model is called by its name",
+    "callbacks": "logging is the gateway's",
+    "success_callback": "logging is the gateway's",
+    "failure_callback": "logging is the gateway's",
+    "disable_fallbacks": f"fallbacks are set in {CONFIG_FILE} (router_settings)",
+    "context_window_fallbacks": f"fallbacks are set in {CONFIG_FILE} (router_settings)",
+    "content_policy_fallbacks": f"fallbacks are set in {CONFIG_FILE} (router_settings)",
+}
+_WHY = {
+    "mock_response": "it makes LiteLLM answer with a made-up response instead of the model",
+    "mock_timeout": "it makes LiteLLM fail on purpose",
+    "fallbacks": f"fallbacks are set in {CONFIG_FILE} (router_settings)",
+    "max_retries": f"retries are set in {CONFIG_FILE} (router_settings)",
+    "guardrails": "this gateway runs no guardrails",
+    "tags": "this gateway does no tag-based routing or spend tracking",
+    "cache": "this gateway keeps no response cache",
+    "caching": "this gateway keeps no response cache",
+    "no-log": "logging is the gateway's",
+}
+MAX_METADATA_KEYS = 64  # OpenAI takes 16; LiteLLM's logging integrations read a few more
+
+
+@lru_cache(maxsize=1)
+def litellm_request_keys() -> dict[str, str]:
+    """Body key -> why the gateway refuses it: LiteLLM's own parameters (its routing, logging,
+    pricing, credentials, test hooks), which its proxy would obey, or silently drop, if a request
+    set them."""
+    from litellm.types.utils import all_litellm_params
+
+    generic = "it is one of LiteLLM's own settings, which this gateway does not take from a request"
+    keys = {name: _WHY.get(name, generic) for name in all_litellm_params if name not in HONOURED}
+    return {**keys, **_LITELLM_REQUEST_KEYS}
+
+
+def check_litellm_keys(body: Mapping[str, Any]) -> None:
+    """Refuse LiteLLM's own request keys (``mock_response``, ``deployment_id``, ``callbacks``,
+    ``guardrails``, ``tags``...) with a 400 naming the key: none of them is silently ignored."""
+    refused = litellm_request_keys()
+    extra = body.get("extra_body")
+    nested = [(f"extra_body.{k}", k) for k in extra] if isinstance(extra, Mapping) else []
+    for where, name in [*((k, k) for k in body), *nested]:
+        if name in refused or (isinstance(name, str) and name.startswith(("_litellm", "litellm_"))):
+            why = refused.get(name, "it is one of LiteLLM's internal keys")
+            raise InvalidRequestError(
+                f"'{where}' cannot be set in a request to this gateway: {why}. Remove it "
+                "(docs/security.md lists the keys a request may set).",
+                param=where,
+            )
+    metadata = body.get("metadata")
+    if isinstance(metadata, Mapping) and len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequestError(
+            f"'metadata' has {len(metadata):,} keys; this gateway takes at most "
+            f"{MAX_METADATA_KEYS} (OpenAI takes 16).",
+            param="metadata",
+        )
+
+
+# ---- the bodies of the other routes -------------------------------------------------------------
+
+LOCAL_ROUTES = ("chat/completions", "completions", "responses", "messages")
+# Route (its last part) -> top-level fields and their JSON types, as OpenAI / Anthropic define them.
+ROUTE_FIELD_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "responses": {
+        "input": (_STRING, _ARRAY),
+        "instructions": (_STRING,),
+        "previous_response_id": (_STRING,),
+        "max_output_tokens": (_INTEGER,),
+        **dict.fromkeys(("temperature", "top_p"), (_NUMBER,)),
+        **dict.fromkeys(("stream", "store", "parallel_tool_calls", "background"), (_BOOLEAN,)),
+        **dict.fromkeys(("text", "reasoning", "metadata", "stream_options"), (_OBJECT,)),
+        **dict.fromkeys(("tools", "include"), (_ARRAY,)),
+        "tool_choice": (_STRING, _OBJECT),
+        **dict.fromkeys(("user", "truncation", "service_tier"), (_STRING,)),
+    },
+    "messages": {
+        "messages": (_ARRAY,),
+        "max_tokens": (_INTEGER,),
+        "system": (_STRING, _ARRAY),
+        "stop_sequences": (_ARRAY,),
+        "stream": (_BOOLEAN,),
+        **dict.fromkeys(("temperature", "top_p"), (_NUMBER,)),
+        "top_k": (_INTEGER,),
+        "tools": (_ARRAY,),
+        **dict.fromkeys(("tool_choice", "metadata", "thinking"), (_OBJECT,)),
+    },
+    "completions": {
+        "prompt": (_STRING, _ARRAY),
+        **dict.fromkeys(("max_tokens", "n", "seed", "logprobs", "best_of"), (_INTEGER,)),
+        **dict.fromkeys(
+            ("temperature", "top_p", "presence_penalty", "frequency_penalty"), (_NUMBER,)
+        ),
+        **dict.fromkeys(("stream", "echo"), (_BOOLEAN,)),
+        "stop": (_STRING, _ARRAY),
+        "suffix": (_STRING,),
+        **dict.fromkeys(("logit_bias", "stream_options"), (_OBJECT,)),
+    },
+    "embeddings": {"input": (_STRING, _ARRAY), "dimensions": (_INTEGER,)},
+}
+
+
+def route_kind(path: str) -> str:
+    """What a model route serves, by the end of its path (``/v1/chat/completions`` ->
+    ``chat/completions``); the path itself when it is not a model route."""
+    for kind in (*LOCAL_ROUTES[:1], "images/generations", "audio/speech", "audio/transcriptions"):
+        if path.endswith("/" + kind):
+            return kind
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return last if last in (*LOCAL_ROUTES, "embeddings", "rerank", "count_tokens") else path
+
+
+def check_route_body(path: str, body: Mapping[str, Any], local: bool) -> None:
+    """Refuse a body that does not fit its route's API (a 400 naming the field), and a local
+    model (``local``) asked for what it does not serve."""
+    kind = route_kind(path)
+    if local and kind not in LOCAL_ROUTES:
+        raise InvalidRequestError(
+            f"model {body.get('model')!r} does not serve {path}: local models answer "
+            "/v1/chat/completions, /v1/completions, /v1/responses and /v1/messages. Use a model "
+            f"of {CONFIG_FILE} whose provider serves this endpoint.",
+            param="model",
+            code="unsupported_endpoint",
+        )
+    for name, kinds in ROUTE_FIELD_TYPES.get(kind, {}).items():
+        _check_type(name, body.get(name), kinds)
+    if kind == "responses":
+        _check_items(
+            "input", body.get("input"), 'an input item such as {"role": "user", "content": "..."}'
+        )
+    elif kind == "messages":
+        messages = body.get("messages")
+        if not messages:
+            raise InvalidRequestError(
+                "'messages' must be a non-empty array of {role, content} objects.",
+                param="messages",
+            )
+        _check_items("messages", messages, 'an object such as {"role": "user", "content": "..."}')
+    elif kind == "completions":
+        if "messages" in body:
+            raise InvalidRequestError(
+                "'messages' is a field of /v1/chat/completions; /v1/completions takes 'prompt'.",
+                param="messages",
+            )
+        _check_prompt(body.get("prompt"))
+
+
+def _check_items(name: str, items: Any, what: str) -> None:
+    if not isinstance(items, list):
+        return
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"{name}[{i}] must be {what}.", param=name)
+
+
+def _check_prompt(prompt: Any) -> None:
+    """``prompt``: a string, an array of strings, of token ids, or of arrays of token ids."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return
+    ids = prompt and all(_is(p, _INTEGER) for p in prompt)
+    id_lists = prompt and all(
+        isinstance(p, list) and p and all(_is(t, _INTEGER) for t in p) for p in prompt
+    )
+    if not (ids or id_lists):
+        raise InvalidRequestError(
+            "'prompt' must be a string, an array of strings, an array of token ids or an array "
+            "of arrays of token ids.",
+            param="prompt",
+        )
+    raise InvalidRequestError(
+        "'prompt' as token ids is not supported by this gateway yet (LiteLLM cannot pass it on): "
+        "send the prompt as a string or an array of strings.",
+        param="prompt",
+    )
+
+
+LOCAL_PROVIDER = "zlocal/"
+
+
+def served_by(model: Any, provider: str) -> bool:
+    """Whether a deployment of the model name ``model`` has a ``<provider>...`` model id."""
+    if not isinstance(model, str):
+        return False
+    try:
+        deployments = router().get_model_list(model_name=model) or []
+    except Exception:  # the router's own lookup; a wrong guess only changes a hint or a check
+        return False
+    return any(str(d["litellm_params"]["model"]).startswith(provider) for d in deployments)
+
+
+def router() -> Any:
+    from litellm.proxy import proxy_server
+
+    return proxy_server.llm_router
+
+
+# ---- the size of an answer ----------------------------------------------------------------------
+
+MAX_LOGPROB_ENTRIES = 16_384
+UNSET_MAX_TOKENS = 2048  # what a request without max_tokens is counted as (the local default)
+
+
+def check_answer_size(body: Mapping[str, Any]) -> None:
+    """Refuse a request whose answer would carry more than ``MAX_LOGPROB_ENTRIES`` log
+    probabilities: ``n * max_tokens * (top_logprobs + 1)``.
+
+    LiteLLM turns each entry into objects and JSON on the event loop, ~27 µs each on this
+    machine's CPU: one 176-byte request (``n: 8``, 1,800 tokens, ``top_logprobs: 20``) built a
+    16 MB answer and held every route for 8.2 s. The bound keeps one answer under ~1 s of that.
+    """
+    asked = body.get("logprobs")
+    if asked is None or asked is False:
+        return
+    top = body.get("top_logprobs") if isinstance(asked, bool) else asked
+    n, max_tokens = body.get("n"), body.get("max_tokens") or body.get("max_completion_tokens")
+    if not all(_is(v, _INTEGER) for v in (top or 0, n or 1, max_tokens or 1)):
+        return  # a type the route's own check refuses
+    entries = (n or 1) * (max_tokens or UNSET_MAX_TOKENS) * ((top or 0) + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise InvalidRequestError(
+            f"This answer could carry {entries:,} log probabilities (n {n or 1} x max_tokens "
+            f"{max_tokens or f'{UNSET_MAX_TOKENS} (unset)'} x (top_logprobs {top or 0} + 1)); "
+            f"this gateway sends at most {MAX_LOGPROB_ENTRIES:,} in one answer. Lower "
+            "max_tokens, n or top_logprobs.",
+            param="max_tokens" if max_tokens else "logprobs",
+        )

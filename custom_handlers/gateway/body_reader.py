@@ -35,9 +35,14 @@ from typing import Any
 from litellm.proxy._types import ProxyException
 
 from custom_handlers.gateway.body_checks import (
+    LOCAL_PROVIDER,
+    check_answer_size,
     check_endpoint_and_credentials,
     check_gateway_only,
     check_json_values,
+    check_litellm_keys,
+    check_route_body,
+    served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError
 
@@ -89,9 +94,16 @@ def _refusal(request: Any, body: dict) -> ProxyException | None:
         check_json_values(body)
         check_gateway_only(body)
         check_endpoint_and_credentials(body, route=request.url.path)
+        check_litellm_keys(body)
+        check_answer_size(body)
+        check_route_body(request.url.path, body, local=served_by(body.get("model"), LOCAL_PROVIDER))
     except InvalidRequestError as error:
         return ProxyException(
-            message=error.message, type=error.type, param=error.param, code=error.status_code
+            message=error.message,
+            type=error.type,
+            param=error.param,
+            code=error.status_code,
+            openai_code=error.code,
         )
     return None
 

@@ -36,13 +36,14 @@ from litellm.llms.custom_llm import CustomLLMError
 
 from custom_handlers.gateway.body_checks import (
     CONFIG_FILE,
+    LOCAL_PROVIDER,
     check_chat_types,
     rejected_request_error,
+    router,
+    served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError, LocalLLMError
 from custom_handlers.inference.request import reject_unsupported, thinking
-
-LOCAL_PROVIDER = "zlocal/"
 
 _E = TypeVar("_E", bound=BaseException)
 _RECURSION = "maximum recursion depth exceeded"
@@ -173,7 +174,7 @@ def unreachable_provider_response(exc: BaseException, request_data: dict) -> Err
         return None
     model = request_data.get("model") or "?"
     where, reason = failure
-    start = "Start Ollama (`ollama serve`)" if _served_by(model, "ollama") else "Start that server"
+    start = "Start Ollama (`ollama serve`)" if served_by(model, "ollama") else "Start that server"
     return ErrorResponse(
         502,
         f"The provider behind model '{model}' cannot be reached at {where} ({reason}). {start}, "
@@ -182,17 +183,6 @@ def unreachable_provider_response(exc: BaseException, request_data: dict) -> Err
         type="api_connection_error",
         param="model",
     )
-
-
-def _served_by(model: Any, provider: str) -> bool:
-    """Whether a deployment of the model name ``model`` has a ``<provider>...`` model id."""
-    if not isinstance(model, str):
-        return False
-    try:
-        deployments = _router().get_model_list(model_name=model) or []
-    except Exception:  # the router's own lookup; a wrong guess only changes a hint or a check
-        return False
-    return any(str(d["litellm_params"]["model"]).startswith(provider) for d in deployments)
 
 
 def _connection_failure(exc: BaseException) -> tuple[str, str] | None:
@@ -245,12 +235,6 @@ def _routes_any_name(router: Any) -> bool:
     return bool(router.pattern_router.patterns) or router.default_deployment is not None
 
 
-def _router() -> Any:
-    from litellm.proxy import proxy_server
-
-    return proxy_server.llm_router
-
-
 def _pass_reasoning_effort(data: dict) -> None:
     """Hand ``reasoning_effort`` to the local model as Qwen3's ``enable_thinking``: LiteLLM would
     refuse it for a custom provider (and advise changing the server's drop_params)."""
@@ -262,10 +246,10 @@ def _pass_reasoning_effort(data: dict) -> None:
 class LocalErrorHook(CustomLogger):
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         try:
-            check_model_name(data.get("model"), _router())
+            check_model_name(data.get("model"), router())
             if _is_chat(call_type):
                 check_chat_types(data)
-            if _served_by(data.get("model"), LOCAL_PROVIDER):
+            if served_by(data.get("model"), LOCAL_PROVIDER):
                 reject_unsupported(data)
                 _pass_reasoning_effort(data)
         except InvalidRequestError as error:

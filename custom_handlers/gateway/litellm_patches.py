@@ -38,12 +38,21 @@ def apply() -> None:
 
 
 REQUEST_FAILED = "litellm.proxy.proxy_server._handle_llm_api_exception(): Exception occured"
+AUTH_FAILED = "litellm.proxy.proxy_server.user_api_key_auth(): Exception occured"
 
 
 class _RefusalsOnOneLine(logging.Filter):
-    """A request refused with a 4xx is logged as one line: status, model, message."""
+    """A request refused with a 4xx is logged as one line: status, model, message. A request
+    refused for its key too: LiteLLM wrote an ERROR line and a "Requester IP Address" line (with
+    a traceback for some), so that anyone could fill the log without a key."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(AUTH_FAILED) and len(record.args or ()) >= 2:
+            record.msg = "Refused before routing (from %s): %s"
+            record.args = (record.args[1], str(record.args[0]).strip().splitlines()[0][:300])
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
         if not str(record.msg).startswith(REQUEST_FAILED) or len(record.args or ()) < 2:
             return True
         error = record.args[1]

@@ -1,4 +1,4 @@
-"""What the gateway gains when LiteLLM loads our handler: the local models' routes and a body limit.
+"""What the gateway gains when LiteLLM loads our handler: its routes, and the layers around them.
 
 - ``GET /local/state``: every local model by its ``model_name``: loaded or not, device, dtype,
   quantization, memory, requests running and queued, seconds idle, when it unloads. Reading it
@@ -6,11 +6,18 @@
 - ``POST /local/release``: unload every local model (or the one named by ``{"model": ...}``) once
   the requests already sent are done, and return once its memory is given back (Z-Explorer calls
   it before it loads the image model). Requests sent after it load the model again.
-- Request bodies over ``GATEWAY_MAX_REQUEST_MB`` get 413 before they are read (``body_limit``).
+- ``GET /health``: each model of ``proxy_config.yaml`` by its name, healthy or not, with a
+  one-line reason (LiteLLM's own answer carried tracebacks, provider request bodies and masked
+  keys). Cloud models are checked by LiteLLM's health check; a local one reports its state without
+  being loaded.
+- Request bodies over ``GATEWAY_MAX_REQUEST_MB`` or ``GATEWAY_MAX_JSON_ITEMS`` get 413 before they
+  are parsed (``body_limit``).
+- Only the routes the gateway serves answer (``surface``), and every error leaves in one shape
+  with no internals (``error_bodies``).
 
 LiteLLM has no setting for extra routes, so ``mount`` adds them to its FastAPI app when the proxy
-imports our handler (during its start-up, from ``custom_provider_map``). Both routes need the
-gateway key, checked as on every other route.
+imports our handler (during its start-up, from ``custom_provider_map``). They need the gateway
+key, checked as on every other route.
 """
 
 from __future__ import annotations
@@ -28,9 +35,14 @@ from fastapi.routing import APIRoute
 
 from custom_handlers.gateway.auth import unauthorized
 from custom_handlers.gateway.body_limit import BodySizeLimit
+from custom_handlers.gateway.error_bodies import ErrorBodies, clean
 from custom_handlers.gateway.journal import JOURNAL_VAR, Journal, RequestJournal
+from custom_handlers.gateway.local_models import refuse_to_start
 from custom_handlers.gateway.supervisor import restarts_reported
+from custom_handlers.gateway.surface import ADMIN_SETTING, ClosedSurface
+from custom_handlers.inference.catalog import ConfigError, read_config
 from custom_handlers.inference.errors import InvalidRequestError, LocalLLMError
+from custom_handlers.inference.loader import freeze_heap
 from custom_handlers.inference.settings import (
     GatewaySettings,
     gateway_workers,
@@ -42,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("custom_handlers.routes")
 
+HEALTH_PATH = "/health"
 STATE_PATH = "/local/state"
 RELEASE_PATH = "/local/release"
 
@@ -51,13 +64,35 @@ def mount_on_proxy(provider: LocalLLM) -> None:
     proxy_server = sys.modules.get("litellm.proxy.proxy_server")
     if proxy_server is None:
         return
-    mount(proxy_server.app, provider)
+    mount(proxy_server.app, provider, admin_routes=_admin_routes(proxy_server))
+    freeze_heap()  # LiteLLM's ~700,000 objects of start-up, never walked again by a collection
     if (workers := gateway_workers()) > 1:  # said at start, in each worker's log
         log.warning("%s", several_workers_problem(workers))
 
 
-def mount(app: FastAPI, provider: LocalLLM) -> None:
-    """Add the routes and the body limit to ``app``; a second call changes nothing."""
+def _admin_routes(proxy_server) -> bool:
+    """``general_settings.gateway_admin_routes`` of the proxy's configuration (default false)."""
+    path = getattr(proxy_server, "user_config_file_path", None)
+    if not path:
+        return False
+    try:
+        settings = read_config(path).get("general_settings") or {}
+    except ConfigError:
+        return False  # the proxy reports a configuration it cannot read
+    value = settings.get(ADMIN_SETTING, False) if isinstance(settings, dict) else False
+    if value is not True and value is not False:
+        refuse_to_start(f"general_settings.{ADMIN_SETTING} must be true or false, got {value!r}")
+    if value:
+        log.warning(
+            "general_settings.%s: true: every route of LiteLLM answers (admin UI, login, key "
+            "management); see docs/security.md",
+            ADMIN_SETTING,
+        )
+    return value
+
+
+def mount(app: FastAPI, provider: LocalLLM, *, admin_routes: bool = False) -> None:
+    """Add the routes and the layers around the app to ``app``; a second call changes nothing."""
     if getattr(app.state, "local_llm_mounted", False):
         return
     app.state.local_llm_mounted = True
@@ -76,7 +111,11 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
             log.info("POST %s refused: %s", RELEASE_PATH, error.message)
             return JSONResponse(_error_body(error), status_code=error.status_code)
 
+    async def health(model: str | None = None) -> JSONResponse:
+        return await health_report(provider, model)
+
     routes = [
+        APIRoute(HEALTH_PATH, health, methods=["GET"], dependencies=[Depends(require_key)]),
         APIRoute(STATE_PATH, local_state, methods=["GET"], dependencies=[Depends(require_key)]),
         APIRoute(
             RELEASE_PATH, local_release, methods=["POST"], dependencies=[Depends(require_key)]
@@ -84,8 +123,11 @@ def mount(app: FastAPI, provider: LocalLLM) -> None:
     ]
     # First, so no catch-all route of the proxy's (pass-through providers) can shadow them.
     app.router.routes[:0] = routes
-    _limit_body_size(app, GatewaySettings().max_request_mb)
+    settings = GatewaySettings()
+    _limit_body_size(app, settings.max_request_mb, settings.max_json_items)
     _journal_requests(app)
+    _outermost(app, ClosedSurface, admin_routes=admin_routes)
+    _outermost(app, ErrorBodies)
 
 
 async def _model_to_release(request: Request) -> str | None:
@@ -146,11 +188,84 @@ def _journal_requests(app: FastAPI) -> None:
     _outermost(app, RequestJournal, journal=journal)
 
 
-def _limit_body_size(app: FastAPI, max_mb: float) -> None:
+def _limit_body_size(app: FastAPI, max_mb: float, max_items: int) -> None:
     if max_mb <= 0:
-        log.info("GATEWAY_MAX_REQUEST_MB=0: request bodies are not limited")
-        return
-    _outermost(app, BodySizeLimit, max_bytes=int(max_mb * 1024 * 1024))
+        log.info("GATEWAY_MAX_REQUEST_MB=0: request bodies are not limited in size")
+    if max_items <= 0:
+        log.info("GATEWAY_MAX_JSON_ITEMS=0: request bodies are not limited in JSON values")
+    if max_mb > 0 or max_items > 0:
+        _outermost(
+            app, BodySizeLimit, max_bytes=int(max(max_mb, 0) * 1024 * 1024), max_items=max_items
+        )
+
+
+async def health_report(provider: LocalLLM, model: str | None) -> JSONResponse:
+    """``GET /health``: every model by name, its status and a one-line reason, nothing more."""
+    from fastapi import Response
+    from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
+    from litellm.proxy.health_endpoints._health_endpoints import health_endpoint
+    from litellm.proxy.proxy_server import llm_router
+
+    answer = Response()
+    result = await health_endpoint(
+        response=answer,
+        user_api_key_dict=UserAPIKeyAuth(user_role=LitellmUserRoles.PROXY_ADMIN),
+        model=model,
+        model_id=None,
+    )
+    names = {
+        d.get("model_info", {}).get("id"): d["model_name"]
+        for d in (llm_router.model_list if llm_router else [])
+    }
+    models = [
+        *(
+            {"model": names.get(e.get("model_id"), "?"), "status": "healthy"}
+            for e in result.get("healthy_endpoints", [])
+        ),
+        *(
+            {
+                "model": names.get(e.get("model_id"), "?"),
+                "status": "unhealthy",
+                "reason": _one_line(e.get("error")),
+            }
+            for e in result.get("unhealthy_endpoints", [])
+        ),
+    ]
+    checked = {m["model"] for m in models}
+    for state in provider.state()["models"]:
+        if state["model"] not in checked and model in (None, state["model"]):
+            models.append(_local_health(state))
+    body = {
+        "models": sorted(models, key=lambda m: m["model"]),
+        "healthy_count": result.get("healthy_count", 0),
+        "unhealthy_count": result.get("unhealthy_count", 0),
+    }
+    return JSONResponse(body, status_code=answer.status_code or 200)
+
+
+def _local_health(state: dict) -> dict:
+    """A local model as /health reports it: never loaded for the check (it would take the GPU)."""
+    if state["loaded"]:
+        reason = f"loaded on {state['device']}"
+    elif state["loading"]:
+        reason = "loading"
+    else:
+        reason = "not loaded; the next request loads it"
+    return {
+        "model": state["model"],
+        "status": "not checked",
+        "reason": f"local model, {reason} (GET /local/state)",
+    }
+
+
+def _one_line(error: object) -> str:
+    """The first line of a health check's error, without internals, at most 300 characters."""
+    text = clean(str(error or "unhealthy"))
+    text = text.strip().splitlines()[0] if text.strip() else "unhealthy"
+    for prefix in ("litellm.", "stack trace"):
+        if text.startswith(prefix) and ": " in text:
+            text = text.split(": ", 1)[1]
+    return text[:300]
 
 
 def _outermost(app: FastAPI, middleware: type, **options: object) -> None:

@@ -350,7 +350,7 @@ def _model_state(model: LocalModel) -> dict[str, object]:
     return {
         "model": model.name,
         # read now for a model without an entry: the next load uses the current LOCAL_LLM_MODEL
-        "source": settings.model if model.model_id is not None else holder.settings_factory().model,
+        "source": (settings if model.model_id is not None else holder.settings_factory()).shown,
         "loaded": loaded is not None,
         "loading": holder.loading,
         "device": loaded.device if loaded else None,

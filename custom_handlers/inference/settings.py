@@ -8,12 +8,27 @@ model's defaults. A client's request body never reaches these.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "unsloth/Qwen3-4B-Instruct-2507-bnb-4bit"
+
+# keep_alive's range, for the setting and for a request alike. A week covers "keep it loaded over
+# the weekend"; -1 is there for longer. Unbounded, a value past ~9.2e9 s overflowed the engine's
+# idle wait (threading's TIMEOUT_MAX, the platform's time_t) on every loop of its thread.
+KEEP_ALIVE_MAX = 7 * 24 * 3600
+KEEP_ALIVE_RANGE = f"-1 (never unload), or 0 to {KEEP_ALIVE_MAX} seconds (7 days)"
+
+
+def is_keep_alive(value: object) -> bool:
+    """Whether ``value`` is a keep_alive in range: -1, or 0 to ``KEEP_ALIVE_MAX`` seconds (NaN,
+    infinities and integers past a float's range are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value == -1 or 0 <= value <= KEEP_ALIVE_MAX
 
 
 class LocalModelSettings(BaseSettings):
@@ -52,11 +67,11 @@ class LocalModelSettings(BaseSettings):
     )
     keep_alive: float = Field(
         300,
-        ge=-1,
         description=(
             "Seconds the model stays loaded after the last request; then it is unloaded and its "
             "(GPU) memory returned; the next request loads it again. 0: unload after each "
-            "request; -1: never. A request may set its own with keep_alive in the body."
+            f"request; -1: never; at most {KEEP_ALIVE_MAX} (7 days). A request may set its own "
+            "with keep_alive in the body, in the same range."
         ),
     )
     max_queue: int = Field(
@@ -109,6 +124,13 @@ class LocalModelSettings(BaseSettings):
         ),
     )
 
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_in_range(cls, value: float) -> float:
+        if not is_keep_alive(value):
+            raise ValueError(f"keep_alive must be {KEEP_ALIVE_RANGE}")
+        return value
+
     _entry: str | None = PrivateAttr(None)  # the proxy_config.yaml entry these settings are for
     _from_env: bool = PrivateAttr(True)  # the checkpoint is LOCAL_LLM_MODEL's
 
@@ -135,6 +157,14 @@ class LocalModelSettings(BaseSettings):
         """Whether the checkpoint is written as a path (it must then exist), not a repo id."""
         source = self.model.strip()
         return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+    @property
+    def shown(self) -> str:
+        """The checkpoint as answers show it: a repo id, or a folder's name, never its path (the
+        gateway's answers carry no file path; its log has the whole path)."""
+        if not self.checkpoint_is_a_path:
+            return self.model
+        return f"{Path(self.model.strip()).name} (a local folder)"
 
     @property
     def model_folder(self) -> str:
@@ -188,6 +218,16 @@ class GatewaySettings(BaseSettings):
         description=(
             "Largest request body accepted, in MiB; a larger one gets 413 before it is read into "
             "memory (GATEWAY_MAX_REQUEST_MB). 0: no limit."
+        ),
+    )
+    max_json_items: int = Field(
+        500_000,
+        ge=0,
+        description=(
+            "Most JSON values a request body may hold, counted before it is parsed as its commas, "
+            "colons and opening brackets (strings included); a body with more gets 413 "
+            "(GATEWAY_MAX_JSON_ITEMS). Parsing costs per value: this bounds how long one body "
+            "can hold the gateway's event loop. 0: no limit."
         ),
     )
 
