@@ -6,7 +6,10 @@ import asyncio
 import time
 
 import pytest
+from pydantic import ValidationError
 
+from custom_handlers.inference import engine as engine_module
+from custom_handlers.inference.catalog import ConfigError, local_entries
 from custom_handlers.inference.errors import InvalidRequestError
 from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
@@ -76,10 +79,90 @@ def test_the_model_stays_while_requests_run(tiny_model_dir):
     assert quick.usage.completion_tokens == 1 and slow.usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("value", [-2, "5m", True])
-def test_bad_keep_alive_is_refused(value):
-    with pytest.raises(InvalidRequestError, match="keep_alive"):
+@pytest.mark.parametrize(
+    "value",
+    [-2, -0.5, 604801, 9.3e9, 1e10, float("inf"), float("-inf"), 10**400, "5m", "300", True],
+)
+def test_bad_keep_alive_is_refused_naming_the_range(value):
+    with pytest.raises(InvalidRequestError) as info:
         parse_chat_request(FOX, {"keep_alive": value})
+    assert info.value.param == "keep_alive" and info.value.status_code == 400
+    assert "'keep_alive' must be -1 (never unload), or 0 to 604800 seconds" in info.value.message
+
+
+def test_ollamas_duration_strings_are_refused_saying_what_to_send():
+    with pytest.raises(InvalidRequestError, match=r"send seconds as a number, e\.g\. 300"):
+        parse_chat_request(FOX, {"keep_alive": "5m"})
+
+
+def test_a_raw_extra_bodys_keep_alive_is_checked_and_used():
+    """LiteLLM leaves a raw body's extra_body nested: its keep_alive was ignored, even 1e10."""
+    with pytest.raises(InvalidRequestError) as info:
+        parse_chat_request(FOX, {"extra_body": {"keep_alive": 1e10}})
+    assert info.value.param == "extra_body.keep_alive"
+    assert parse_chat_request(FOX, {"extra_body": {"keep_alive": 0}}).keep_alive == 0
+    both = {"keep_alive": 5, "extra_body": {"keep_alive": 5}}  # LiteLLM passes both at times
+    assert parse_chat_request(FOX, both).keep_alive == 5
+
+
+@pytest.mark.parametrize("value", [-1, 0, 0.5, 300, 604800, 604800.0])
+def test_keep_alive_in_its_range_is_accepted(value):
+    assert parse_chat_request(FOX, {"keep_alive": value}).keep_alive == value
+
+
+@pytest.mark.parametrize("value", ["1e10", "inf", "-2", "604801", "nan"])
+def test_the_setting_has_the_same_range(monkeypatch, value):
+    monkeypatch.setenv("LOCAL_LLM_KEEP_ALIVE", value)
+    with pytest.raises(ValidationError, match=r"keep_alive must be -1 \(never unload\), or 0 to"):
+        LocalModelSettings()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "604800"])
+def test_the_setting_takes_its_range(monkeypatch, value):
+    monkeypatch.setenv("LOCAL_LLM_KEEP_ALIVE", value)
+    assert LocalModelSettings().keep_alive == float(value)
+
+
+def test_a_model_infos_keep_alive_past_the_range_stops_the_gateway_naming_it():
+    config = {
+        "model_list": [
+            {
+                "model_name": "qwen3-4b",
+                "litellm_params": {"model": "zlocal/qwen3-4b"},
+                "model_info": {"keep_alive": 1e10},
+            }
+        ]
+    }
+    with pytest.raises(ConfigError) as info:
+        local_entries(config)
+    assert "model 'qwen3-4b': model_info.keep_alive" in str(info.value)
+    assert "0 to 604800 seconds" in str(info.value)
+
+
+def test_a_keep_alive_past_the_idle_waits_limit_is_waited_in_parts(tiny_model_dir, monkeypatch):
+    """Set on the engine directly (the settings refuse it): the idle wait is cut into waits of at
+    most _LONGEST_WAIT_S (here 0.05 s), and a wait that ends early unloads nothing."""
+    monkeypatch.setattr(engine_module, "_LONGEST_WAIT_S", 0.05)
+    local = handler(tiny_model_dir, keep_alive=1e12)
+    engine = local.engine
+    real_get, waits = engine._jobs.get, []
+
+    def get(block=True, timeout=None):
+        if block and timeout is not None:
+            waits.append(timeout)
+        return real_get(block, timeout)
+
+    engine._jobs.get = get
+    try:
+        ask(local)
+        assert wait_for(lambda: len(waits) >= 3)
+        assert max(waits) <= 0.05
+        assert local.holder.loaded is not None  # 1e12 s are not over
+        assert engine.state()["unload_in_seconds"] > 1e11
+        assert ask(local).choices[0].finish_reason in ("stop", "length")
+    finally:
+        del engine._jobs.get
+        engine.release().done.wait(10)
 
 
 @pytest.mark.integration
@@ -90,3 +173,27 @@ def test_keep_alive_through_the_gateway(gateway, client):
     assert wait_for(lambda: "Unloaded the local model" in gateway.log())
     again = client.chat.completions.create(model="qwen3-4b", messages=FOX, max_tokens=2)
     assert again.usage.completion_tokens >= 1
+
+
+@pytest.mark.integration
+def test_keep_alive_past_the_range_gets_400_through_the_gateway(gateway, client):
+    """Issue 20: keep_alive 1e10 was accepted, then the engine's idle wait raised OverflowError on
+    every loop (641,825 log lines in 6 s) until another request came."""
+    from tests.test_local_state import get_state  # it imports this module
+
+    overflows = gateway.log().count("OverflowError")
+    for body in ({"keep_alive": 1e10}, {"extra_body": {"keep_alive": 1e10}}):
+        r = gateway.chat({"model": "qwen3-4b", "messages": FOX, "max_tokens": 2, **body})
+        assert r.status_code == 400, r.text[:500]
+        error = r.json()["error"]
+        assert error["param"] == next(iter(body)).replace("extra_body", "extra_body.keep_alive")
+        assert "keep_alive' must be -1 (never unload), or 0 to 604800 seconds" in error["message"]
+    # The longest keep_alive accepted is served, and the engine then waits idle without a fault.
+    longest = client.chat.completions.create(
+        model="qwen3-4b", messages=FOX, max_tokens=2, extra_body={"keep_alive": 604800}
+    )
+    assert longest.usage.completion_tokens >= 1
+    assert wait_for(lambda: (get_state(gateway)["unload_in_seconds"] or 0) > 600000)
+    again = client.chat.completions.create(model="qwen3-4b", messages=FOX, max_tokens=2)
+    assert again.usage.completion_tokens >= 1  # and back to the gateway's own keep_alive
+    assert gateway.log().count("OverflowError") == overflows

@@ -379,3 +379,55 @@ def test_a_tool_conversation_is_kept_for_the_chat_template():
         },
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
     ]
+
+
+# ---- every number is bounded (issue 20) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, -1, -(2**63), 2**63, 2**64 - 1])
+def test_any_64_bit_seed_is_accepted(seed):
+    assert parse(seed=seed).sampling.seed == seed
+
+
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**64, 10**5000], ids=["low", "high", "5001-digit"])
+def test_a_seed_past_64_bits_is_refused_naming_the_range(seed):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(seed=seed)
+    assert info.value.param == "seed"
+    assert "between -9223372036854775808 and 18446744073709551615" in info.value.message
+    assert len(info.value.message) < 200  # a 5,000-digit seed is not written back
+
+
+def test_a_number_of_thousands_of_digits_is_refused_without_writing_it_out():
+    # str() of an int past 4,300 digits raises ValueError: the message must not call it.
+    with pytest.raises(InvalidRequestError, match=r"'temperature'.*an integer of \d+ bits"):
+        parse(temperature=10**5000)
+    with pytest.raises(InvalidRequestError, match=r"'n'.*an integer of \d+ bits"):
+        parse(n=-(10**5000))
+
+
+def test_stop_strings_are_at_most_1000_characters():
+    assert parse(stop=["a" * 1000, "b"]).sampling.stop == ("a" * 1000, "b")
+    with pytest.raises(InvalidRequestError) as info:
+        parse(stop=["b", "a" * 1001])
+    assert info.value.param == "stop"
+    assert "at most 1000 characters long; one has 1001" in info.value.message
+
+
+def test_an_empty_stop_list_is_no_stop():
+    assert parse(stop=[]).sampling.stop == ()
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, 1e-300, 1e-45, 1e-30, 9.9e-6])
+def test_temperatures_too_small_to_differ_from_zero_are_greedy(temperature):
+    assert parse(temperature=temperature).sampling.greedy
+
+
+@pytest.mark.parametrize("temperature", [None, 1e-5, 0.7, 2])
+def test_other_temperatures_sample(temperature):
+    assert not parse(temperature=temperature).sampling.greedy
+
+
+def test_a_huge_top_k_is_accepted_as_no_limit():
+    # Past the vocabulary it changes nothing; sampling clamps it (test_bounds.py runs one).
+    assert parse(top_k=2**64).sampling.top_k == 2**64

@@ -50,6 +50,13 @@ log = logging.getLogger("custom_handlers.engine")
 _STOP = object()  # queued at exit: the engine thread stops
 GRAPHS_OFF_BY_SETTING = "turned off (cuda_graphs: false)"
 _STOP_WAIT_S = 10.0
+# The idle wait is cut into waits of at most this long: keep_alive is bounded where it is read, but
+# a wait past threading.TIMEOUT_MAX (~9.2e9 s) raised OverflowError on every loop of the thread.
+_LONGEST_WAIT_S = 3600.0
+# A loop of the engine thread that fails again and again waits between tries: 10 ms, doubling, at
+# most a second; never a spin (issue 20: 641,825 log lines in 6 s at 100 % of a core).
+_FIRST_BACKOFF_S = 0.01
+_LONGEST_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -413,6 +420,7 @@ class Engine:
     def _run(self) -> None:
         import torch  # the thread starts with the first local request: torch is loaded by then
 
+        failures = 0  # loops in a row that raised
         while not self._stopping:
             try:
                 with torch.inference_mode():
@@ -421,7 +429,28 @@ class Engine:
                     if self._rows:
                         self._step()
             except Exception as exc:  # a failed step fails the batch, never the thread
-                self._fail_batch(exc)
+                failures += 1
+                self._loop_failed(exc, failures)
+                continue
+            if failures > 1:
+                log.info("The local engine works again after %d failed loops in a row", failures)
+            failures = 0
+
+    def _loop_failed(self, exc: Exception, failures: int) -> None:
+        """A loop of the thread raised: the batch's requests get the error (logged with them);
+        a failure with no request running is logged once, the first of a run of them. From the
+        second failure in a row on, the thread waits before it tries again."""
+        running = any(not r.done for r in self._rows)
+        if failures == 1 and not running:
+            log.error(
+                "The local engine failed with no request running; it tries again, waiting up to "
+                "%.0f s between tries, and logs this once until it works again",
+                _LONGEST_BACKOFF_S,
+                exc_info=exc,
+            )
+        self._fail_batch(exc)
+        if failures > 1:
+            time.sleep(min(_FIRST_BACKOFF_S * 2 ** (failures - 2), _LONGEST_BACKOFF_S))
 
     # ---- joining ------------------------------------------------------------------------------
 
@@ -483,9 +512,11 @@ class Engine:
             return job
         timeout = self._idle_left() if block else None
         try:
-            return self._jobs.get(block=block, timeout=timeout)
+            return self._jobs.get(
+                block=block, timeout=None if timeout is None else min(timeout, _LONGEST_WAIT_S)
+            )
         except queue.Empty:
-            if block:
+            if block and not self._idle_left():  # the keep_alive ran out, not just one wait
                 self._unload_at = None
                 self._unload_model()
             return None
@@ -752,8 +783,9 @@ class Engine:
             self._batch.keep(keep)
 
     def _fail_batch(self, exc: Exception) -> None:
-        error = _error_of(exc)
-        for job in {id(r.job): r.job for r in self._rows if not r.done}.values():
+        jobs = {id(r.job): r.job for r in self._rows if not r.done}.values()
+        error = _error_of(exc) if jobs else None  # logs it, unless no request runs
+        for job in jobs:
             _fail(job, error)
         self._rows, self._batch = [], KVBatch()
         if self._decoder is not None:  # its graphs point into the pool just dropped

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from custom_handlers.inference.errors import InvalidRequestError
-from custom_handlers.inference.settings import LocalModelSettings
+from custom_handlers.inference.settings import KEEP_ALIVE_RANGE, LocalModelSettings, is_keep_alive
 from custom_handlers.inference.tools import ToolSet, closed, parse_tools
 
 # "developer" is OpenAI's newer name for the system turn.
@@ -25,6 +25,17 @@ _ROLES = {
     "tool": "tool",
 }
 MAX_STOP_STRINGS = 16
+# Characters in one stop string. Real stop strings are a few words; the matcher holds back up to the
+# longest one's length of text and scans it on every token, so a 2 MB stop string (the body limit
+# allows 16 of them) costs every row of the batch time on each token.
+MAX_STOP_CHARS = 1000
+# What a seed may be: any signed or unsigned 64-bit integer (what torch.Generator.manual_seed
+# takes). OpenAI's API documents a signed 64-bit seed.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# Temperatures below this decode greedily: dividing the logits by one overflows them to inf (1e-45,
+# NaN draws) or, below float32's range (1e-300), to a division by zero. vLLM does the same
+# (``_SAMPLING_EPS = 1e-5`` in vllm/sampling_params.py and vllm/v1/sample/sampler.py).
+GREEDY_BELOW = 1e-5
 MAX_SCHEMA_CHARS = 64 * 1024
 # Objects and arrays inside one another in a schema. A real schema needs a few dozen at most; the
 # validator recurses per level and hit Python's recursion limit (a 500) at about 200.
@@ -112,7 +123,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one too small to differ from it (``GREEDY_BELOW``)."""
+        return self.temperature is not None and self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ def parse_chat_request(
         temperature=_number(params, "temperature", 0.0, 2.0),
         top_p=_number(params, "top_p", 0.0, 1.0, low_open=True),
         top_k=_integer(params, "top_k", 0, None),
-        seed=_integer(params, "seed", None, None),
+        seed=_integer(params, "seed", *SEED_RANGE),
         n=_integer(params, "n", 1, max_n) or 1,
         stop=_stop(params.get("stop")),
     )
@@ -159,7 +171,7 @@ def parse_chat_request(
         )
     # stream_options.include_usage is LiteLLM's business: the final chunk always carries usage.
     json_schema = _json_schema(params.get("response_format"))
-    keep_alive = _keep_alive(params.get("keep_alive"))
+    keep_alive = _keep_alive(params)
     tools = parse_tools(params, checked_schema)
     return ChatRequest(
         _messages(messages),
@@ -217,22 +229,41 @@ def _logprobs(params: Mapping[str, Any]) -> int | None:
     return (top or 0) if asked else None
 
 
-def _keep_alive(value: Any) -> float | None:
-    """Ollama's knob, in seconds: 0 unloads the model right after this request, -1 never."""
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or math.isnan(value)
-        or (value < 0 and value != -1)
+def _keep_alive(params: Mapping[str, Any]) -> float | None:
+    """Ollama's knob, in seconds: 0 unloads the model right after this request, -1 never; at most
+    a week (``KEEP_ALIVE_MAX``). Ollama's duration strings ("5m") are refused, saying so.
+
+    The body's own key, else a raw ``extra_body``'s (LiteLLM leaves that one nested: it was
+    ignored, whatever its value); both are checked."""
+    nested = params.get("extra_body")
+    nested = nested.get("keep_alive") if isinstance(nested, Mapping) else None
+    found = None
+    for name, value in (
+        ("keep_alive", params.get("keep_alive")),
+        ("extra_body.keep_alive", nested),
     ):
-        raise InvalidRequestError(
-            "'keep_alive' must be a number of seconds (0 or more, or -1 for never), "
-            f"got {value!r}.",
-            param="keep_alive",
-        )
-    return float(value)
+        if value is None:
+            continue
+        if not is_keep_alive(value):
+            raise InvalidRequestError(
+                f"'{name}' must be {KEEP_ALIVE_RANGE}, got {_keep_alive_shown(value)}.", param=name
+            )
+        found = float(value) if found is None else found
+    return found
+
+
+def _keep_alive_shown(value: Any) -> str:
+    if isinstance(value, str):
+        return f'the string {value!r} (send seconds as a number, e.g. 300 for Ollama\'s "5m")'
+    return _shown(value)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message; an integer past 64 bits as its size (``str`` refuses one of over
+    4,300 digits, and nobody reads a hundred)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _reject_server_only(params: Mapping[str, Any]) -> None:
@@ -481,7 +512,9 @@ def _integer(params: Mapping[str, Any], name: str, low: int | None, high: int | 
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"'{name}' must be an integer, got {value!r}.", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidRequestError(f"'{name}' must be {_range(low, high)}, got {value}.", param=name)
+        raise InvalidRequestError(
+            f"'{name}' must be {_range(low, high)}, got {_shown(value)}.", param=name
+        )
     return value
 
 
@@ -497,7 +530,7 @@ def _number(
     if too_low or value > high or math.isnan(value):
         bound = f"greater than {low}" if low_open else f"at least {low}"
         raise InvalidRequestError(
-            f"'{name}' must be {bound} and at most {high}, got {value}.", param=name
+            f"'{name}' must be {bound} and at most {high}, got {_shown(value)}.", param=name
         )
     return float(value)
 
@@ -520,6 +553,11 @@ def _stop(stop: Any) -> tuple[str, ...]:
         raise InvalidRequestError(
             f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
             "non-empty strings.",
+            param="stop",
+        )
+    if (longest := max(map(len, stops), default=0)) > MAX_STOP_CHARS:
+        raise InvalidRequestError(
+            f"'stop' strings may be at most {MAX_STOP_CHARS} characters long; one has {longest}.",
             param="stop",
         )
     return tuple(dict.fromkeys(stops))

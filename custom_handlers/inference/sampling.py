@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from custom_handlers.inference.request import GREEDY_BELOW
+
 
 @dataclass
 class RowSampling:
@@ -26,16 +28,18 @@ def row_sampling(sampling, defaults: dict, device, choice: int) -> RowSampling:
     """Per-row settings from a request's ``SamplingParams`` and the checkpoint's defaults."""
     import torch
 
-    if sampling.greedy:
+    # The checkpoint's default counts too: a generation_config may say 0 (or 1e-9) as well.
+    temperature = _or(sampling.temperature, defaults["temperature"])
+    if sampling.greedy or temperature < GREEDY_BELOW:
         return RowSampling(True, 1.0, 1.0, 0, None)
     seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
     generator = torch.Generator(device=device)
     generator.manual_seed((seed + choice * 1_000_003) % 2**63)  # n > 1: each choice its own draw
     return RowSampling(
         greedy=False,
-        temperature=_or(sampling.temperature, defaults["temperature"]),
+        temperature=temperature,
         top_p=_or(sampling.top_p, defaults["top_p"]),
-        top_k=_or(sampling.top_k, defaults["top_k"]),
+        top_k=max(0, _or(sampling.top_k, defaults["top_k"])),  # a config's -1: no top-k either
         generator=generator,
     )
 
@@ -63,7 +67,8 @@ def _draw(logits, rows: list[RowSampling]):
 
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([r.temperature for r in rows], device=device).unsqueeze(1)
-    top_k = torch.tensor([r.top_k or vocab for r in rows], device=device).unsqueeze(1)
+    # top_k past the vocabulary is no limit; past 2**63 torch.tensor could not even hold it.
+    top_k = torch.tensor([min(r.top_k or vocab, vocab) for r in rows], device=device).unsqueeze(1)
     top_p = torch.tensor([r.top_p for r in rows], device=device).unsqueeze(1)
     ordered, order = torch.sort(logits / temperature, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
