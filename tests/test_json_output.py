@@ -149,6 +149,48 @@ BAD_SCHEMAS = {
         "cannot enforce",
     ),
     "remote $ref": ({"$ref": "https://example.com/schema.json"}, "cannot enforce"),
+    # llguidance cast these bounds to 64 bits: 200 with 9223372036854775807, finish_reason "stop"
+    "integer bounds past 2^63": (
+        {"type": "integer", "minimum": 1e20, "maximum": 1e21},
+        "minimum 1e+20 at # is beyond ±2^63",
+    ),
+    # llguidance compiled these loops and allowed only end-of-turn: 200 with "", "stop"
+    "$ref loop with no way out": (
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        "$ref cycle with no way out at #/$defs/a",
+    ),
+    "required property that loops": (
+        {
+            "type": "object",
+            "properties": {"x": {"$ref": "#/$defs/node"}},
+            "required": ["x"],
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {"next": {"$ref": "#/$defs/node"}},
+                    "required": ["next"],
+                }
+            },
+        },
+        "$ref cycle with no way out at #/$defs/node",
+    ),
+    # these made llguidance crash the process (a stack overflow; a 32-bit overflow)
+    "both bounds at -2^63": (
+        {"type": "integer", "minimum": -(2**63) - 1000, "maximum": -(2**63)},
+        "maximum -9223372036854775808 at # is beyond ±2^63",
+    ),
+    "multipleOf 2^31": ({"type": "integer", "multipleOf": 2**31}, "multipleOf 2147483648"),
+    # written rounded (18446744073709552000)
+    "const integer past 64 bits": ({"const": 2**64 + 1}, "beyond 64 bits"),
+}
+
+# Schemas llguidance misread (it let through 0, -0, 2^53, or 9223372036854775807), which the
+# gateway now gives it narrowed: every answer follows them.
+MISREAD = {
+    "exclusive 0 below 0.5": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5},
+    "exclusive 0 above -0.5": {"type": "number", "minimum": -0.5, "exclusiveMaximum": 0},
+    "integers past 2^53": {"type": "integer", "minimum": 2**53 + 1, "maximum": 2**53 + 3},
+    "int64 range": {"type": "integer", "minimum": 2**62, "maximum": 2**63 - 1},
 }
 
 
@@ -164,6 +206,29 @@ def test_invalid_or_unenforceable_schema_gets_400(gateway, name):
     r = gateway.chat(body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_after_the_schemas_that_crashed_llguidance_the_gateway_still_serves(client):
+    for seed in range(3):
+        r = ask(client, "values", seed=seed)
+        jsonschema.validate(json.loads(r.choices[0].message.content), VALUES)
+
+
+@pytest.mark.parametrize("name", list(MISREAD))
+def test_bounds_llguidance_misread_are_kept(client, name):
+    schema = MISREAD[name]
+    for seed in range(5):
+        r = client.chat.completions.create(
+            model=LOCAL,
+            messages=ASK,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=40,
+            response_format=json_schema(name, schema),
+        )
+        choice = r.choices[0]
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), schema)
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,25 @@ OVERSIZED = {
         {"messages": FOX, "response_format": _schema({"type": "string", "maxLength": 10**12})},
         "cannot enforce this JSON schema",
     ),
+    # These three took the whole gateway down inside llguidance (a stack overflow, an overflow, all
+    # memory) before they were refused.
+    "schema with both bounds at -2**63": (
+        {
+            "messages": FOX,
+            "response_format": _schema(
+                {"type": "integer", "minimum": -(2**63) - 1000, "maximum": -(2**63)}
+            ),
+        },
+        "is beyond ±2^63",
+    ),
+    "schema with multipleOf 2**31": (
+        {"messages": FOX, "response_format": _schema({"type": "integer", "multipleOf": 2**31})},
+        "multipleOf 2147483648",
+    ),
+    "schema with multipleOf 9,999,991": (
+        {"messages": FOX, "response_format": _schema({"type": "integer", "multipleOf": 9999991})},
+        "multipleOf 9999991",
+    ),
 }
 
 
@@ -259,6 +278,10 @@ def test_schemas_that_only_look_costly_are_served_within_max_tokens(gateway):
         {"type": "array", "items": {"type": "string"}, "minItems": 10**9},
         {"type": "string", "pattern": "^((a{100}){100}){100}$"},
         {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"},
+        {
+            "$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}},
+            "$ref": "#/$defs/n",
+        },
     ):
         started = time.monotonic()
         r = gateway.chat(

@@ -26,6 +26,7 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.schema_keep import Unkeepable, kept_schema
 from custom_handlers.inference.tools import (
     CALL_ARGUMENTS,
     CALL_CLOSE,
@@ -78,15 +79,48 @@ class JsonConstraints:
             return self._llg_tokenizer
 
     def _compile(self, schema_json: str, where: str = "response_format") -> str:
-        """The llguidance grammar for a JSON schema; 400 when it cannot be enforced."""
+        """The llguidance grammar for a JSON schema; 400 when it cannot be enforced.
+
+        The schema llguidance compiles is ``kept_schema``'s: bounds it would misread narrowed, what
+        it cannot keep refused first (``schema_keep``). The compiled grammar
+        must then let an answer start: one that allows only end-of-turn at its first token (a
+        ``$ref`` loop, say) would answer 200 with no JSON at all."""
         from llguidance import LLMatcher
 
         try:
-            grammar = LLMatcher.grammar_from_json_schema(schema_json, defaults=_JSON_DEFAULTS)
+            schema = kept_schema(json.loads(schema_json))
+        except Unkeepable as exc:
+            raise _unenforceable(str(exc), where) from None
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(
+                json.dumps(schema, separators=(",", ":")), defaults=_JSON_DEFAULTS
+            )
         except (ValueError, TypeError) as exc:
             raise _unenforceable(str(exc), where) from exc
         self._validate(grammar, where)
+        self._check_start(grammar, where)
         return grammar
+
+    def _check_start(self, grammar: str, where: str) -> None:
+        """400 unless the grammar's first token may be something other than end-of-turn.
+
+        Builds the grammar's matcher (kept for ``matcher``: this moves its cost from the engine's
+        thread to the request's) and computes its first mask, as the engine will."""
+        import llguidance.numpy
+        import numpy
+
+        tokenizer = self.llg_tokenizer()
+        probe = self._prototype(grammar).deep_copy()
+        bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+        llguidance.numpy.fill_next_token_bitmask(probe, bitmask, 0)
+        if probe.is_error():
+            raise _unenforceable(probe.get_error().split("\n")[0], where)
+        allowed = numpy.unpackbits(bitmask.view(numpy.uint8), bitorder="little")
+        allowed[list(tokenizer.eos_tokens)] = 0
+        if not allowed.any():
+            raise _unenforceable(
+                "no JSON value satisfies it (the answer would end before it starts)", where
+            )
 
     def _validate(self, grammar: str, where: str) -> None:
         from llguidance import LLMatcher
@@ -171,8 +205,10 @@ def _tool_lark(functions, parallel: bool, answer: str | None, marker) -> str:
 
 
 def _compact(schema_json: str) -> str:
-    """The schema with llguidance's option for compact JSON (as ``_JSON_DEFAULTS`` for answers)."""
-    schema = json.loads(schema_json)
+    """The schema as ``_compile`` gives it to llguidance (``kept_schema``), with llguidance's option
+    for compact JSON (as ``_JSON_DEFAULTS`` for answers). ``tool_grammar`` has compiled each schema
+    alone first, so what cannot be kept was refused there."""
+    schema = kept_schema(json.loads(schema_json))
     schema["x-guidance"] = {**schema.get("x-guidance", {}), **_JSON_DEFAULTS}
     return json.dumps(schema, separators=(",", ":"))
 
@@ -188,14 +224,19 @@ class JsonMatcher:
         if not self._matcher.is_stopped() and not self._matcher.is_error():
             self._matcher.consume_token(token)
 
+    @property
+    def error(self) -> str | None:
+        """Why the grammar cannot go on (then only end-of-turn is allowed), or None."""
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
     def fill(self, bitmask, row: int) -> None:
-        """Write the allowed-token bits for the next token into ``bitmask[row]`` (numpy, int32)."""
+        """Write the allowed-token bits for the next token into ``bitmask[row]`` (numpy, int32).
+
+        A matcher in error allows only end-of-turn (llguidance's own mask then): an answer the
+        grammar can no longer follow ends there rather than going on unconstrained."""
         import llguidance.numpy
 
-        if self._matcher.is_error():  # cannot happen for tokens we allowed; never mask everything
-            bitmask[row].fill(-1)
-        else:
-            llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask, row)
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask, row)
 
 
 def mask_logits(logits, rows: list[int], matchers: list[JsonMatcher]) -> None:

@@ -36,7 +36,12 @@ from dataclasses import dataclass, field
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
 from custom_handlers.inference.decode import Decoder
-from custom_handlers.inference.errors import LocalLLMError, ModelUnavailableError, OverloadedError
+from custom_handlers.inference.errors import (
+    InvalidRequestError,
+    LocalLLMError,
+    ModelUnavailableError,
+    OverloadedError,
+)
 from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.prefix import PrefixCache, start_cache
@@ -691,7 +696,10 @@ class Engine:
             if row.matcher is not None:
                 row.matcher.consume(token)
             if token in eos:
-                self._finish(row, "tool_calls" if row.calls and row.calls.complete else "stop")
+                if row.matcher is not None and (error := row.matcher.error) is not None:
+                    self._constraint_gave_up(row, error)
+                else:
+                    self._finish(row, "tool_calls" if row.calls and row.calls.complete else "stop")
                 continue
             if self._tool_token(row, token):
                 pass
@@ -707,6 +715,26 @@ class Engine:
                     continue
             if row.count >= row.job.max_new_tokens:
                 self._finish(row, "length")
+
+    def _constraint_gave_up(self, row: _Row, error: str) -> None:
+        """The JSON constraint ran out of llguidance's budgets mid-answer (a long forced run):
+        its mask then allows only end-of-turn. The answer is not valid JSON, so the request fails
+        with a 400 naming ``response_format`` instead of finishing with ``stop``; its other rows
+        leave with it."""
+        job = row.job
+        for other in self._rows:
+            if other.job is job:
+                other.done = True
+        job.open_rows = 0
+        log.info("The JSON constraint gave up after %d tokens: %s", row.count, error.split("\n")[0])
+        gave_up = InvalidRequestError(
+            f"The local model's JSON constraint gave up after {row.count} tokens: this schema "
+            "asks for more than it can follow token by token (a long run of forced items or "
+            "characters). Simplify it: smaller minItems / minLength, fewer forced values.",
+            param="response_format",
+        )
+        job.emit(Failed(gave_up))
+        self._job_done(job)  # Done, and the keep-alive counts from here as for any job
 
     def _tool_token(self, row: _Row, token: int) -> bool:
         """Open or close a tool call at its marker token; False for any other token."""
