@@ -7,7 +7,7 @@ import json
 import pytest
 
 from custom_handlers.inference.errors import InvalidRequestError
-from custom_handlers.inference.request import MAX_SCHEMA_DEPTH, parse_chat_request
+from custom_handlers.inference.request import MAX_SCHEMA_DEPTH, checked_schema, parse_chat_request
 
 USER = [{"role": "user", "content": "a fox"}]
 BIG = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}
@@ -431,3 +431,17 @@ def test_other_temperatures_sample(temperature):
 def test_a_huge_top_k_is_accepted_as_no_limit():
     # Past the vocabulary it changes nothing; sampling clamps it (test_bounds.py runs one).
     assert parse(top_k=2**64).sampling.top_k == 2**64
+
+
+def test_closing_objects_leaves_const_enum_default_and_examples_as_written():
+    data = {"properties": {"a": 1}, "type": "object"}
+    schema = {
+        "type": "object",
+        "properties": {"x": {"const": data, "default": data}, "y": {"enum": [data]}},
+        "examples": [data],
+    }
+    kept = json.loads(checked_schema(schema, "response_format.json_schema.schema"))
+    assert kept["properties"]["x"] == {"const": data, "default": data}
+    assert kept["properties"]["y"] == {"enum": [data]}
+    assert kept["examples"] == [data]
+    assert kept["additionalProperties"] is False  # the schema's own objects are still closed

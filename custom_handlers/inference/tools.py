@@ -166,6 +166,11 @@ def _function(i: int, tool: Any, check_schema: Callable) -> Function:
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
+# Keywords whose values are JSON data, not schemas: closing an object there would change the data
+# (a const {"properties": {"a": 1}} became one with "additionalProperties": false).
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
 def closed(schema: Any, every_object: bool = False) -> Any:
     """The schema with no room for keys it does not name.
 
@@ -178,7 +183,7 @@ def closed(schema: Any, every_object: bool = False) -> Any:
         return [closed(s, every_object) for s in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = {k: closed(v, every_object) for k, v in schema.items()}
+    out = {k: v if k in _DATA_KEYS else closed(v, every_object) for k, v in schema.items()}
     is_object = out.get("type") == "object" or "properties" in out
     if (
         is_object
