@@ -88,11 +88,14 @@ def assert_error_shape(r: httpx.Response) -> dict:
     return body["error"]
 
 
+_HTTP = httpx.Client(timeout=120)  # one pool of kept-alive connections for the whole module
+
+
 def send(gateway: Gateway, method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
     headers = kwargs.pop("headers", {})
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    return httpx.request(method, gateway.base_url + path, headers=headers, timeout=120, **kwargs)
+    return _HTTP.request(method, gateway.base_url + path, headers=headers, **kwargs)
 
 
 # ---- the surface --------------------------------------------------------------------------------

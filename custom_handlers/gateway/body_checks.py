@@ -463,15 +463,36 @@ def route_kind(path: str) -> str:
     return last if last in (*LOCAL_ROUTES, "embeddings", "rerank", "count_tokens") else path
 
 
-def check_route_body(path: str, body: Mapping[str, Any], local: bool) -> None:
-    """Refuse a body that does not fit its route's API (a 400 naming the field), and a local
-    model (``local``) asked for what it does not serve."""
+# Route -> the mode (LiteLLM's model map, or model_info.mode) of the models that serve it.
+ROUTE_MODES = {
+    "embeddings": "embedding",
+    "images/generations": "image_generation",
+    "audio/speech": "audio_speech",
+    "audio/transcriptions": "audio_transcription",
+    "rerank": "rerank",
+}
+
+
+def check_route_body(
+    path: str, body: Mapping[str, Any], local: bool, modes: frozenset[str] | None = None
+) -> None:
+    """Refuse a body that does not fit its route's API (a 400 naming the field), and a model
+    asked for what it does not serve: a local one (``local``) for anything but text, a cloud one
+    whose ``modes`` (its deployments' modes, when all are known) lack the route's."""
     kind = route_kind(path)
     if local and kind not in LOCAL_ROUTES:
         raise InvalidRequestError(
             f"model {body.get('model')!r} does not serve {path}: local models answer "
             "/v1/chat/completions, /v1/completions, /v1/responses and /v1/messages. Use a model "
             f"of {CONFIG_FILE} whose provider serves this endpoint.",
+            param="model",
+            code="unsupported_endpoint",
+        )
+    if modes and kind in ROUTE_MODES and ROUTE_MODES[kind] not in modes:
+        raise InvalidRequestError(
+            f"model {body.get('model')!r} does not serve {path}: it is a "
+            f"{' / '.join(sorted(modes))} model (its mode in LiteLLM's model map; if that is "
+            f"wrong, set model_info.mode: {ROUTE_MODES[kind]} on it in {CONFIG_FILE}).",
             param="model",
             code="unsupported_endpoint",
         )
@@ -541,6 +562,37 @@ def served_by(model: Any, provider: str) -> bool:
     except Exception:  # the router's own lookup; a wrong guess only changes a hint or a check
         return False
     return any(str(d["litellm_params"]["model"]).startswith(provider) for d in deployments)
+
+
+def deployment_modes(model: Any) -> frozenset[str] | None:
+    """The modes (``chat``, ``embedding``, ``rerank``...) of the model name's deployments, from
+    their ``model_info.mode`` or LiteLLM's model map; None when any is unknown (a model the map
+    lacks, an OpenAI-compatible server of one's own): then nothing is assumed."""
+    if not isinstance(model, str):
+        return None
+    try:
+        deployments = router().get_model_list(model_name=model) or []
+    except Exception:  # the router's own lookup; a wrong guess only changes a check
+        return None
+    modes = set()
+    for deployment in deployments:
+        mode = (deployment.get("model_info") or {}).get("mode")
+        if mode is None:
+            mode = _mapped_mode(str(deployment["litellm_params"]["model"]))
+        if not isinstance(mode, str):
+            return None
+        modes.add(mode)
+    return frozenset(modes) or None
+
+
+@lru_cache(maxsize=256)
+def _mapped_mode(model_id: str) -> str | None:
+    import litellm
+
+    try:
+        return litellm.get_model_info(model_id).get("mode")
+    except Exception:  # "This model isn't mapped yet": unknown
+        return None
 
 
 def router() -> Any:

@@ -42,6 +42,7 @@ from custom_handlers.gateway.body_checks import (
     check_json_values,
     check_litellm_keys,
     check_route_body,
+    deployment_modes,
     served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError
@@ -96,7 +97,11 @@ def _refusal(request: Any, body: dict) -> ProxyException | None:
         check_endpoint_and_credentials(body, route=request.url.path)
         check_litellm_keys(body)
         check_answer_size(body)
-        check_route_body(request.url.path, body, local=served_by(body.get("model"), LOCAL_PROVIDER))
+        model = body.get("model")
+        local = served_by(model, LOCAL_PROVIDER)
+        check_route_body(
+            request.url.path, body, local=local, modes=None if local else deployment_modes(model)
+        )
     except InvalidRequestError as error:
         return ProxyException(
             message=error.message,

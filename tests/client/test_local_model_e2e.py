@@ -72,7 +72,8 @@ def test_state_before_and_after_a_request(on_gateway, tiny_model_dir):
     assert CLOUD not in whole.names
     assert (before.model, after.model) == (LOCAL, LOCAL)
     assert (before.loaded, before.loading, again.loaded) == (False, False, False)
-    assert before.source == after.source == str(tiny_model_dir)
+    # A local folder is named, never its path (the gateway's answers carry none).
+    assert before.source == after.source == f"{tiny_model_dir.name} (a local folder)"
     assert after.loaded and not after.loading
     assert after.device and after.dtype
     assert after.load_seconds is not None and after.load_seconds >= 0
@@ -141,7 +142,7 @@ def test_doctor_shows_the_local_model_without_loading_it(on_gateway, cli, tiny_m
     assert cloud.exit_code == 0, cloud.stdout
     assert re.search(r"^✓ local models: 0 of \d+ loaded; at most \d+ at once", cloud.stdout, re.M)
     line = local_line(cloud.stdout)
-    assert line.startswith(f"{tiny_model_dir} not loaded (loads on the next request")
+    assert line.startswith(f"{tiny_model_dir.name} (a local folder) not loaded (loads on the next")
     with Client() as client:
         assert client.local_state().loaded == ()
 
@@ -149,7 +150,7 @@ def test_doctor_shows_the_local_model_without_loading_it(on_gateway, cli, tiny_m
     assert local.exit_code == 0, local.stdout
     assert re.search(rf"^✓ local models: 1 of \d+ loaded \({LOCAL}\)", local.stdout, re.M)
     line = local_line(local.stdout)
-    assert line.startswith(f"{tiny_model_dir} loaded on ")
+    assert line.startswith(f"{tiny_model_dir.name} (a local folder) loaded on ")
     assert re.search(r"; \d+ running, \d+ queued", line), line
 
 
