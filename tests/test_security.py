@@ -273,7 +273,9 @@ def test_after_every_hostile_input_the_gateway_still_serves(gateway, client):
 
 
 def test_schemas_that_only_look_costly_are_served_within_max_tokens(gateway):
-    """Huge minimums, nested repetitions, self-reference: bounded by max_tokens, cut with length."""
+    """Huge minimums, nested repetitions, self-reference: bounded by max_tokens, cut with length;
+    or, where llguidance's per-token budget runs out on a forced run (the 10^6 a's), a 400 naming
+    response_format, never an answer that breaks the schema."""
     for schema in (
         {"type": "array", "items": {"type": "string"}, "minItems": 10**9},
         {"type": "string", "pattern": "^((a{100}){100}){100}$"},
@@ -287,6 +289,11 @@ def test_schemas_that_only_look_costly_are_served_within_max_tokens(gateway):
         r = gateway.chat(
             {"model": LOCAL, "messages": FOX, "max_tokens": 8, "response_format": _schema(schema)}
         )
-        assert r.status_code == 200, (schema, r.text[:500])
-        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        if r.status_code == 400:  # llguidance's per-token budget ran out on a forced run
+            error = r.json()["error"]
+            assert "JSON constraint gave up" in error["message"], (schema, error)
+            assert error["param"] == "response_format"
+        else:
+            assert r.status_code == 200, (schema, r.text[:500])
+            assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
         assert time.monotonic() - started < 60  # never hangs the gateway
