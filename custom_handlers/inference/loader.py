@@ -349,20 +349,6 @@ def _tie_missing_lm_head(model, loading_info: dict, settings: LocalModelSettings
     )
 
 
-def freeze_heap() -> None:
-    """Collect, then move every object alive now out of the cyclic collector's sight (gc.freeze).
-
-    A full collection walks every tracked object: with LiteLLM's proxy imported, about 700,000,
-    0.6 s on this machine's CPU, holding the GIL, so the event loop (every route) and the engine
-    thread stop meanwhile; one request that allocates many objects can set one off. What is alive
-    once the proxy has started (its modules, its app) stays alive, so walking it again finds
-    nothing. Called once, at start-up (``routes.mount_on_proxy``). A model is never frozen: its
-    modules hold reference cycles that only a collection frees when it is unloaded.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 def _load_error(settings: LocalModelSettings, exc: Exception) -> ModelUnavailableError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if _out_of_memory(exc):
