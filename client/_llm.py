@@ -8,7 +8,8 @@ what this gateway actually answers (LiteLLM 1.108 with our auth hook):
 - a provider's key problem: a message starting ``litellm.AuthenticationError`` (401) or
   ``litellm.InternalServerError: ... OpenAIException - Missing credentials ... OPENAI_API_KEY``
   (500), naming the provider (``OpenAIException``, ``Missing Anthropic API Key``);
-- an unknown model: 400 ``Invalid model name passed in model=...``;
+- an unknown model: 404 ``model_not_found`` (LiteLLM alone, before this gateway: 400
+  ``Invalid model name passed in model=...``, still understood);
 - a rate limit: 429, the provider's ``Retry-After`` passed on as ``llm_provider-retry-after``; a
   model paused after failures: 429 ``all_deployments_in_cooldown`` with ``retry-after``;
 - the local model's own errors as it wrote them (the gateway's failure hook unwraps them): 400

@@ -58,6 +58,10 @@ def test_completion_is_openai_shaped_with_true_usage(client, tokenizer):
     assert isinstance(choice.message.content, str) and choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == prompt_tokens(tokenizer, FOX)
+    # OpenAI's details objects: prompt tokens served from the prefix cache, and reasoning tokens
+    # (0: non-thinking mode). The same prompt again reuses all but the last of its tokens' KV.
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert 0 <= r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
     assert 1 <= r.usage.completion_tokens <= 16
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
@@ -193,6 +197,7 @@ def test_stream_sends_text_in_chunks_and_usage_when_asked(client):
     assert "".join(pieces) == expected.choices[0].message.content
     assert finishes == [expected.choices[0].finish_reason]
     assert len(usage) == 1
+    assert chunks[-1].usage and chunks[-1].choices == []  # OpenAI's usage chunk: no choice
     assert usage[0].completion_tokens == expected.usage.completion_tokens
     assert usage[0].prompt_tokens == expected.usage.prompt_tokens
 
@@ -292,10 +297,23 @@ def test_bad_input_on_a_stream_gets_400_before_any_chunk(gateway):
     assert "context_length_exceeded" in r.json()["error"]["message"]
 
 
-def test_unknown_model_gets_400_naming_it(client):
-    with pytest.raises(openai.BadRequestError) as info:
+def test_unknown_model_is_openais_404_model_not_found_on_every_route(client, gateway):
+    with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=FOX)
-    assert "no-such-model" in str(info.value)
+    assert "no-such-model" in str(info.value) and info.value.code == "model_not_found"
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    body = {"model": "no-such-model", "input": "a fox", "prompt": "a fox", "messages": FOX}
+    for route in ("completions", "responses", "embeddings", "images/generations", "rerank"):
+        r = httpx.post(f"{gateway.base_url}/v1/{route}", json=body, headers=headers, timeout=30)
+        assert r.status_code == 404, route
+        assert r.json()["error"]["code"] == "model_not_found", route
+        assert r.json()["error"]["param"] == "model", route
+    r = httpx.post(
+        f"{gateway.base_url}/v1/messages", json=body | {"max_tokens": 5}, headers=headers
+    )
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(f"{gateway.base_url}/v1/models/no-such-model", headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_malformed_json_gets_400(gateway):

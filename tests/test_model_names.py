@@ -10,8 +10,8 @@ import pytest
 import yaml
 from litellm import Router
 
-from custom_handlers.gateway.hooks import check_model_name
-from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.gateway.body_checks import check_model_name
+from custom_handlers.inference.errors import InvalidRequestError, NotFoundError
 from tests.servers import CONFIG
 
 
@@ -63,8 +63,17 @@ def test_the_names_in_the_yaml_pass(project_router, model):
     check_model_name(model, project_router)
 
 
-def test_unknown_names_are_left_to_litellm_and_non_strings_to_the_type_checks(project_router):
-    check_model_name("no-such-model", project_router)  # LiteLLM answers 400 "Invalid model name"
+@pytest.mark.parametrize("model", ["no-such-model", "gpt4o-mini", "openai/gpt-4o"])
+def test_an_unknown_name_is_openais_404_model_not_found(project_router, model):
+    with pytest.raises(NotFoundError) as info:
+        check_model_name(model, project_router)
+    assert info.value.status_code == 404
+    assert (info.value.code, info.value.param) == ("model_not_found", "model")
+    assert f"The model '{model}' does not exist" in info.value.message
+    assert "GET /v1/models" in info.value.message
+
+
+def test_non_strings_are_left_to_the_type_checks(project_router):
     check_model_name(None, project_router)
     check_model_name(42, project_router)
     check_model_name("zlocal/qwen3-4b", None)  # no router: nothing to check against
@@ -78,3 +87,4 @@ def test_a_model_group_alias_still_works():
 def test_with_a_wildcard_entry_any_name_may_be_served():
     wildcard = router([{"model_name": "openai/*", "litellm_params": {"model": "openai/*"}}])
     check_model_name("openai/gpt-4o-mini", wildcard)
+    check_model_name("no-such-model", wildcard)  # LiteLLM decides what a wildcard serves

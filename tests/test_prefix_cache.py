@@ -98,3 +98,15 @@ def test_short_prompts_are_not_kept(tokens):
     prefix = PrefixCache(budget_bytes=10**6)
     prefix.add(list(range(tokens)), _Cache(tokens))
     assert prefix.state()["entries"] == 0
+
+
+def test_usage_counts_the_reused_prompt_tokens_as_cached(handler):
+    reusing = handler(64)
+    params = {"temperature": 0, "max_tokens": 4}
+    first, second = (
+        reusing.completion("x", conversation(user), optional_params=params) for user in USERS[:2]
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    reused = reusing.engine.prefix.state()["reused_tokens"]
+    assert second.usage.prompt_tokens_details.cached_tokens == reused > 100
+    assert second.usage.completion_tokens_details.reasoning_tokens == 0

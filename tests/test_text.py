@@ -112,3 +112,19 @@ def test_pipeline_stops_on_stop_string(tokenizer):
             break
     out += pipeline.flush()
     assert out == "a fox in a "
+
+
+def test_pipeline_counts_a_think_blocks_tokens_as_reasoning(tokenizer):
+    thought = tokenizer("<think>a fox, a forest</think>", add_special_tokens=False)["input_ids"]
+    answer = tokenizer("A fox at dawn", add_special_tokens=False)["input_ids"]
+    pipeline = TextPipeline(tokenizer)
+    out = "".join(pipeline.push(i) for i in thought + answer) + pipeline.flush()
+    assert out == "A fox at dawn"
+    assert pipeline.reasoning_tokens == len(thought)
+
+
+def test_pipeline_without_a_think_block_has_no_reasoning_tokens(tokenizer):
+    pipeline = TextPipeline(tokenizer)
+    for i in tokenizer("A fox <think> at dawn", add_special_tokens=False)["input_ids"]:
+        pipeline.push(i)
+    assert pipeline.reasoning_tokens == 0

@@ -28,7 +28,7 @@ from typing import Any
 
 from litellm.types.llms.openai import ValidUserMessageContentTypes
 
-from custom_handlers.inference.errors import InvalidRequestError
+from custom_handlers.inference.errors import InvalidRequestError, NotFoundError
 
 CONFIG_FILE = "proxy_config.yaml"  # where each model's settings are, as messages name it
 _HEADERS = "the gateway sets the headers of its calls to providers"
@@ -562,6 +562,47 @@ def served_by(model: Any, provider: str) -> bool:
     except Exception:  # the router's own lookup; a wrong guess only changes a hint or a check
         return False
     return any(str(d["litellm_params"]["model"]).startswith(provider) for d in deployments)
+
+
+# Routes whose body names a model of proxy_config.yaml.
+MODEL_ROUTES = (*LOCAL_ROUTES, "embeddings", "rerank", "count_tokens", *ROUTE_MODES)
+
+
+def check_model_name(model: Any, router: Any) -> None:
+    """A model name the gateway serves, or a 4xx that says what to send instead.
+
+    - A name the router does not know is a 404 ``model_not_found``, as OpenAI answers (LiteLLM's
+      own answer was a 400 "Invalid model name", which the SDKs raise as ``BadRequestError``).
+    - A deployment's provider id used as the name (``zlocal/qwen3-4b``) is a 400 naming the model
+      to call: LiteLLM would serve that deployment alone, without the name's fallbacks.
+
+    With a wildcard entry or a default deployment any name may be served: nothing is refused.
+    """
+    if router is None or not isinstance(model, str) or router.is_recognized_model(model):
+        return
+    if routes_any_name(router):
+        return
+    if model not in router.deployment_names:
+        raise NotFoundError(
+            f"The model '{model}' does not exist on this gateway. GET /v1/models lists the "
+            f"model names it serves; a model is added in {CONFIG_FILE}.",
+            param="model",
+            code="model_not_found",
+        )
+    names = sorted(
+        {d["model_name"] for d in router.model_list if d["litellm_params"]["model"] == model}
+    )
+    raise InvalidRequestError(
+        f"'{model}' is the provider id behind the model {' / '.join(map(repr, names))}: call it "
+        f'by its name, as in "model": "{names[0]}" (GET /v1/models lists the names). Which '
+        f"provider serves a name is set in {CONFIG_FILE}.",
+        param="model",
+    )
+
+
+def routes_any_name(router: Any) -> bool:
+    """A wildcard entry or a default deployment: any name may be served, ids included."""
+    return bool(router.pattern_router.patterns) or router.default_deployment is not None
 
 
 def deployment_modes(model: Any) -> frozenset[str] | None:

@@ -36,13 +36,17 @@ from litellm.proxy._types import ProxyException
 
 from custom_handlers.gateway.body_checks import (
     LOCAL_PROVIDER,
+    MODEL_ROUTES,
     check_answer_size,
     check_endpoint_and_credentials,
     check_gateway_only,
     check_json_values,
     check_litellm_keys,
+    check_model_name,
     check_route_body,
     deployment_modes,
+    route_kind,
+    router,
     served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError
@@ -89,6 +93,17 @@ def install(unauthorized: KeyCheck) -> None:
     litellm_auth.read_request_body = read_json_object
 
 
+class RefusedBody(ProxyException):
+    """LiteLLM's ``ProxyException`` whose body keeps OpenAI's ``code`` (``model_not_found``,
+    ``unsupported_endpoint``): LiteLLM's own always shows the status there (``"404"``)."""
+
+    def to_dict(self) -> dict:
+        body = super().to_dict()
+        if isinstance(self.openai_code, str):
+            body["code"] = self.openai_code
+        return body
+
+
 def _refusal(request: Any, body: dict) -> ProxyException | None:
     """A 400 for a body the gateway will not act on, or None."""
     try:
@@ -98,12 +113,14 @@ def _refusal(request: Any, body: dict) -> ProxyException | None:
         check_litellm_keys(body)
         check_answer_size(body)
         model = body.get("model")
+        if route_kind(request.url.path) in MODEL_ROUTES:
+            check_model_name(model, router())
         local = served_by(model, LOCAL_PROVIDER)
         check_route_body(
             request.url.path, body, local=local, modes=None if local else deployment_modes(model)
         )
     except InvalidRequestError as error:
-        return ProxyException(
+        return RefusedBody(
             message=error.message,
             type=error.type,
             param=error.param,

@@ -106,6 +106,7 @@ def clean(message: Any) -> str:
 # speech for a custom provider...): the caller asked the wrong model, a 400.
 _NOT_SERVED = re.compile(r"Unsupported provider: |is not a valid LlmProviders|Not implemented yet!")
 _MODEL_GROUP = re.compile(r"model group '([^']{1,200})'")
+_MODEL_PATH = re.compile(r"(?:/v1)?/models/[^/]+")
 
 
 def error_body(status: int, raw: bytes, path: str) -> tuple[int, bytes]:
@@ -118,6 +119,8 @@ def error_body(status: int, raw: bytes, path: str) -> tuple[int, bytes]:
         model = f"model '{group.group(1)}'" if group else "this model"
         status, param, code, kind = 400, "model", "unsupported_endpoint", None
         message = f"{model} does not serve {path}: its provider has no such endpoint."
+    if status == 404 and code is None and _MODEL_PATH.fullmatch(path):
+        code, param = "model_not_found", "model"  # GET /v1/models/{name}: OpenAI's code
     message = clean(message)
     if path.startswith(ANTHROPIC_PATHS):
         kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else kind)

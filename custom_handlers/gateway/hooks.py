@@ -21,9 +21,8 @@ And a provider it cannot connect to (Ollama not running, a wrong ``api_base``), 
 answered with a 500 that named no address, is a 502 naming the model and the address it tried.
 
 The pre-call hook checks the JSON types of a chat request's fields
-(``custom_handlers.gateway.body_checks``), and refuses a model named by its provider id
-(``zlocal/qwen3-4b``, ``openai/gpt-4o-mini``) instead of its name in ``proxy_config.yaml``:
-LiteLLM would serve that deployment directly, skipping the fallbacks set for the name.
+(``custom_handlers.gateway.body_checks``). The model name is checked before it, as the body is
+read (``body_reader``): an unknown name is a 404 ``model_not_found``, a provider id a 400.
 """
 
 from __future__ import annotations
@@ -33,13 +32,13 @@ from typing import Any, TypeVar
 from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.llms.custom_llm import CustomLLMError
+from litellm.types.utils import ModelResponseStream
 
 from custom_handlers.gateway.body_checks import (
     CONFIG_FILE,
     LOCAL_PROVIDER,
     check_chat_types,
     rejected_request_error,
-    router,
     served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError, LocalLLMError
@@ -209,32 +208,6 @@ def _url_of(error: Any) -> str:
     return f"{url.scheme}://{url.host}:{url.port}" if url.port else f"{url.scheme}://{url.host}"
 
 
-def check_model_name(model: Any, router: Any) -> None:
-    """Refuse a deployment's provider id used as the model name; names are the gateway's API.
-
-    LiteLLM accepts ``litellm_params.model`` of any deployment as a model name and calls that
-    deployment alone, without the name's fallbacks. Names it does not know it refuses itself.
-    """
-    if router is None or not isinstance(model, str) or router.is_recognized_model(model):
-        return
-    if model not in router.deployment_names or _routes_any_name(router):
-        return
-    names = sorted(
-        {d["model_name"] for d in router.model_list if d["litellm_params"]["model"] == model}
-    )
-    raise InvalidRequestError(
-        f"'{model}' is the provider id behind the model {' / '.join(map(repr, names))}: call it "
-        f'by its name, as in "model": "{names[0]}" (GET /v1/models lists the names). Which '
-        f"provider serves a name is set in {CONFIG_FILE}.",
-        param="model",
-    )
-
-
-def _routes_any_name(router: Any) -> bool:
-    """A wildcard entry or a default deployment: any name may be served, ids included."""
-    return bool(router.pattern_router.patterns) or router.default_deployment is not None
-
-
 def _pass_reasoning_effort(data: dict) -> None:
     """Hand ``reasoning_effort`` to the local model as Qwen3's ``enable_thinking``: LiteLLM would
     refuse it for a custom provider (and advise changing the server's drop_params)."""
@@ -243,10 +216,33 @@ def _pass_reasoning_effort(data: dict) -> None:
         del data["reasoning_effort"]
 
 
+def openai_usage_chunk(chunk: Any) -> Any:
+    """A chat stream's usage chunk as OpenAI sends it, with ``choices: []``.
+
+    LiteLLM sends the usage (``stream_options.include_usage``) on a chunk of its own whose
+    ``choices`` hold one empty choice (``[{"index": 0, "delta": {}}]``); OpenAI's has none, and a
+    client that reads ``choices[0]`` of every chunk would take the empty one for a turn.
+    """
+    if (
+        isinstance(chunk, ModelResponseStream)
+        and getattr(chunk, "usage", None) is not None
+        and chunk.choices
+        and all(_is_empty(choice) for choice in chunk.choices)
+    ):
+        chunk.choices = []
+    return chunk
+
+
+def _is_empty(choice: Any) -> bool:
+    if choice.finish_reason is not None or getattr(choice, "logprobs", None) is not None:
+        return False
+    delta = getattr(choice, "delta", None)
+    return delta is None or all(v is None for v in delta.model_dump().values())
+
+
 class LocalErrorHook(CustomLogger):
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         try:
-            check_model_name(data.get("model"), router())
             if _is_chat(call_type):
                 check_chat_types(data)
             if served_by(data.get("model"), LOCAL_PROVIDER):
@@ -255,6 +251,12 @@ class LocalErrorHook(CustomLogger):
         except InvalidRequestError as error:
             raise ErrorResponse.from_local(error) from None
         return data
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict, response, request_data
+    ):
+        async for chunk in response:
+            yield openai_usage_chunk(chunk)
 
     async def async_post_call_failure_hook(
         self, request_data, original_exception, user_api_key_dict, traceback_str=None

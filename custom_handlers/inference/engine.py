@@ -87,6 +87,7 @@ class Finish:
     reason: str  # "stop", "length" or "tool_calls"
     completion_tokens: int
     complete_calls: int = 0  # tool calls closed (a call cut by max_tokens is not)
+    reasoning_tokens: int = 0  # of completion_tokens, those of a think block (not sent)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class Job:
     keep_alive: float | None = None  # seconds the model stays loaded after this job
     tools: ToolRun | None = None  # the request offers tools
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    cached_tokens: int = 0  # of the prompt's tokens, those whose KV came from the prefix cache
     _cancelled: threading.Event = field(default_factory=threading.Event)
     open_rows: int = 0
 
@@ -561,6 +563,7 @@ class Engine:
         groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
         for job in jobs:
             entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed before
+            job.cached_tokens = reused
             groups.setdefault((id(entry), reused), []).append((job, entry, reused))
         for group in groups.values():
             for part in _similar_lengths(group):
@@ -784,7 +787,8 @@ class Engine:
             self._emit_text_tail(row)
         row.done = True
         complete = row.calls.complete if row.calls else 0
-        row.job.emit(Finish(row.index, reason, row.count, complete))
+        thought = row.pipeline.reasoning_tokens
+        row.job.emit(Finish(row.index, reason, row.count, complete, thought))
         row.job.open_rows -= 1
         if row.job.open_rows == 0:
             self._job_done(row.job)

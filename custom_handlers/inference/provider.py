@@ -497,8 +497,7 @@ def _model_response(model_response, model: str, job: Job, outcome: _Outcome):
         )
         for i in sorted(outcome.finishes)
     ]
-    completion_tokens = sum(f.completion_tokens for f in outcome.finishes.values())
-    response.usage = litellm.Usage(**_usage(job.prompt_tokens, completion_tokens))
+    response.usage = litellm.Usage(**_usage(job, *outcome.finishes.values()))
     response.model = model
     response.created = int(time.time())
     return response
@@ -527,7 +526,7 @@ class _Chunks:
                 finish_reason=event.reason,
                 index=event.index,
                 tool_use=None,
-                usage=_usage(self.job.prompt_tokens, event.completion_tokens),
+                usage=_usage(self.job, event),
             )
         delta: dict = {"role": None if self.started else "assistant"}
         self.started = True
@@ -573,11 +572,17 @@ def _logprobs(entries: list[TokenLogprob]) -> dict:
     }
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(job: Job, *finishes: Finish) -> dict:
+    """OpenAI's ``usage`` for ``job``'s choices that ``finishes`` ended, with its details objects:
+    prompt tokens whose KV came from the prefix cache, and completion tokens of a think block."""
+    completion_tokens = sum(f.completion_tokens for f in finishes)
+    reasoning_tokens = sum(f.reasoning_tokens for f in finishes)
     return {
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": job.prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "total_tokens": job.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 

@@ -65,6 +65,11 @@ class ThinkFilter:
         self._pending = ""
         self._state = "start"  # start -> (thinking ->) after_think -> text
 
+    @property
+    def thinking(self) -> bool:
+        """Inside a think block: the text just pushed is reasoning, not answer."""
+        return self._state == "thinking"
+
     def push(self, text: str) -> str:
         if self._state == "text":
             return text
@@ -144,6 +149,7 @@ class TextPipeline:
         self._decoder = IncrementalDecoder(tokenizer)
         self._think = ThinkFilter()
         self._stop = StopMatcher(stops)
+        self.reasoning_tokens = 0  # tokens of a think block (dropped from the text)
 
     @property
     def stopped(self) -> bool:
@@ -151,7 +157,11 @@ class TextPipeline:
         return self._stop.stopped
 
     def push(self, token_id: int) -> str:
-        return self._stop.push(self._think.push(self._decoder.push(token_id)))
+        thinking = self._think.thinking
+        text = self._stop.push(self._think.push(self._decoder.push(token_id)))
+        if thinking or self._think.thinking:  # the block's tokens, its open and close included
+            self.reasoning_tokens += 1
+        return text
 
     def flush(self) -> str:
         tail = self._stop.push(self._think.push(self._decoder.flush()))
