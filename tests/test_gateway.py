@@ -9,8 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+import yaml
 
-from tests.servers import FAKE_OPENAI_KEY, Gateway, free_port
+from tests.servers import CONFIG, FAKE_OPENAI_KEY, Gateway, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -350,7 +351,12 @@ def test_an_unreachable_provider_gets_502_naming_the_model_and_the_address(
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = fake_openai.gateway_env(str(tiny_model_dir), OLLAMA_API_BASE=nobody)
     env["OPENAI_BASE_URL"] = f"{nobody}/v1"
-    gw = Gateway(env=env, workdir=tmp_path).start()
+    # The answer's words are checked, not LiteLLM's two retries of a refused connection, whose
+    # back-off made this test wait about 30 s: the retries are off here.
+    config = yaml.safe_load(CONFIG.read_text())
+    config.setdefault("router_settings", {})["num_retries"] = 0
+    (tmp_path / "proxy_config.yaml").write_text(yaml.safe_dump(config))
+    gw = Gateway(env=env, workdir=tmp_path, config=tmp_path / "proxy_config.yaml").start()
     try:
         for model, start in (("ollama-qwen3", "Start Ollama"), ("gpt-4o-mini", "Start that")):
             for stream in (False, True):
