@@ -329,14 +329,13 @@ def _present(response: Any, plan: Mapping[str, Any]) -> None:
 
 
 def _leave_out_cut_calls(response: Any) -> None:
-    """A whole answer cut by the token limit leaves out a function call it could not finish."""
+    """A whole answer cut by the token limit leaves out a function call cut with it (``_is_cut``),
+    as the chat routes do; the local model's answers never hold one, a cloud model's may."""
     if _get(response, "status") != "incomplete":
         return
-    output = _get(response, "output") or []
+    output = list(_get(response, "output") or [])
     kept = [
-        item
-        for item in output
-        if _get(item, "type") != "function_call" or _parses(_get(item, "arguments"))
+        item for i, item in enumerate(output) if not _is_cut(item, last_item=i == len(output) - 1)
     ]
     if len(kept) != len(output):
         _set(response, "output", kept)
@@ -347,9 +346,8 @@ class _Stream:
 
     LiteLLM's bridge sends every function call's ``function_call_arguments.done`` and
     ``output_item.done`` at the end, all as ``completed``, then the terminal event. From the first
-    of them on, events are held until the terminal one says whether the answer was cut: if it was
-    (``response.incomplete``), a function call that is the last item of the answer is where the
-    cut fell, and it ends ``incomplete``.
+    of them on, events are held until the terminal one says whether the answer was cut
+    (``response.incomplete``); if it was, a call cut with it (``_is_cut``) ends ``incomplete``.
     """
 
     def __init__(self, plan: Mapping[str, Any]) -> None:
@@ -383,30 +381,43 @@ class _Stream:
         )
 
     def _settled(self, terminal: Any) -> list[Any]:
-        """The held events, the cut call's made ``incomplete`` (in the terminal event's output
-        too) and its ``function_call_arguments.done`` dropped: its arguments never got whole."""
-        if _event_type(terminal) != "response.incomplete" or not self.items:
+        """The held events, each cut call's ``output_item.done`` made ``incomplete`` (and the call
+        in the terminal event's output too), its ``function_call_arguments.done`` dropped."""
+        if _event_type(terminal) != "response.incomplete":
             return self.held
-        last = max(self.items)
-        kind, cut_id = self.items[last]
-        if kind != "function_call":
+        last = max(self.items, default=None)
+        cut = {
+            _get(event, "output_index")
+            for event in self.held
+            if _event_type(event) == "response.output_item.done"
+            and _is_cut(_get(event, "item"), last_item=_get(event, "output_index") == last)
+        }
+        if not cut:
             return self.held
         kept = []
         for event in self.held:
-            if _get(event, "output_index") == last:
+            if _get(event, "output_index") in cut:
                 if _event_type(event) == "response.function_call_arguments.done":
                     continue
-                if (item := _get(event, "item")) is not None:
-                    _set(item, "status", "incomplete")
+                _set(_get(event, "item"), "status", "incomplete")
             kept.append(event)
-        calls = [
-            item
-            for item in _get(_get(terminal, "response"), "output") or []
-            if _get(item, "type") == "function_call"
-        ]
-        for item in [c for c in calls if _get(c, "id") == cut_id] or calls[-1:]:
-            _set(item, "status", "incomplete")
+        cut_ids = {self.items[index][1] for index in cut if index in self.items}
+        for item in _get(_get(terminal, "response"), "output") or []:
+            if _get(item, "type") == "function_call" and _get(item, "id") in cut_ids:
+                _set(item, "status", "incomplete")
         return kept
+
+
+def _is_cut(item: Any, *, last_item: bool) -> bool:
+    """Whether a function call of an answer cut by the token limit was cut itself: its arguments
+    do not parse (JSON cut short never does), or it is the answer's last item and has none
+    (LiteLLM reports a call cut before its first argument as ``{}``)."""
+    if _get(item, "type") != "function_call":
+        return False
+    arguments = _get(item, "arguments")
+    if not _parses(arguments):
+        return True
+    return last_item and str(arguments).strip() in ("", "{}")
 
 
 responses_state = ResponsesState()
