@@ -208,9 +208,11 @@ class ResponsesState(CustomLogger):
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         if call_type not in _CALL_TYPES:
             return data
+        metadata = data.get("litellm_metadata")
+        if isinstance(metadata, dict):
+            metadata.pop(_PLAN, None)  # only this hook sets it, never the caller
         plan = await self._plan(data)
         if plan is not None:
-            metadata = data.get("litellm_metadata")
             if not isinstance(metadata, dict):
                 metadata = data["litellm_metadata"] = {}
             metadata[_PLAN] = plan
@@ -238,7 +240,8 @@ class ResponsesState(CustomLogger):
             )
         if not here and record is None:
             return None  # the provider keeps this conversation: LiteLLM passes it on
-        items = input_items(data.get("input"))
+        given = data.get("input")
+        items = [] if given is None and record is not None else input_items(given)
         if record is not None:
             items = [*continuation(record), *items]
             del data["previous_response_id"]  # answered here; LiteLLM would look in its database
