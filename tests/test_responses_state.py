@@ -31,7 +31,7 @@ from custom_handlers.gateway.response_store import (
     StoreSettings,
     settings_from,
 )
-from custom_handlers.gateway.responses_state import list_page
+from custom_handlers.gateway.responses_state import _Stream, list_page
 from tests.servers import CONFIG, Gateway
 
 OUR_ID = re.compile(r"resp_[0-9a-f]{48}")
@@ -174,6 +174,59 @@ def test_input_items_pages_as_openai_lists_them():
         answer = list_page(items, query)
         assert answer.status_code == 400
         assert json.loads(answer.body)["error"]["param"] == param
+
+
+def _call(index: int, arguments: str, status: str = "completed") -> dict:
+    return {
+        "type": "function_call",
+        "id": f"fc_{index}",
+        "call_id": f"c{index}",
+        "name": "f",
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _events(arguments: list[str], terminal: str) -> list[dict]:
+    """What LiteLLM's bridge streams for these calls: each announced, then, at the end, each one's
+    ``function_call_arguments.done`` and ``output_item.done`` (all ``completed``), then the end."""
+    events = [{"type": "response.created", "response": {"id": "resp_litellm", "output": []}}]
+    for i in range(len(arguments)):
+        item = _call(i, "", "in_progress")
+        events.append({"type": "response.output_item.added", "output_index": i, "item": item})
+    for i, args in enumerate(arguments):
+        kind = "response.function_call_arguments.done"
+        events.append({"type": kind, "output_index": i, "arguments": args})
+        item = _call(i, args)
+        events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+    output = [_call(i, args) for i, args in enumerate(arguments)]
+    response = {"id": "resp_litellm", "status": "x", "output": output}
+    events.append({"type": terminal, "response": response})
+    return events
+
+
+@pytest.mark.parametrize(
+    "arguments, terminal, cut",
+    [
+        (['{"a": 1}', '{"b": "x'], "response.incomplete", {1}),  # cut inside the second call
+        (['{"a": 1}', "{}"], "response.incomplete", {1}),  # cut before its first argument
+        (['{"a": 1}'], "response.incomplete", set()),  # cut after the call
+        (["{}", '{"a": 1}'], "response.incomplete", set()),  # an empty call before the last
+        (['{"a": 1}', '{"b": "x'], "response.completed", set()),  # not cut: passed on as sent
+    ],
+)
+def test_a_stream_marks_the_calls_the_limit_cut(arguments, terminal, cut):
+    plan = {"id": "resp_" + "0" * 48, "previous_response_id": None, "store": True}
+    stream = _Stream(plan)
+    out = [event for raw in _events(arguments, terminal) for event in stream.feed(raw)]
+    assert {e["response"]["id"] for e in out if "response" in e} == {plan["id"]}
+    done = {e["output_index"]: e["item"]["status"] for e in out if e["type"].endswith("item.done")}
+    assert {i for i, status in done.items() if status == "incomplete"} == cut
+    assert len(done) == len(arguments)  # every announced item is closed
+    finished = {e["output_index"] for e in out if e["type"].endswith("arguments.done")}
+    assert finished == set(range(len(arguments))) - cut
+    final = out[-1]["response"]["output"]
+    assert {i for i, item in enumerate(final) if item["status"] == "incomplete"} == cut
 
 
 # ---- the real gateway ---------------------------------------------------------------------------
