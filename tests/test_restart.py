@@ -103,6 +103,9 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         [first] = _children(supervisor.pid)
         served = httpx.post(f"{base}/v1/chat/completions", json=chat, headers=headers, timeout=60)
         assert served.status_code == 200
+        turn = {"model": "qwen3-4b", "input": "a fox", "max_output_tokens": 4}
+        stored = httpx.post(f"{base}/v1/responses", json=turn, headers=headers, timeout=60)
+        assert stored.status_code == 200
 
         # A stream that would run for 2000 tokens is in flight when the process dies.
         streaming = threading.Event()
@@ -139,6 +142,9 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
 
         again = httpx.post(f"{base}/v1/chat/completions", json=chat, headers=headers, timeout=60)
         assert again.status_code == 200
+        # The Responses store is a file in the gateway's folder: it outlived the process.
+        kept = httpx.get(f"{base}/v1/responses/{stored.json()['id']}", headers=headers, timeout=60)
+        assert kept.status_code == 200 and kept.json()["output"] == stored.json()["output"]
         gateway = httpx.get(f"{base}/local/state", headers=headers).json()["gateway"]
         assert gateway["supervised"] is True
         assert gateway["restarts"] == 1

@@ -6,6 +6,8 @@
 - ``POST /local/release``: unload every local model (or the one named by ``{"model": ...}``) once
   the requests already sent are done, and return once its memory is given back (Z-Explorer calls
   it before it loads the image model). Requests sent after it load the model again.
+- ``GET``/``DELETE /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``: the Responses
+  answers the gateway stores (``responses_state``, ``response_store``).
 - ``GET /health``: each model of ``proxy_config.yaml`` by its name, healthy or not, with a
   one-line reason (LiteLLM's own answer carried tracebacks, provider request bodies and masked
   keys). Cloud models are checked by LiteLLM's health check; a local one reports its state without
@@ -39,6 +41,7 @@ from custom_handlers.gateway.body_limit import BodySizeLimit
 from custom_handlers.gateway.error_bodies import ErrorBodies, clean
 from custom_handlers.gateway.journal import JOURNAL_VAR, Journal, RequestJournal
 from custom_handlers.gateway.local_models import refuse_to_start
+from custom_handlers.gateway.responses_state import open_store, state_routes
 from custom_handlers.gateway.supervisor import restarts_reported
 from custom_handlers.gateway.surface import ADMIN_SETTING, ClosedSurface
 from custom_handlers.inference.catalog import ConfigError, read_config
@@ -64,6 +67,7 @@ def mount_on_proxy(provider: LocalLLM) -> None:
     proxy_server = sys.modules.get("litellm.proxy.proxy_server")
     if proxy_server is None:
         return
+    open_store(getattr(proxy_server, "user_config_file_path", None))
     mount(proxy_server.app, provider, admin_routes=_admin_routes(proxy_server))
     freeze_heap()  # LiteLLM's ~700,000 objects of start-up, never walked again by a collection
     if (workers := gateway_workers()) > 1:  # said at start, in each worker's log
@@ -134,6 +138,7 @@ def mount(app: FastAPI, provider: LocalLLM, *, admin_routes: bool = False) -> No
         APIRoute(
             RELEASE_PATH, local_release, methods=["POST"], dependencies=[Depends(require_key)]
         ),
+        *state_routes(),
     ]
     # First, so no catch-all route of the proxy's (pass-through providers) can shadow them.
     app.router.routes[:0] = routes

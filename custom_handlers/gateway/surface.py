@@ -5,12 +5,12 @@ LiteLLM's proxy mounts about 720 paths: its admin UI, login and SSO, key, user a
 description. Out of the box many answer without a key, some with a traceback in the log, and five
 failed logins lock the login route for everyone at that address. This gateway serves models, so
 ``ClosedSurface`` (an ASGI middleware outside every other) lets through only the routes of
-``OPEN_ROUTES``: the OpenAI routes that take a model, Anthropic's ``/v1/messages``, the health
-routes and ``/local/*``. Any other path is a 404 in OpenAI's error shape, with or without a key,
-before LiteLLM sees it (so it writes nothing to the log but the access line); a served path asked
-with another method is a 405. An operator who wants LiteLLM's admin surface, with its database,
-sets ``general_settings.gateway_admin_routes: true`` in ``proxy_config.yaml``
-(docs/security.md).
+``OPEN_ROUTES``: the OpenAI routes that take a model, the stored Responses answers, Anthropic's
+``/v1/messages``, the health routes and ``/local/*``. Any other path is a 404 in OpenAI's error
+shape, with or without a key, before LiteLLM sees it (so it writes nothing to the log but the
+access line); a served path asked with another method is a 405. An operator who wants LiteLLM's
+admin surface, with its database, sets ``general_settings.gateway_admin_routes: true`` in
+``proxy_config.yaml`` (docs/security.md).
 
 CORS: LiteLLM allows every origin (``Access-Control-Allow-Origin: *``, with the ``authorization``
 header) unless ``LITELLM_CORS_ORIGINS`` is set. Here no origin is allowed unless that variable lists
@@ -33,6 +33,7 @@ ADMIN_SETTING = "gateway_admin_routes"  # general_settings key that opens LiteLL
 CORS_VAR = "LITELLM_CORS_ORIGINS"  # LiteLLM's own variable: comma-separated origins
 
 _MODEL = r"[^/]+"
+_ID = r"[^/]+"
 # Where LiteLLM serves the same OpenAI route: /v1/x, /x, Azure's and the legacy engines' paths.
 _OPENAI_PREFIXES = (r"/v1", "", rf"/openai/deployments/{_MODEL}", rf"/engines/{_MODEL}")
 
@@ -62,6 +63,8 @@ OPEN_ROUTES: tuple[OpenRoute, ...] = (
     _route("chat completions", "POST", *_openai("/chat/completions")),
     _route("completions", "POST", *_openai("/completions")),
     _route("responses", "POST", *_openai("/responses", (r"/v1", ""))),
+    _route("stored responses", "GET DELETE", *_openai(f"/responses/{_ID}", (r"/v1", ""))),
+    _route("stored responses", "GET", *_openai(f"/responses/{_ID}/input_items", (r"/v1", ""))),
     _route("embeddings", "POST", *_openai("/embeddings")),
     _route("images", "POST", *_openai("/images/generations", _OPENAI_PREFIXES[:3])),
     _route("speech", "POST", *_openai("/audio/speech", (r"/v1", ""))),
