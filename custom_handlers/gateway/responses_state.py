@@ -41,10 +41,10 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from litellm.integrations.custom_logger import CustomLogger
-from litellm.proxy._types import ProxyException
 
 from custom_handlers.gateway import response_store
 from custom_handlers.gateway.body_checks import CONFIG_FILE, LOCAL_PROVIDER, router
+from custom_handlers.gateway.body_reader import RefusedBody
 from custom_handlers.gateway.local_models import refuse_to_start
 from custom_handlers.gateway.response_store import StoredResponse, StoreError, astore
 from custom_handlers.inference.catalog import ConfigError, read_config
@@ -115,15 +115,8 @@ def bridged(params: Mapping[str, Any]) -> bool:
 # ---- items -------------------------------------------------------------------------------------
 
 
-class _Refusal(ProxyException):
-    """A 4xx whose body's ``code`` is OpenAI's (``ProxyException`` sends its status there)."""
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "code": str(self.openai_code)}
-
-
-def _refusal(message: str, param: str | None, openai_code: str | None = None) -> _Refusal:
-    return _Refusal(
+def _refusal(message: str, param: str | None, openai_code: str | None = None) -> RefusedBody:
+    return RefusedBody(
         message=message,
         type="invalid_request_error",
         param=param,
