@@ -516,7 +516,7 @@ def check_route_body(
                 "'messages' is a field of /v1/chat/completions; /v1/completions takes 'prompt'.",
                 param="messages",
             )
-        _check_prompt(body.get("prompt"))
+        _check_prompt(body.get("prompt"), local)
 
 
 def _check_items(name: str, items: Any, what: str) -> None:
@@ -527,15 +527,17 @@ def _check_items(name: str, items: Any, what: str) -> None:
             raise InvalidRequestError(f"{name}[{i}] must be {what}.", param=name)
 
 
-def _check_prompt(prompt: Any) -> None:
-    """``prompt``: a string, an array of strings, of token ids, or of arrays of token ids."""
+def _check_prompt(prompt: Any, local: bool) -> None:
+    """``prompt``: a string, an array of strings, of token ids, or of arrays of token ids (mixed
+    with strings too); token ids go to local models only (the provider checks the ids)."""
     if prompt is None or isinstance(prompt, str):
         return
     if prompt and all(isinstance(p, str) for p in prompt):
         return
     ids = prompt and all(_is(p, _INTEGER) for p in prompt)
     id_lists = prompt and all(
-        isinstance(p, list) and p and all(_is(t, _INTEGER) for t in p) for p in prompt
+        isinstance(p, str) or (isinstance(p, list) and p and all(_is(t, _INTEGER) for t in p))
+        for p in prompt
     )
     if not (ids or id_lists):
         raise InvalidRequestError(
@@ -543,11 +545,12 @@ def _check_prompt(prompt: Any) -> None:
             "of arrays of token ids.",
             param="prompt",
         )
-    raise InvalidRequestError(
-        "'prompt' as token ids is not supported by this gateway yet (LiteLLM cannot pass it on): "
-        "send the prompt as a string or an array of strings.",
-        param="prompt",
-    )
+    if not local:
+        raise InvalidRequestError(
+            "'prompt' as token ids is served by the local models only (LiteLLM cannot pass them "
+            "on to this model): send the prompt as a string or an array of strings.",
+            param="prompt",
+        )
 
 
 LOCAL_PROVIDER = "zlocal/"

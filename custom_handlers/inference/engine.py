@@ -222,6 +222,11 @@ class Job:
     keep_alive: float | None = None  # seconds the model stays loaded after this job
     tools: ToolRun | None = None  # the request offers tools
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    # /v1/completions: the prompt's own tokens' log-probabilities too (echo with logprobs), with
+    # this many alternatives; computed at prefill, set before the job's first event.
+    prompt_logprobs: int | None = None
+    prompt_entries: list[TokenLogprob] | None = None  # the prompt's tokens 1.. (0 has none)
+    raw_text: bool = False  # /v1/completions: the text as the model writes it (no think filter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     open_rows: int = 0
 
@@ -560,6 +565,9 @@ class Engine:
             return
         groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
         for job in jobs:
+            if job.prompt_logprobs is not None:  # every prompt position computed, alone
+                groups[(id(job), -1)] = [(job, None, 0)]
+                continue
             entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed before
             groups.setdefault((id(entry), reused), []).append((job, entry, reused))
         for group in groups.values():
@@ -596,6 +604,8 @@ class Engine:
         ids = [rest + [loaded.pad_token_id] * (width - len(rest)) for rest in rests]
         last = sorted({len(rest) - 1 for rest in rests})  # where each prompt's next token comes
         keep = 1 if rows == 1 else torch.tensor(last, device=model.device)
+        if group[0][0].prompt_logprobs is not None:  # alone in its group: every position's logits
+            keep = 0
         input_ids = torch.tensor(ids, device=model.device)
         out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
         self.peak_prefill = max(self.peak_prefill, rows)
@@ -607,9 +617,25 @@ class Engine:
                 logits = out.logits[i : i + 1, last.index(len(rests[i]) - 1)]
             self.prefix.add(job.prompt_ids, kv)
             try:
+                if job.prompt_logprobs is not None:
+                    job.prompt_entries = self._prompt_logprobs(loaded, job, out.logits[0])
                 self._join(job, loaded, logits.float(), kv)
             except Exception as exc:  # this job only: the others of the pass join
                 _fail(job, _error_of(exc))
+
+    def _prompt_logprobs(self, loaded: LoadedModel, job: Job, logits) -> list[TokenLogprob]:
+        """The log-probability of each prompt token after the ones before it (from the prefill's
+        logits ``[prompt, vocab]``), with ``job.prompt_logprobs`` alternatives each."""
+        ids = job.prompt_ids
+        if len(ids) < 2:
+            return []
+        distribution = logits[: len(ids) - 1].float().log_softmax(dim=-1)
+        top = [job.prompt_logprobs] * (len(ids) - 1)
+        spell = loaded.constraints.token_text
+        return [
+            TokenLogprob(*spell(token), lp, tuple((*spell(t), v) for t, v in alternatives))
+            for token, lp, alternatives in token_logprobs(distribution, ids[1:], top)
+        ]
 
     def _join(self, job: Job, loaded: LoadedModel, logits, kv) -> None:
         """The job's rows join the batch: first tokens from the prefill's ``logits`` ``[1,
@@ -653,7 +679,7 @@ class Engine:
         if job.tools is not None and job.tools.from_start:
             grammar = job.tools.grammar
         matcher = loaded.constraints.matcher(grammar) if grammar else None
-        pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop)
+        pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop, drop_think=not job.raw_text)
         return _Row(job, index, pipeline, sampling, matcher)
 
     # ---- one decoding step for every row -------------------------------------------------------

@@ -27,6 +27,7 @@ from litellm.types.utils import (
     StreamingChoices,
 )
 
+from custom_handlers.inference import completion as text
 from custom_handlers.inference.engine import (
     AsyncSink,
     Delta,
@@ -113,6 +114,9 @@ class LocalLLM(CustomLLM):
 
     async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            request = _parse_text(local, messages, optional_params, kwargs, stream=False)
+            return await self._complete_text(local, request, model)
         request = _parse(local, messages, optional_params, stream=False)
         job = await self._start(local, request, AsyncSink())
         outcome = _Outcome()
@@ -134,6 +138,9 @@ class LocalLLM(CustomLLM):
         lone ``response.failed`` event, which the openai SDK cannot read).
         """
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            request = _parse_text(local, messages, optional_params, kwargs, stream=True)
+            return self._stream_text(local, request, model)
         request = _parse(local, messages, optional_params, stream=True)
         return self._stream(local, request, model)
 
@@ -155,6 +162,11 @@ class LocalLLM(CustomLLM):
 
     def completion(self, model, messages, *args, optional_params=None, **kwargs):
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            raise InvalidRequestError(
+                "/v1/completions on the local model is served by the gateway's async path only.",
+                param="prompt",
+            )
         request = _parse(local, messages, optional_params, stream=False)
         job = self._start_sync(local, request)
         outcome = _Outcome()
@@ -179,6 +191,85 @@ class LocalLLM(CustomLLM):
                 yield chunks.of(event)
         finally:
             job.cancel()
+
+    # ---- /v1/completions: the raw prompt, continued (custom_handlers/inference/completion.py) ----
+
+    async def _complete_text(
+        self, local: LocalModel, request: text.CompletionRequest, model: str
+    ) -> litellm.TextCompletionResponse:
+        loaded, jobs = await self._start_texts(local, request)
+        try:
+            outcomes = await asyncio.gather(*(_collect(job) for job, _ in jobs))
+        finally:
+            for job, _ in jobs:
+                job.cancel()
+        n, choices = request.sampling.n, []
+        for i, ((job, prompt_text), outcome) in enumerate(zip(jobs, outcomes, strict=True)):
+            asked = job.prompt_logprobs is not None
+            prompt_entries = _prompt_entries(loaded, job) if asked else None
+            for j in sorted(outcome.finishes):
+                choices.append(
+                    text.Choice(
+                        index=i * n + j,
+                        text="".join(outcome.texts.get(j, [])),
+                        finish_reason=outcome.finishes[j].reason,
+                        prompt_text=prompt_text,
+                        prompt_logprobs=prompt_entries,
+                        logprobs=[_legacy(e) for e in outcome.logprobs.get(j, [])],
+                    )
+                )
+        completion_tokens = sum(
+            f.completion_tokens for outcome in outcomes for f in outcome.finishes.values()
+        )
+        prompt_tokens = sum(job.prompt_tokens for job, _ in jobs)
+        body = text.response_body(
+            text.completion_id(),
+            model,
+            choices,
+            _usage(prompt_tokens, completion_tokens),
+            request.echo,
+            request.logprobs is not None,
+        )
+        return litellm.TextCompletionResponse(**body)
+
+    async def _stream_text(
+        self, local: LocalModel, request: text.CompletionRequest, model: str
+    ) -> AsyncIterator:
+        _, jobs = await self._start_texts(local, request)
+        ((job, prompt_text),) = jobs
+        chunks = _Chunks(model, job, text.completion_id())
+        try:
+            if request.echo and prompt_text:
+                yield chunks.of(Delta(0, prompt_text))
+            while True:
+                events = await job.sink.get_ready()
+                for event in events:
+                    if isinstance(event, Done):
+                        return
+                    _raise_if_failed(event)
+                    yield chunks.of(event)
+                if not isinstance(events[-1], Finish):
+                    await asyncio.sleep(STREAM_INTERVAL)
+        finally:
+            job.cancel()
+
+    async def _start_texts(
+        self, local: LocalModel, request: text.CompletionRequest
+    ) -> tuple[LoadedModel, list[tuple[Job, str]]]:
+        """One job per prompt (``n`` rows each), submitted in the prompts' order."""
+        with local.arrival():
+            loaded = await self._load(local)
+            prepared = await asyncio.to_thread(_prepare_texts, loaded, request)
+            jobs: list[tuple[Job, str]] = []
+            try:
+                for ids, prompt_text in prepared.prompts:
+                    job = _text_job(local, loaded, request, ids, prepared.grammar)
+                    jobs.append((local.engine.submit(job), prompt_text))
+            except BaseException:
+                for job, _ in jobs:
+                    job.cancel()
+                raise
+            return loaded, jobs
 
     # ---- the models' state and release (GET /local/state, POST /local/release) ---------------
 
@@ -322,6 +413,115 @@ def _parse(local: LocalModel, messages, optional_params, *, stream: bool) -> Cha
     return parse_chat_request(
         messages, optional_params or {}, stream=stream, max_n=local.settings.max_n
     )
+
+
+def _is_text_completion(kwargs: dict) -> bool:
+    """LiteLLM's /v1/completions calls the provider with ``text_completion`` set."""
+    return bool((kwargs.get("litellm_params") or {}).get("text_completion"))
+
+
+def _parse_text(
+    local: LocalModel, messages, optional_params, kwargs: dict, *, stream: bool
+) -> text.CompletionRequest:
+    params = optional_params or {}
+    metadata = (kwargs.get("litellm_params") or {}).get("metadata") or {}
+    raw = metadata.get(text.PROMPT_KEY) if isinstance(metadata, dict) else None
+    return text.parse_completion_request(
+        text.prompts_of(raw, messages), params, stream=stream, max_n=local.settings.max_n
+    )
+
+
+@dataclass(frozen=True)
+class _PreparedTexts:
+    prompts: list[tuple[list[int], str]]  # each prompt's ids and its text (what echo shows)
+    grammar: str | None
+
+
+def _prepare_texts(loaded: LoadedModel, request: text.CompletionRequest) -> _PreparedTexts:
+    """Each prompt tokenized as ``generate`` would (no chat template; the tokenizer's own
+    special tokens, BOS where the checkpoint wants one), or its token ids checked."""
+    tokenizer = loaded.tokenizer
+    last_id = len(tokenizer) - 1
+    prompts = []
+    for i, prompt in enumerate(request.prompts):
+        where = "prompt" if len(request.prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            if len(prompt) > loaded.context_length * loaded.max_token_chars:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {loaded.context_length} tokens, "
+                    f"and {where} ({len(prompt)} characters) cannot fit in it."
+                )
+            ids = list(tokenizer(prompt)["input_ids"])
+            shown = prompt
+        else:
+            bad = [t for t in prompt if not 0 <= t <= last_id]
+            if bad:
+                raise InvalidRequestError(
+                    f"{where} holds token id {bad[0]}, which this model's vocabulary lacks "
+                    f"(ids 0 to {last_id}).",
+                    param="prompt",
+                )
+            ids = list(prompt)
+            shown = tokenizer.decode(ids)
+        if not ids:
+            raise InvalidRequestError(
+                f"{where} is empty: a completion continues a prompt of at least one token.",
+                param="prompt",
+            )
+        prompts.append((ids, shown))
+    schema = request.chat.json_schema
+    grammar = loaded.constraints.grammar(schema) if schema else None
+    return _PreparedTexts(prompts, grammar)
+
+
+def _text_job(
+    local: LocalModel,
+    loaded,
+    request: text.CompletionRequest,
+    ids: list[int],
+    grammar: str | None,
+) -> Job:
+    n = request.sampling.n
+    budget = local.engine.kv_budget(loaded)
+    default = text.DEFAULT_MAX_TOKENS
+    if (room := budget.tokens_alone(n)) is not None and room > len(ids):
+        default = min(default, room - len(ids))
+    max_new = _output_budget(loaded, request.chat, len(ids), default)
+    budget.check(n, len(ids) + max_new)
+    job = Job(
+        ids,
+        request.sampling,
+        max_new,
+        AsyncSink(),
+        grammar,
+        request.chat.keep_alive,
+        logprobs=request.logprobs,
+    )
+    job.raw_text = True
+    if request.echo and request.logprobs is not None:
+        job.prompt_logprobs = request.logprobs
+    return job
+
+
+async def _collect(job: Job) -> _Outcome:
+    outcome = _Outcome()
+    while not isinstance(event := await job.sink.get(), Done):
+        _raise_if_failed(event)
+        outcome.add(event)
+    return outcome
+
+
+def _legacy(entry: TokenLogprob) -> tuple[str, float, dict[str, float]]:
+    """A token's logprob in the legacy shape: the sampled token is among its alternatives."""
+    top = {token: logprob for token, _, logprob in entry.top}
+    top.setdefault(entry.token, entry.logprob)
+    return entry.token, entry.logprob, top
+
+
+def _prompt_entries(loaded: LoadedModel, job: Job) -> list[tuple]:
+    """The prompt's tokens with their logprobs: the first has none (nothing comes before it)."""
+    first = loaded.constraints.token_text(job.prompt_ids[0])[0]
+    return [(first, None, None), *(_legacy(e) for e in job.prompt_entries or [])]
 
 
 def _job(local: LocalModel, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
@@ -513,9 +713,9 @@ class _Chunks:
     the shape whose ``finish_reason`` and ``usage`` LiteLLM puts on the stream's final chunk.
     """
 
-    def __init__(self, model: str, job: Job):
+    def __init__(self, model: str, job: Job, chunk_id: str | None = None):
         self.job, self.model = job, model
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = chunk_id or f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.started = False
 

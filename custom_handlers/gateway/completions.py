@@ -1,0 +1,96 @@
+"""``/v1/completions`` on a local model, around LiteLLM's text-completion path
+(``litellm_settings.callbacks``).
+
+LiteLLM turns a text completion into chat messages (one user message per prompt string) before it
+calls the provider, and refuses a token-id prompt for a custom provider ("Unmapped prompt format",
+a 500) before any provider code runs. So for a local model the pre-call hook keeps the request's
+own ``prompt`` in ``metadata`` (``completion.PROMPT_KEY``), where the provider reads it, and gives
+LiteLLM one placeholder string per token-id prompt to map. The answer's JSON the provider makes
+itself (``LocalLLM._complete_text``): LiteLLM passes a ``TextCompletionResponse`` on unchanged.
+
+A stream goes through LiteLLM's ``TextCompletionStreamWrapper``, which writes ``text: null`` on
+the final chunk (the one with ``finish_reason``) and an all-zero ``usage`` on every chunk unless
+``stream_options.include_usage`` asked for it. The stream hook sends OpenAI's shape instead, for
+every model's text completions: every chunk has its ``text``, and ``usage`` only when asked, in a
+last chunk with ``choices: []``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from custom_handlers.gateway.body_checks import LOCAL_PROVIDER, served_by
+from custom_handlers.inference.completion import PROMPT_KEY
+
+_TEXT_COMPLETION = ("atext_completion", "text_completion")
+TOKEN_IDS_PLACEHOLDER = "(a prompt sent as token ids)"
+
+
+def keep_prompt(data: dict) -> None:
+    """Keep ``prompt`` for the local provider; LiteLLM gets strings it can map."""
+    prompt = data.get("prompt")
+    metadata = data.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = data["metadata"] = {}
+    metadata[PROMPT_KEY] = prompt
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+        if all(isinstance(t, int) for t in prompt):
+            data["prompt"] = TOKEN_IDS_PLACEHOLDER
+        else:
+            data["prompt"] = [p if isinstance(p, str) else TOKEN_IDS_PLACEHOLDER for p in prompt]
+
+
+def _is_text_completion_route(data: Mapping[str, Any]) -> bool:
+    url = str((data.get("proxy_server_request") or {}).get("url") or "")
+    path = url.split("?", 1)[0].rstrip("/")
+    return path.endswith("/completions") and not path.endswith("/chat/completions")
+
+
+def _include_usage(data: Mapping[str, Any]) -> bool:
+    options = data.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+async def openai_text_chunks(response: Any, include_usage: bool) -> AsyncIterator[Any]:
+    """LiteLLM's text-completion chunks in OpenAI's shape: ``text`` always a string, no
+    ``usage`` on the chunks of text; when asked, one chunk at the end with the usage and
+    ``choices: []``, as OpenAI sends it (LiteLLM's own usage chunk carries an empty choice)."""
+    usage, last, finished = None, None, False
+    async for chunk in response:
+        usage = getattr(chunk, "usage", None) or usage
+        chunk.usage = None
+        choices = getattr(chunk, "choices", None) or []
+        if finished and not any(c.text or c.finish_reason for c in choices):
+            continue  # LiteLLM's usage chunk, sent again below in OpenAI's shape
+        for choice in choices:
+            if choice.text is None:
+                choice.text = ""
+        finished = finished or any(c.finish_reason for c in choices)
+        last = chunk
+        yield chunk
+    if include_usage and usage is not None and last is not None:
+        end = {"id": last.id, "created": last.created, "model": last.model}
+        yield type(last)(**end, choices=[], usage=usage)
+
+
+class CompletionsHook(CustomLogger):
+    async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
+        if call_type in _TEXT_COMPLETION and served_by(data.get("model"), LOCAL_PROVIDER):
+            keep_prompt(data)
+        return data
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict, response, request_data
+    ):
+        if not _is_text_completion_route(request_data):
+            async for chunk in response:
+                yield chunk
+            return
+        async for chunk in openai_text_chunks(response, _include_usage(request_data)):
+            yield chunk
+
+
+completions_hook = CompletionsHook()
