@@ -206,6 +206,27 @@ def test_echo_with_logprobs_adds_the_prompt_tokens_first_without_one(client, tok
     )
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_as_transformers_does(
+    client, tokenizer, tiny_model
+):
+    import torch
+
+    ids = tokenizer(FOX)["input_ids"]
+    completion = client.completions.create(
+        model=MODEL, prompt=FOX, max_tokens=0, echo=True, logprobs=1
+    )
+    choice = completion.choices[0]
+    assert choice.text == FOX and completion.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    wanted = [expected[i, token].item() for i, token in enumerate(ids[1:])]
+    assert logprobs.token_logprobs[1:] == pytest.approx(wanted, abs=1e-3)
+    for top in logprobs.top_logprobs[1:]:
+        assert 1 <= len(top) <= 2
+
+
 # ---- streams ------------------------------------------------------------------------------------
 
 

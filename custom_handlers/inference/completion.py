@@ -45,6 +45,7 @@ class CompletionRequest:
     echo: bool = False
     logprobs: int | None = None  # None: no logprobs; else alternatives per token (0..20)
     include_usage: bool = False  # a stream ends with a usage chunk (stream_options)
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs), no text
 
     @property
     def sampling(self) -> SamplingParams:
@@ -79,6 +80,11 @@ def parse_completion_request(
     prompts = _prompts(prompt)
     _refuse(params)
     chat_params = {k: v for k, v in params.items() if k not in _OWN_KEYS}
+    # echo with max_tokens 0 scores the prompt alone (lm-evaluation-harness asks so); one token
+    # is computed and left out of the answer, as vLLM does.
+    prompt_only = params.get("echo") is True and params.get("max_tokens") == 0
+    if prompt_only:
+        chat_params["max_tokens"] = 1
     placeholder = [{"role": "user", "content": ""}]
     chat = parse_chat_request(placeholder, chat_params, stream=False, max_n=max_n)
     n = chat.sampling.n
@@ -105,6 +111,7 @@ def parse_completion_request(
         echo=bool(echo),
         logprobs=logprobs,
         include_usage=_include_usage(params.get("stream_options")) if stream else False,
+        prompt_only=prompt_only,
     )
 
 

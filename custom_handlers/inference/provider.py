@@ -208,19 +208,23 @@ class LocalLLM(CustomLLM):
             asked = job.prompt_logprobs is not None
             prompt_entries = _prompt_entries(loaded, job) if asked else None
             for j in sorted(outcome.finishes):
+                written = not request.prompt_only
+                entries = outcome.logprobs.get(j, []) if written else []
                 choices.append(
                     text.Choice(
                         index=i * n + j,
-                        text="".join(outcome.texts.get(j, [])),
+                        text="".join(outcome.texts.get(j, [])) if written else "",
                         finish_reason=outcome.finishes[j].reason,
                         prompt_text=prompt_text,
                         prompt_logprobs=prompt_entries,
-                        logprobs=[_legacy(e) for e in outcome.logprobs.get(j, [])],
+                        logprobs=[_legacy(e) for e in entries],
                     )
                 )
         completion_tokens = sum(
             f.completion_tokens for outcome in outcomes for f in outcome.finishes.values()
         )
+        if request.prompt_only:
+            completion_tokens = 0
         prompt_tokens = sum(job.prompt_tokens for job, _ in jobs)
         body = text.response_body(
             text.completion_id(),
@@ -241,6 +245,11 @@ class LocalLLM(CustomLLM):
         try:
             if request.echo and prompt_text:
                 yield chunks.of(Delta(0, prompt_text))
+            if request.prompt_only:  # the prompt alone: the token computed is not the answer's
+                while not isinstance(event := await job.sink.get(), Done):
+                    _raise_if_failed(event)
+                yield chunks.of(Finish(0, "length", 0))
+                return
             while True:
                 events = await job.sink.get_ready()
                 for event in events:
@@ -486,7 +495,7 @@ def _text_job(
     default = text.DEFAULT_MAX_TOKENS
     if (room := budget.tokens_alone(n)) is not None and room > len(ids):
         default = min(default, room - len(ids))
-    max_new = _output_budget(loaded, request.chat, len(ids), default)
+    max_new = 1 if request.prompt_only else _output_budget(loaded, request.chat, len(ids), default)
     budget.check(n, len(ids) + max_new)
     job = Job(
         ids,
@@ -513,9 +522,14 @@ async def _collect(job: Job) -> _Outcome:
 
 def _legacy(entry: TokenLogprob) -> tuple[str, float, dict[str, float]]:
     """A token's logprob in the legacy shape: the sampled token is among its alternatives."""
-    top = {token: logprob for token, _, logprob in entry.top}
-    top.setdefault(entry.token, entry.logprob)
-    return entry.token, entry.logprob, top
+    top = {token: _finite(logprob) for token, _, logprob in entry.top}
+    top.setdefault(entry.token, _finite(entry.logprob))
+    return entry.token, _finite(entry.logprob), top
+
+
+def _finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) as -9999.0, as vLLM does."""
+    return max(logprob, -9999.0)
 
 
 def _prompt_entries(loaded: LoadedModel, job: Job) -> list[tuple]:
