@@ -274,6 +274,31 @@ def test_a_streamed_echo_starts_with_the_prompt(client):
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
 
 
+def test_a_stream_of_several_prompts_times_n_with_logprobs(client):
+    kwargs = dict(
+        model=MODEL, prompt=["a fox", "a misty forest"], n=2, max_tokens=6, temperature=1.0
+    )
+    kwargs |= dict(seed=4, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    texts, tokens, finishes, offsets = {}, {}, {}, {}
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.logprobs is not None:
+            tokens.setdefault(choice.index, []).extend(choice.logprobs.tokens)
+            offsets.setdefault(choice.index, []).extend(choice.logprobs.text_offset)
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert sorted(texts) == [0, 1, 2, 3] == sorted(finishes)
+    for choice in whole.choices:
+        assert texts[choice.index] == choice.text
+        assert finishes[choice.index] == choice.finish_reason
+        assert tokens[choice.index] == choice.logprobs.tokens
+        assert offsets[choice.index] == choice.logprobs.text_offset
+    assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
+
+
 # ---- refusals: 400s naming the field ------------------------------------------------------------
 
 
@@ -288,8 +313,6 @@ def test_a_streamed_echo_starts_with_the_prompt(client):
         ({"prompt": ["a", 3]}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": ["a"] * (MAX_PROMPTS + 1)}, "prompt"),
-        ({"prompt": ["a", "b"], "stream": True}, "prompt"),
-        ({"logprobs": 1, "stream": True}, "logprobs"),
     ],
 )
 def test_refused_with_a_400_naming_the_field(gateway, extra, param):
@@ -345,11 +368,15 @@ def test_parse_keeps_the_prompts_their_order_and_form():
         ("a", {"tools": [{"type": "function"}]}, "tools"),
         ("a", {"reasoning_effort": "high"}, "reasoning_effort"),
         ("a", {"stream_options": "usage"}, "stream_options"),
+        (["a", "b"], {"stream_options": {}}, "prompt"),
+        ("a", {"stream_options": {}, "logprobs": 1}, "logprobs"),
     ],
 )
 def test_parse_refuses(prompt, params, param):
+    """(A stream of several choices, or with logprobs, needs the gateway's stream hook.)"""
     with pytest.raises(InvalidRequestError) as info:
-        parse_completion_request(prompt, params, stream="stream_options" in params, max_n=8)
+        streamed = "stream_options" in params
+        parse_completion_request(prompt, params, stream=streamed, max_n=8, channel=False)
     assert info.value.param == param
 
 
@@ -369,3 +396,44 @@ def test_the_legacy_logprobs_block_offsets_follow_the_echoed_prompt():
     plain = choice_body(choice, echo=False, logprobs=True)
     assert plain["text"] == "ab" and plain["logprobs"]["text_offset"] == [0, 1]
     assert choice_body(choice, echo=False, logprobs=False)["logprobs"] is None
+
+
+# ---- in process, through LiteLLM's SDK alone (no gateway hook) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdk_provider(tiny_model_dir):
+    import litellm
+
+    from custom_handlers.inference.loader import ModelHolder
+    from custom_handlers.inference.provider import LocalLLM
+    from custom_handlers.inference.settings import LocalModelSettings
+
+    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
+    previous = litellm.custom_provider_map
+    litellm.custom_provider_map = [{"provider": "ztext", "custom_handler": local}]
+    litellm.utils.custom_llm_setup()
+    yield local
+    litellm.custom_provider_map = previous
+
+
+def test_without_the_gateway_strings_are_still_raw_prompts(sdk_provider, tokenizer):
+    import asyncio
+
+    import litellm
+
+    async def run():
+        whole = await litellm.atext_completion(
+            model="ztext/x", prompt=["a fox", "a forest"], max_tokens=3, temperature=0
+        )
+        stream = await litellm.atext_completion(
+            model="ztext/x", prompt="a fox", max_tokens=3, temperature=0, stream=True
+        )
+        return whole, [chunk async for chunk in stream]
+
+    whole, chunks = asyncio.run(run())
+    assert [c.index for c in whole.choices] == [0, 1] and whole.id.startswith("cmpl-")
+    expected = len(tokenizer("a fox")["input_ids"]) + len(tokenizer("a forest")["input_ids"])
+    assert whole.usage.prompt_tokens == expected
+    streamed = "".join(c.choices[0].text or "" for c in chunks)
+    assert streamed == whole.choices[0].text

@@ -11,6 +11,7 @@ token-id prompt past LiteLLM, which cannot map one for a custom provider.
 
 from __future__ import annotations
 
+import collections
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -28,12 +29,14 @@ from custom_handlers.inference.request import (
 # Where the gateway's pre-call hook puts the request's own ``prompt`` (in ``metadata``, which
 # reaches the provider as ``litellm_params["metadata"]`` and is never sent to a provider).
 PROMPT_KEY = "zlocal_prompt"
+# Where it puts the key of a stream's channel (``open_channel``), for a streamed completion.
+STREAM_KEY = "zlocal_stream"
 # OpenAI's legacy default, which vLLM keeps too: a completion without max_tokens is 16 tokens.
 DEFAULT_MAX_TOKENS = 16
 # Prompts in one request (each one job of the engine's queue, with n rows).
 MAX_PROMPTS = 32
 # Keys of /v1/completions that the chat checks do not know, or read differently.
-_OWN_KEYS = ("echo", "logprobs", "suffix", "best_of", "stream_options", PROMPT_KEY)
+_OWN_KEYS = ("echo", "logprobs", "suffix", "best_of", "stream_options", PROMPT_KEY, STREAM_KEY)
 
 Prompt = str | tuple[int, ...]
 
@@ -74,9 +77,13 @@ def prompts_of(raw: Any, messages: Any) -> Any:
 
 
 def parse_completion_request(
-    prompt: Any, params: Mapping[str, Any], *, stream: bool, max_n: int
+    prompt: Any, params: Mapping[str, Any], *, stream: bool, max_n: int, channel: bool = True
 ) -> CompletionRequest:
-    """Check a text completion's ``prompt`` and parameters; ``InvalidRequestError`` (400)."""
+    """Check a text completion's ``prompt`` and parameters; ``InvalidRequestError`` (400).
+
+    ``channel``: a stream's chunks reach the caller as the provider writes them (the gateway's
+    stream hook, ``open_channel``); without it (LiteLLM's SDK alone) a stream carries one choice's
+    text and no logprobs, all that LiteLLM's text-completion stream keeps."""
     prompts = _prompts(prompt)
     _refuse(params)
     chat_params = {k: v for k, v in params.items() if k not in _OWN_KEYS}
@@ -89,14 +96,14 @@ def parse_completion_request(
     chat = parse_chat_request(placeholder, chat_params, stream=False, max_n=max_n)
     n = chat.sampling.n
     _check_best_of(params.get("best_of"), n)
-    if stream and len(prompts) * n > 1:
+    if stream and not channel and len(prompts) * n > 1:
         raise InvalidRequestError(
             "A streamed completion has one choice on the local model: send one prompt with n 1 "
             "per streaming request, or stream false for several prompts or n > 1.",
             param="n" if n > 1 else "prompt",
         )
     logprobs = _logprobs(params.get("logprobs"))
-    if stream and logprobs is not None:
+    if stream and not channel and logprobs is not None:
         raise InvalidRequestError(
             "'logprobs' with stream true is not supported on the local model's /v1/completions "
             "(LiteLLM's text-completion stream keeps only the text): send stream false.",
@@ -288,3 +295,58 @@ def response_body(
         "choices": [choice_body(c, echo, logprobs) for c in sorted(choices, key=lambda c: c.index)],
         "usage": usage,
     }
+
+
+class StreamWriter:
+    """A streamed completion's chunks, as OpenAI sends them: one choice per chunk, its ``text``
+    always a string, ``logprobs`` of the tokens behind it with offsets that run on through the
+    choice's text, and the usage (when asked) in a last chunk with ``choices: []``."""
+
+    def __init__(self, model: str, logprobs: bool):
+        self.id, self.created, self.model = completion_id(), int(time.time()), model
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}
+
+    def chunk(
+        self, index: int, text: str, entries: list | None = None, finish: str | None = None
+    ) -> dict[str, Any]:
+        start = self._offsets.get(index, 0)
+        self._offsets[index] = start + len(text)
+        block = logprobs_block(entries or [], start) if self.logprobs else None
+        choice = {"index": index, "text": text, "logprobs": block, "finish_reason": finish}
+        return self._chunk([choice])
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._chunk([]), "usage": usage}
+
+    def _chunk(self, choices: list) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+# Streams whose chunks the provider writes and the gateway's stream hook sends: key -> chunks.
+# The hook makes the key (``STREAM_KEY`` in the request's metadata) and drops the channel when
+# its stream ends, however it ends.
+_CHANNELS: dict[str, collections.deque] = {}
+
+
+def open_channel(key: str) -> collections.deque:
+    return _CHANNELS.setdefault(key, collections.deque())
+
+
+def take_channel(key: str) -> list[dict[str, Any]]:
+    """The chunks written since the last take, oldest first."""
+    channel = _CHANNELS.get(key)
+    taken = []
+    while channel:
+        taken.append(channel.popleft())
+    return taken
+
+
+def close_channel(key: str) -> None:
+    _CHANNELS.pop(key, None)

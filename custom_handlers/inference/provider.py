@@ -139,8 +139,9 @@ class LocalLLM(CustomLLM):
         """
         local = self._model(model, kwargs)
         if _is_text_completion(kwargs):
+            key = _metadata(kwargs).get(text.STREAM_KEY)
             request = _parse_text(local, messages, optional_params, kwargs, stream=True)
-            return self._stream_text(local, request, model)
+            return self._stream_text(local, request, model, key)
         request = _parse(local, messages, optional_params, stream=True)
         return self._stream(local, request, model)
 
@@ -237,30 +238,70 @@ class LocalLLM(CustomLLM):
         return litellm.TextCompletionResponse(**body)
 
     async def _stream_text(
-        self, local: LocalModel, request: text.CompletionRequest, model: str
+        self, local: LocalModel, request: text.CompletionRequest, model: str, key: str | None
     ) -> AsyncIterator:
-        _, jobs = await self._start_texts(local, request)
-        ((job, prompt_text),) = jobs
-        chunks = _Chunks(model, job, text.completion_id())
+        """Every choice's chunks, in the order made. With the gateway's stream hook (``key``)
+        they go to its channel, in OpenAI's shape, and LiteLLM gets a placeholder per batch (its
+        text-completion stream would keep only the first choice's text); without it, one
+        choice's text and end go to LiteLLM directly."""
+        loaded, jobs = await self._start_texts(local, request)
+        channel = text.open_channel(key) if key is not None else None
+        writer = text.StreamWriter(model, request.logprobs is not None)
+        events: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.ensure_future(_pump(i, job, events)) for i, (job, _) in enumerate(jobs)]
+        n, started, left, completion_tokens = request.sampling.n, set(), len(jobs), 0
         try:
-            if request.echo and prompt_text:
-                yield chunks.of(Delta(0, prompt_text))
-            if request.prompt_only:  # the prompt alone: the token computed is not the answer's
-                while not isinstance(event := await job.sink.get(), Done):
-                    _raise_if_failed(event)
-                yield chunks.of(Finish(0, "length", 0))
-                return
-            while True:
-                events = await job.sink.get_ready()
-                for event in events:
+            while left:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                chunks, last = [], None
+                for i, event in batch:
                     if isinstance(event, Done):
-                        return
+                        left -= 1
+                        continue
                     _raise_if_failed(event)
-                    yield chunks.of(event)
-                if not isinstance(events[-1], Finish):
-                    await asyncio.sleep(STREAM_INTERVAL)
+                    (job, prompt_text), index = jobs[i], i * n + event.index
+                    if index not in started:
+                        started.add(index)
+                        if request.echo:
+                            entries = (
+                                _prompt_entries(loaded, job)
+                                if request.logprobs is not None
+                                else None
+                            )
+                            chunks.append(writer.chunk(index, prompt_text, entries))
+                    if isinstance(event, Finish):
+                        tokens = 0 if request.prompt_only else event.completion_tokens
+                        completion_tokens += tokens
+                        chunks.append(writer.chunk(index, "", [], event.reason))
+                        last = event
+                    elif isinstance(event, Delta) and not request.prompt_only:
+                        entries = [_legacy(e) for e in event.logprobs]
+                        chunks.append(writer.chunk(index, event.text, entries))
+                if channel is not None:
+                    channel.extend(chunks)
+                    if chunks:
+                        yield _placeholder(model, writer.id)
+                else:  # one choice: its text, then its end with the usage
+                    for chunk in chunks:
+                        choice = chunk["choices"][0]
+                        if choice["finish_reason"] is None:
+                            yield _placeholder(model, writer.id, choice["text"])
+                    if last is not None:
+                        yield _end(last.reason, jobs[0][0].prompt_tokens, completion_tokens)
+                if left and not isinstance(batch[-1][1], Finish | Done):
+                    await asyncio.sleep(STREAM_INTERVAL)  # text made meanwhile: one chunk
+            if channel is not None:
+                usage = _usage(sum(job.prompt_tokens for job, _ in jobs), completion_tokens)
+                if request.include_usage:
+                    channel.append(writer.usage(usage))
+                yield _end("stop", usage["prompt_tokens"], completion_tokens)
         finally:
-            job.cancel()
+            for pump in pumps:
+                pump.cancel()
+            for job, _ in jobs:
+                job.cancel()
 
     async def _start_texts(
         self, local: LocalModel, request: text.CompletionRequest
@@ -429,14 +470,47 @@ def _is_text_completion(kwargs: dict) -> bool:
     return bool((kwargs.get("litellm_params") or {}).get("text_completion"))
 
 
+def _metadata(kwargs: dict) -> dict:
+    metadata = (kwargs.get("litellm_params") or {}).get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _parse_text(
     local: LocalModel, messages, optional_params, kwargs: dict, *, stream: bool
 ) -> text.CompletionRequest:
-    params = optional_params or {}
-    metadata = (kwargs.get("litellm_params") or {}).get("metadata") or {}
-    raw = metadata.get(text.PROMPT_KEY) if isinstance(metadata, dict) else None
+    metadata = _metadata(kwargs)
     return text.parse_completion_request(
-        text.prompts_of(raw, messages), params, stream=stream, max_n=local.settings.max_n
+        text.prompts_of(metadata.get(text.PROMPT_KEY), messages),
+        optional_params or {},
+        stream=stream,
+        max_n=local.settings.max_n,
+        channel=metadata.get(text.STREAM_KEY) is not None,
+    )
+
+
+async def _pump(i: int, job: Job, events: asyncio.Queue) -> None:
+    """Job ``i``'s events into one queue for a stream of several jobs (prompts)."""
+    while True:
+        for event in await job.sink.get_ready():
+            events.put_nowait((i, event))
+            if isinstance(event, Done):
+                return
+
+
+def _placeholder(model: str, chunk_id: str, content: str = " ") -> ModelResponseStream:
+    """A chunk of text for LiteLLM's stream (with the stream hook, only its rhythm is used)."""
+    choice = StreamingChoices(index=0, delta={"role": None, "content": content})
+    return ModelResponseStream(id=chunk_id, model=model, choices=[choice])
+
+
+def _end(reason: str, prompt_tokens: int, completion_tokens: int) -> GenericStreamingChunk:
+    return GenericStreamingChunk(
+        text="",
+        is_finished=True,
+        finish_reason=reason,
+        index=0,
+        tool_use=None,
+        usage=_usage(prompt_tokens, completion_tokens),
     )
 
 
