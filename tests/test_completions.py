@@ -437,3 +437,17 @@ def test_without_the_gateway_strings_are_still_raw_prompts(sdk_provider, tokeniz
     assert whole.usage.prompt_tokens == expected
     streamed = "".join(c.choices[0].text or "" for c in chunks)
     assert streamed == whole.choices[0].text
+
+
+def test_the_hook_keeps_the_prompt_and_gives_litellm_strings():
+    from custom_handlers.gateway.completions import TOKEN_IDS_PLACEHOLDER, keep_prompt
+    from custom_handlers.inference.completion import PROMPT_KEY, STREAM_KEY
+
+    data = {"prompt": ["a", [1, 2]], "stream": True}
+    keep_prompt(data)
+    assert data["metadata"][PROMPT_KEY] == ["a", [1, 2]] and data["metadata"][STREAM_KEY]
+    assert data["prompt"] == ["a", TOKEN_IDS_PLACEHOLDER] and data["disable_fallbacks"] is True
+    strings = {"prompt": "a fox", "metadata": {"user": "x"}}
+    keep_prompt(strings)
+    assert strings["prompt"] == "a fox" and "disable_fallbacks" not in strings
+    assert strings["metadata"] == {"user": "x", PROMPT_KEY: "a fox"}

@@ -5,7 +5,8 @@ LiteLLM turns a text completion into chat messages (one user message per prompt 
 calls the provider, and refuses a token-id prompt for a custom provider ("Unmapped prompt format",
 a 500) before any provider code runs. So for a local model the pre-call hook keeps the request's
 own ``prompt`` in ``metadata`` (``completion.PROMPT_KEY``), where the provider reads it, and gives
-LiteLLM one placeholder string per token-id prompt to map. The answer's JSON the provider makes
+LiteLLM one placeholder string per token-id prompt to map (and no fallback model, which would
+get those placeholders). The answer's JSON the provider makes
 itself (``LocalLLM._complete_text``): LiteLLM passes a ``TextCompletionResponse`` on unchanged.
 A local stream's chunks it writes too, into a channel (``completion.open_channel``) that the
 stream hook sends from: LiteLLM's text-completion stream keeps only the first choice's text, so
@@ -49,6 +50,8 @@ def keep_prompt(data: dict) -> None:
     if data.get("stream") is True:
         metadata[STREAM_KEY] = uuid.uuid4().hex
     if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+        # A fallback model would get the placeholders: a token-id prompt has none.
+        data["disable_fallbacks"] = True
         if all(isinstance(t, int) for t in prompt):
             data["prompt"] = TOKEN_IDS_PLACEHOLDER
         else:
