@@ -299,6 +299,27 @@ def test_a_stream_of_several_prompts_times_n_with_logprobs(client):
     assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
 
 
+def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client):
+    before = len(gateway.cancelled_counts())  # the session's gateway: other tests cancel too
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=["a fox", "a misty forest"],
+        temperature=1.0,
+        seed=1,
+        max_tokens=1900,
+        stream=True,
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].text)
+        if received >= 4:
+            break
+    stream.close()
+    first = gateway.wait_for_cancellation(before)
+    second = gateway.wait_for_cancellation(before + 1)
+    assert first < 200 and second < 200  # of 1900 allowed: both stopped soon after the client left
+
+
 # ---- refusals: 400s naming the field ------------------------------------------------------------
 
 
@@ -451,3 +472,14 @@ def test_the_hook_keeps_the_prompt_and_gives_litellm_strings():
     keep_prompt(strings)
     assert strings["prompt"] == "a fox" and "disable_fallbacks" not in strings
     assert strings["metadata"] == {"user": "x", PROMPT_KEY: "a fox"}
+
+
+def test_the_answer_size_bound_counts_every_prompt():
+    from custom_handlers.gateway.body_checks import check_answer_size
+
+    check_answer_size({"prompt": "a", "logprobs": 20}, completions=True)  # 16 (unset) x 21
+    check_answer_size({"prompt": [1, 2, 3], "logprobs": 20, "max_tokens": 700}, completions=True)
+    with pytest.raises(InvalidRequestError) as info:
+        body = {"prompt": ["a"] * 32, "logprobs": 20, "max_tokens": 30}
+        check_answer_size(body, completions=True)  # 32 x 30 x 21
+    assert "32 prompts" in info.value.message and info.value.param == "max_tokens"

@@ -608,11 +608,13 @@ def router() -> Any:
 
 MAX_LOGPROB_ENTRIES = 16_384
 UNSET_MAX_TOKENS = 2048  # what a request without max_tokens is counted as (the local default)
+UNSET_COMPLETION_TOKENS = 16  # the same on /v1/completions (OpenAI's legacy default, ours too)
 
 
-def check_answer_size(body: Mapping[str, Any]) -> None:
+def check_answer_size(body: Mapping[str, Any], completions: bool = False) -> None:
     """Refuse a request whose answer would carry more than ``MAX_LOGPROB_ENTRIES`` log
-    probabilities: ``n * max_tokens * (top_logprobs + 1)``.
+    probabilities: ``n * max_tokens * (top_logprobs + 1)``, times the prompts of a text
+    completion (``completions``: ``/v1/completions``, whose ``max_tokens`` defaults to 16).
 
     LiteLLM turns each entry into objects and JSON on the event loop, ~27 µs each on this
     machine's CPU: one 176-byte request (``n: 8``, 1,800 tokens, ``top_logprobs: 20``) built a
@@ -625,11 +627,17 @@ def check_answer_size(body: Mapping[str, Any]) -> None:
     n, max_tokens = body.get("n"), body.get("max_tokens") or body.get("max_completion_tokens")
     if not all(_is(v, _INTEGER) for v in (top or 0, n or 1, max_tokens or 1)):
         return  # a type the route's own check refuses
-    entries = (n or 1) * (max_tokens or UNSET_MAX_TOKENS) * ((top or 0) + 1)
+    unset = UNSET_COMPLETION_TOKENS if completions else UNSET_MAX_TOKENS
+    prompt = body.get("prompt")
+    several = completions and isinstance(prompt, list) and not all(_is(t, _INTEGER) for t in prompt)
+    prompts = len(prompt) if several else 1
+    entries = prompts * (n or 1) * (max_tokens or unset) * ((top or 0) + 1)
     if entries > MAX_LOGPROB_ENTRIES:
         raise InvalidRequestError(
-            f"This answer could carry {entries:,} log probabilities (n {n or 1} x max_tokens "
-            f"{max_tokens or f'{UNSET_MAX_TOKENS} (unset)'} x (top_logprobs {top or 0} + 1)); "
+            f"This answer could carry {entries:,} log probabilities ("
+            + (f"{prompts} prompts x " if prompts > 1 else "")
+            + f"n {n or 1} x max_tokens "
+            f"{max_tokens or f'{unset} (unset)'} x (top_logprobs {top or 0} + 1)); "
             f"this gateway sends at most {MAX_LOGPROB_ENTRIES:,} in one answer. Lower "
             "max_tokens, n or top_logprobs.",
             param="max_tokens" if max_tokens else "logprobs",

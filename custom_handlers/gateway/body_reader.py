@@ -43,6 +43,7 @@ from custom_handlers.gateway.body_checks import (
     check_litellm_keys,
     check_route_body,
     deployment_modes,
+    route_kind,
     served_by,
 )
 from custom_handlers.inference.errors import InvalidRequestError
@@ -96,7 +97,7 @@ def _refusal(request: Any, body: dict) -> ProxyException | None:
         check_gateway_only(body)
         check_endpoint_and_credentials(body, route=request.url.path)
         check_litellm_keys(body)
-        check_answer_size(body)
+        check_answer_size(body, completions=route_kind(request.url.path) == "completions")
         model = body.get("model")
         local = served_by(model, LOCAL_PROVIDER)
         check_route_body(
