@@ -206,17 +206,18 @@ def test_echo_with_logprobs_adds_the_prompt_tokens_first_without_one(client, tok
     )
 
 
+@pytest.mark.parametrize("prompt", [FOX, " ".join([FOX] * 60)])  # the second: 300+ tokens
 def test_echo_with_max_tokens_0_scores_the_prompt_as_transformers_does(
-    client, tokenizer, tiny_model
+    client, tokenizer, tiny_model, prompt
 ):
     import torch
 
-    ids = tokenizer(FOX)["input_ids"]
+    ids = tokenizer(prompt)["input_ids"]
     completion = client.completions.create(
-        model=MODEL, prompt=FOX, max_tokens=0, echo=True, logprobs=1
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1
     )
     choice = completion.choices[0]
-    assert choice.text == FOX and completion.usage.completion_tokens == 0
+    assert choice.text == prompt and completion.usage.completion_tokens == 0
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
     with torch.no_grad():

@@ -61,6 +61,9 @@ _LONGEST_WAIT_S = 3600.0
 # A loop of the engine thread that fails again and again waits between tries: 10 ms, doubling, at
 # most a second; never a spin (issue 20: 641,825 log lines in 6 s at 100 % of a core).
 _FIRST_BACKOFF_S = 0.01
+# A prompt's own logprobs (echo with logprobs) are read this many positions at a time: each slice
+# is copied to float32 (vocabulary x 4 bytes a position: 150k tokens, 0.6 MB).
+_PROMPT_LOGPROB_ROWS = 256
 _LONGEST_BACKOFF_S = 1.0
 
 
@@ -626,16 +629,18 @@ class Engine:
     def _prompt_logprobs(self, loaded: LoadedModel, job: Job, logits) -> list[TokenLogprob]:
         """The log-probability of each prompt token after the ones before it (from the prefill's
         logits ``[prompt, vocab]``), with ``job.prompt_logprobs`` alternatives each."""
-        ids = job.prompt_ids
-        if len(ids) < 2:
-            return []
-        distribution = logits[: len(ids) - 1].float().log_softmax(dim=-1)
-        top = [job.prompt_logprobs] * (len(ids) - 1)
-        spell = loaded.constraints.token_text
-        return [
-            TokenLogprob(*spell(token), lp, tuple((*spell(t), v) for t, v in alternatives))
-            for token, lp, alternatives in token_logprobs(distribution, ids[1:], top)
-        ]
+        ids, spell, entries = job.prompt_ids, loaded.constraints.token_text, []
+        for start in range(0, len(ids) - 1, _PROMPT_LOGPROB_ROWS):  # float32 copies, a slice each
+            end = min(start + _PROMPT_LOGPROB_ROWS, len(ids) - 1)
+            distribution = logits[start:end].float().log_softmax(dim=-1)
+            top = [job.prompt_logprobs] * (end - start)
+            entries += [
+                TokenLogprob(*spell(token), lp, tuple((*spell(t), v) for t, v in alternatives))
+                for token, lp, alternatives in token_logprobs(
+                    distribution, ids[start + 1 : end + 1], top
+                )
+            ]
+        return entries
 
     def _join(self, job: Job, loaded: LoadedModel, logits, kv) -> None:
         """The job's rows join the batch: first tokens from the prefill's ``logits`` ``[1,
