@@ -349,6 +349,17 @@ def test_refused_with_a_400_naming_the_field(gateway, extra, param):
     assert response.json()["error"]["param"] == param, response.text
 
 
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens"),
+    [([5] * 2048, None), ([5] * 2000, 100), (["a fox", [5] * 2100], 2)],
+)
+def test_a_prompt_past_the_context_is_a_400_context_length_exceeded(client, prompt, max_tokens):
+    with pytest.raises(BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+    assert "context_length_exceeded: " in info.value.message
+    assert "prompt" in info.value.message and info.value.param == "prompt"
+
+
 def test_suffix_is_a_400_through_the_sdk(client):
     with pytest.raises(BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=FOX, suffix="the end", max_tokens=2)

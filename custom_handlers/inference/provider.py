@@ -532,7 +532,8 @@ def _prepare_texts(loaded: LoadedModel, request: text.CompletionRequest) -> _Pre
             if len(prompt) > loaded.context_length * loaded.max_token_chars:
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {loaded.context_length} tokens, "
-                    f"and {where} ({len(prompt)} characters) cannot fit in it."
+                    f"and {where} ({len(prompt)} characters) cannot fit in it.",
+                    param="prompt",
                 )
             ids = list(tokenizer(prompt)["input_ids"])
             shown = prompt
@@ -569,7 +570,10 @@ def _text_job(
     default = text.DEFAULT_MAX_TOKENS
     if (room := budget.tokens_alone(n)) is not None and room > len(ids):
         default = min(default, room - len(ids))
-    max_new = 1 if request.prompt_only else _output_budget(loaded, request.chat, len(ids), default)
+    if request.prompt_only:
+        max_new = 1
+    else:
+        max_new = _output_budget(loaded, request.chat, len(ids), default, what="prompt")
     budget.check(n, len(ids) + max_new)
     job = Job(
         ids,
@@ -748,19 +752,25 @@ def _encode_prompt(loaded: LoadedModel, request: ChatRequest) -> list[int]:
     return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _output_budget(loaded: LoadedModel, request: ChatRequest, prompt_len: int, default: int) -> int:
+def _output_budget(
+    loaded: LoadedModel, request: ChatRequest, prompt_len: int, default: int, what: str = "messages"
+) -> int:
+    """The job's token budget; ``what`` the prompt is, as the caller sent it (and its field)."""
     context = loaded.context_length
     asked = request.sampling.max_tokens
     if asked is not None and prompt_len + asked > context:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the "
-            "completion). Please reduce the length of the messages or the completion."
+            f"{prompt_len + asked} tokens ({prompt_len} in the {what}, {asked} in the "
+            f"completion). Please reduce the length of the {what} or the completion.",
+            param=what,
         )
     if prompt_len >= context:
         raise ContextLengthExceededError(
-            f"This model's maximum context length is {context} tokens, and the messages alone "
-            f"take {prompt_len}. Please reduce the length of the messages."
+            f"This model's maximum context length is {context} tokens, and the {what} alone "
+            f"take{'s' if what == 'prompt' else ''} {prompt_len}. Please reduce the length of "
+            f"the {what}.",
+            param=what,
         )
     return asked if asked is not None else min(default, context - prompt_len)
 
