@@ -331,6 +331,8 @@ def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client):
         ({"best_of": 3}, "best_of"),
         ({"logprobs": 21}, "logprobs"),
         ({"prompt": [999_999_999]}, "prompt"),
+        ({"prompt": ["a", [999_999_999]], "stream": True}, "prompt"),
+        ({"prompt": [5] * 2048, "stream": True}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": ["a", 3]}, "prompt"),
         ({"prompt": [[]]}, "prompt"),

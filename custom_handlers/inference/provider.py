@@ -811,9 +811,9 @@ class _Chunks:
     the shape whose ``finish_reason`` and ``usage`` LiteLLM puts on the stream's final chunk.
     """
 
-    def __init__(self, model: str, job: Job, chunk_id: str | None = None):
+    def __init__(self, model: str, job: Job):
         self.job, self.model = job, model
-        self.id = chunk_id or f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.started = False
 
