@@ -126,8 +126,10 @@ def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
         # Same messages, two tokenizers: the prompts count differently.
         assert a.json()["usage"]["prompt_tokens"] != b.json()["usage"]["prompt_tokens"]
         assert a.json()["model"] == "small" and b.json()["model"] == "wide"
-        # Every route reaches the model named: the text completion of the same words is counted
-        # by wide's tokenizer, as its chat was.
+        # Every route reaches the model named: the text completion of the same words (the raw
+        # prompt, no chat template) is counted by wide's tokenizer.
+        from transformers import AutoTokenizer
+
         text = httpx.post(
             f"{gw.base_url}/v1/completions",
             json={"model": "wide", "prompt": FOX[0]["content"], "max_tokens": 2},
@@ -135,7 +137,8 @@ def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
             timeout=120,
         )
         assert text.status_code == 200, text.text
-        assert text.json()["usage"]["prompt_tokens"] == b.json()["usage"]["prompt_tokens"]
+        counted = len(AutoTokenizer.from_pretrained(str(wide))(FOX[0]["content"])["input_ids"])
+        assert text.json()["usage"]["prompt_tokens"] == counted
         # keep_alive 0 applies to small only: it is unloaded after its answer, wide stays.
         assert wait_for(lambda: loaded(gw) == ["wide"]), models(gw)
 

@@ -516,7 +516,7 @@ def check_route_body(
                 "'messages' is a field of /v1/chat/completions; /v1/completions takes 'prompt'.",
                 param="messages",
             )
-        _check_prompt(body.get("prompt"))
+        _check_prompt(body.get("prompt"), local)
 
 
 def _check_items(name: str, items: Any, what: str) -> None:
@@ -527,15 +527,17 @@ def _check_items(name: str, items: Any, what: str) -> None:
             raise InvalidRequestError(f"{name}[{i}] must be {what}.", param=name)
 
 
-def _check_prompt(prompt: Any) -> None:
-    """``prompt``: a string, an array of strings, of token ids, or of arrays of token ids."""
+def _check_prompt(prompt: Any, local: bool) -> None:
+    """``prompt``: a string, an array of strings, of token ids, or of arrays of token ids (mixed
+    with strings too); token ids go to local models only (the provider checks the ids)."""
     if prompt is None or isinstance(prompt, str):
         return
     if prompt and all(isinstance(p, str) for p in prompt):
         return
     ids = prompt and all(_is(p, _INTEGER) for p in prompt)
     id_lists = prompt and all(
-        isinstance(p, list) and p and all(_is(t, _INTEGER) for t in p) for p in prompt
+        isinstance(p, str) or (isinstance(p, list) and p and all(_is(t, _INTEGER) for t in p))
+        for p in prompt
     )
     if not (ids or id_lists):
         raise InvalidRequestError(
@@ -543,11 +545,12 @@ def _check_prompt(prompt: Any) -> None:
             "of arrays of token ids.",
             param="prompt",
         )
-    raise InvalidRequestError(
-        "'prompt' as token ids is not supported by this gateway yet (LiteLLM cannot pass it on): "
-        "send the prompt as a string or an array of strings.",
-        param="prompt",
-    )
+    if not local:
+        raise InvalidRequestError(
+            "'prompt' as token ids is served by the local models only (LiteLLM cannot pass them "
+            "on to this model): send the prompt as a string or an array of strings.",
+            param="prompt",
+        )
 
 
 LOCAL_PROVIDER = "zlocal/"
@@ -646,11 +649,13 @@ def router() -> Any:
 
 MAX_LOGPROB_ENTRIES = 16_384
 UNSET_MAX_TOKENS = 2048  # what a request without max_tokens is counted as (the local default)
+UNSET_COMPLETION_TOKENS = 16  # the same on /v1/completions (OpenAI's legacy default, ours too)
 
 
-def check_answer_size(body: Mapping[str, Any]) -> None:
+def check_answer_size(body: Mapping[str, Any], completions: bool = False) -> None:
     """Refuse a request whose answer would carry more than ``MAX_LOGPROB_ENTRIES`` log
-    probabilities: ``n * max_tokens * (top_logprobs + 1)``.
+    probabilities: ``n * max_tokens * (top_logprobs + 1)``, times the prompts of a text
+    completion (``completions``: ``/v1/completions``, whose ``max_tokens`` defaults to 16).
 
     LiteLLM turns each entry into objects and JSON on the event loop, ~27 µs each on this
     machine's CPU: one 176-byte request (``n: 8``, 1,800 tokens, ``top_logprobs: 20``) built a
@@ -663,11 +668,17 @@ def check_answer_size(body: Mapping[str, Any]) -> None:
     n, max_tokens = body.get("n"), body.get("max_tokens") or body.get("max_completion_tokens")
     if not all(_is(v, _INTEGER) for v in (top or 0, n or 1, max_tokens or 1)):
         return  # a type the route's own check refuses
-    entries = (n or 1) * (max_tokens or UNSET_MAX_TOKENS) * ((top or 0) + 1)
+    unset = UNSET_COMPLETION_TOKENS if completions else UNSET_MAX_TOKENS
+    prompt = body.get("prompt")
+    several = completions and isinstance(prompt, list) and not all(_is(t, _INTEGER) for t in prompt)
+    prompts = len(prompt) if several else 1
+    entries = prompts * (n or 1) * (max_tokens or unset) * ((top or 0) + 1)
     if entries > MAX_LOGPROB_ENTRIES:
         raise InvalidRequestError(
-            f"This answer could carry {entries:,} log probabilities (n {n or 1} x max_tokens "
-            f"{max_tokens or f'{UNSET_MAX_TOKENS} (unset)'} x (top_logprobs {top or 0} + 1)); "
+            f"This answer could carry {entries:,} log probabilities ("
+            + (f"{prompts} prompts x " if prompts > 1 else "")
+            + f"n {n or 1} x max_tokens "
+            f"{max_tokens or f'{unset} (unset)'} x (top_logprobs {top or 0} + 1)); "
             f"this gateway sends at most {MAX_LOGPROB_ENTRIES:,} in one answer. Lower "
             "max_tokens, n or top_logprobs.",
             param="max_tokens" if max_tokens else "logprobs",

@@ -111,7 +111,7 @@ def _refusal(request: Any, body: dict) -> ProxyException | None:
         check_gateway_only(body)
         check_endpoint_and_credentials(body, route=request.url.path)
         check_litellm_keys(body)
-        check_answer_size(body)
+        check_answer_size(body, completions=route_kind(request.url.path) == "completions")
         model = body.get("model")
         if route_kind(request.url.path) in MODEL_ROUTES:
             check_model_name(model, router())

@@ -61,6 +61,9 @@ _LONGEST_WAIT_S = 3600.0
 # A loop of the engine thread that fails again and again waits between tries: 10 ms, doubling, at
 # most a second; never a spin (issue 20: 641,825 log lines in 6 s at 100 % of a core).
 _FIRST_BACKOFF_S = 0.01
+# A prompt's own logprobs (echo with logprobs) are read this many positions at a time: each slice
+# is copied to float32 (vocabulary x 4 bytes a position: 150k tokens, 0.6 MB).
+_PROMPT_LOGPROB_ROWS = 256
 _LONGEST_BACKOFF_S = 1.0
 
 
@@ -224,6 +227,11 @@ class Job:
     tools: ToolRun | None = None  # the request offers tools
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     cached_tokens: int = 0  # of the prompt's tokens, those whose KV came from the prefix cache
+    # /v1/completions: the prompt's own tokens' log-probabilities too (echo with logprobs), with
+    # this many alternatives; computed at prefill, set before the job's first event.
+    prompt_logprobs: int | None = None
+    prompt_entries: list[TokenLogprob] | None = None  # the prompt's tokens 1.. (0 has none)
+    raw_text: bool = False  # /v1/completions: the text as the model writes it (no think filter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     open_rows: int = 0
 
@@ -562,6 +570,9 @@ class Engine:
             return
         groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
         for job in jobs:
+            if job.prompt_logprobs is not None:  # every prompt position computed, alone
+                groups[(id(job), -1)] = [(job, None, 0)]
+                continue
             entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed before
             job.cached_tokens = reused
             groups.setdefault((id(entry), reused), []).append((job, entry, reused))
@@ -599,6 +610,8 @@ class Engine:
         ids = [rest + [loaded.pad_token_id] * (width - len(rest)) for rest in rests]
         last = sorted({len(rest) - 1 for rest in rests})  # where each prompt's next token comes
         keep = 1 if rows == 1 else torch.tensor(last, device=model.device)
+        if group[0][0].prompt_logprobs is not None:  # alone in its group: every position's logits
+            keep = 0
         input_ids = torch.tensor(ids, device=model.device)
         out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
         self.peak_prefill = max(self.peak_prefill, rows)
@@ -610,9 +623,27 @@ class Engine:
                 logits = out.logits[i : i + 1, last.index(len(rests[i]) - 1)]
             self.prefix.add(job.prompt_ids, kv)
             try:
+                if job.prompt_logprobs is not None:
+                    job.prompt_entries = self._prompt_logprobs(loaded, job, out.logits[0])
                 self._join(job, loaded, logits.float(), kv)
             except Exception as exc:  # this job only: the others of the pass join
                 _fail(job, _error_of(exc))
+
+    def _prompt_logprobs(self, loaded: LoadedModel, job: Job, logits) -> list[TokenLogprob]:
+        """The log-probability of each prompt token after the ones before it (from the prefill's
+        logits ``[prompt, vocab]``), with ``job.prompt_logprobs`` alternatives each."""
+        ids, spell, entries = job.prompt_ids, loaded.constraints.token_text, []
+        for start in range(0, len(ids) - 1, _PROMPT_LOGPROB_ROWS):  # float32 copies, a slice each
+            end = min(start + _PROMPT_LOGPROB_ROWS, len(ids) - 1)
+            distribution = logits[start:end].float().log_softmax(dim=-1)
+            top = [job.prompt_logprobs] * (end - start)
+            entries += [
+                TokenLogprob(*spell(token), lp, tuple((*spell(t), v) for t, v in alternatives))
+                for token, lp, alternatives in token_logprobs(
+                    distribution, ids[start + 1 : end + 1], top
+                )
+            ]
+        return entries
 
     def _join(self, job: Job, loaded: LoadedModel, logits, kv) -> None:
         """The job's rows join the batch: first tokens from the prefill's ``logits`` ``[1,
@@ -656,7 +687,7 @@ class Engine:
         if job.tools is not None and job.tools.from_start:
             grammar = job.tools.grammar
         matcher = loaded.constraints.matcher(grammar) if grammar else None
-        pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop)
+        pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop, drop_think=not job.raw_text)
         return _Row(job, index, pipeline, sampling, matcher)
 
     # ---- one decoding step for every row -------------------------------------------------------

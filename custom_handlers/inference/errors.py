@@ -40,9 +40,9 @@ class NotFoundError(InvalidRequestError):
 
 
 class ContextLengthExceededError(InvalidRequestError):
-    def __init__(self, message: str):
+    def __init__(self, message: str, param: str = "messages"):
         super().__init__(
-            f"context_length_exceeded: {message}", param="messages", code="context_length_exceeded"
+            f"context_length_exceeded: {message}", param=param, code="context_length_exceeded"
         )
 
 

@@ -27,6 +27,7 @@ from litellm.types.utils import (
     StreamingChoices,
 )
 
+from custom_handlers.inference import completion as text
 from custom_handlers.inference.engine import (
     AsyncSink,
     Delta,
@@ -113,6 +114,9 @@ class LocalLLM(CustomLLM):
 
     async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            request = _parse_text(local, messages, optional_params, kwargs, stream=False)
+            return await self._complete_text(local, request, model)
         request = _parse(local, messages, optional_params, stream=False)
         job = await self._start(local, request, AsyncSink())
         outcome = _Outcome()
@@ -134,6 +138,10 @@ class LocalLLM(CustomLLM):
         lone ``response.failed`` event, which the openai SDK cannot read).
         """
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            key = _metadata(kwargs).get(text.STREAM_KEY)
+            request = _parse_text(local, messages, optional_params, kwargs, stream=True)
+            return self._stream_text(local, request, model, key)
         request = _parse(local, messages, optional_params, stream=True)
         return self._stream(local, request, model)
 
@@ -155,6 +163,11 @@ class LocalLLM(CustomLLM):
 
     def completion(self, model, messages, *args, optional_params=None, **kwargs):
         local = self._model(model, kwargs)
+        if _is_text_completion(kwargs):
+            raise InvalidRequestError(
+                "/v1/completions on the local model is served by the gateway's async path only.",
+                param="prompt",
+            )
         request = _parse(local, messages, optional_params, stream=False)
         job = self._start_sync(local, request)
         outcome = _Outcome()
@@ -179,6 +192,134 @@ class LocalLLM(CustomLLM):
                 yield chunks.of(event)
         finally:
             job.cancel()
+
+    # ---- /v1/completions: the raw prompt, continued (custom_handlers/inference/completion.py) ----
+
+    async def _complete_text(
+        self, local: LocalModel, request: text.CompletionRequest, model: str
+    ) -> litellm.TextCompletionResponse:
+        loaded, jobs = await self._start_texts(local, request)
+        try:
+            outcomes = await asyncio.gather(*(_collect(job) for job, _ in jobs))
+        finally:
+            for job, _ in jobs:
+                job.cancel()
+        n, choices = request.sampling.n, []
+        for i, ((job, prompt_text), outcome) in enumerate(zip(jobs, outcomes, strict=True)):
+            asked = job.prompt_logprobs is not None
+            prompt_entries = _prompt_entries(loaded, job) if asked else None
+            for j in sorted(outcome.finishes):
+                written = not request.prompt_only
+                entries = outcome.logprobs.get(j, []) if written else []
+                choices.append(
+                    text.Choice(
+                        index=i * n + j,
+                        text="".join(outcome.texts.get(j, [])) if written else "",
+                        finish_reason=outcome.finishes[j].reason,
+                        prompt_text=prompt_text,
+                        prompt_logprobs=prompt_entries,
+                        logprobs=[_legacy(e) for e in entries],
+                    )
+                )
+        completion_tokens = sum(
+            f.completion_tokens for outcome in outcomes for f in outcome.finishes.values()
+        )
+        if request.prompt_only:
+            completion_tokens = 0
+        prompt_tokens = sum(job.prompt_tokens for job, _ in jobs)
+        body = text.response_body(
+            text.completion_id(),
+            model,
+            choices,
+            _usage(prompt_tokens, completion_tokens),
+            request.echo,
+            request.logprobs is not None,
+        )
+        return litellm.TextCompletionResponse(**body)
+
+    async def _stream_text(
+        self, local: LocalModel, request: text.CompletionRequest, model: str, key: str | None
+    ) -> AsyncIterator:
+        """Every choice's chunks, in the order made. With the gateway's stream hook (``key``)
+        they go to its channel, in OpenAI's shape, and LiteLLM gets a placeholder per batch (its
+        text-completion stream would keep only the first choice's text); without it, one
+        choice's text and end go to LiteLLM directly."""
+        loaded, jobs = await self._start_texts(local, request)
+        channel = text.open_channel(key) if key is not None else None
+        writer = text.StreamWriter(model, request.logprobs is not None)
+        events: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.ensure_future(_pump(i, job, events)) for i, (job, _) in enumerate(jobs)]
+        n, started, left, completion_tokens = request.sampling.n, set(), len(jobs), 0
+        try:
+            while left:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                chunks, last = [], None
+                for i, event in batch:
+                    if isinstance(event, Done):
+                        left -= 1
+                        continue
+                    _raise_if_failed(event)
+                    (job, prompt_text), index = jobs[i], i * n + event.index
+                    if index not in started:
+                        started.add(index)
+                        if request.echo:
+                            entries = (
+                                _prompt_entries(loaded, job)
+                                if request.logprobs is not None
+                                else None
+                            )
+                            chunks.append(writer.chunk(index, prompt_text, entries))
+                    if isinstance(event, Finish):
+                        tokens = 0 if request.prompt_only else event.completion_tokens
+                        completion_tokens += tokens
+                        chunks.append(writer.chunk(index, "", [], event.reason))
+                        last = event
+                    elif isinstance(event, Delta) and not request.prompt_only:
+                        entries = [_legacy(e) for e in event.logprobs]
+                        chunks.append(writer.chunk(index, event.text, entries))
+                if channel is not None:
+                    channel.extend(chunks)
+                    if chunks:
+                        yield _placeholder(model, writer.id)
+                else:  # one choice: its text, then its end with the usage
+                    for chunk in chunks:
+                        choice = chunk["choices"][0]
+                        if choice["finish_reason"] is None:
+                            yield _placeholder(model, writer.id, choice["text"])
+                    if last is not None:
+                        yield _end(last.reason, jobs[0][0].prompt_tokens, completion_tokens)
+                if left and not isinstance(batch[-1][1], Finish | Done):
+                    await asyncio.sleep(STREAM_INTERVAL)  # text made meanwhile: one chunk
+            if channel is not None:
+                usage = _usage(sum(job.prompt_tokens for job, _ in jobs), completion_tokens)
+                if request.include_usage:
+                    channel.append(writer.usage(usage))
+                yield _end("stop", usage["prompt_tokens"], completion_tokens)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for job, _ in jobs:
+                job.cancel()
+
+    async def _start_texts(
+        self, local: LocalModel, request: text.CompletionRequest
+    ) -> tuple[LoadedModel, list[tuple[Job, str]]]:
+        """One job per prompt (``n`` rows each), submitted in the prompts' order."""
+        with local.arrival():
+            loaded = await self._load(local)
+            prepared = await asyncio.to_thread(_prepare_texts, loaded, request)
+            jobs: list[tuple[Job, str]] = []
+            try:
+                for ids, prompt_text in prepared.prompts:
+                    job = _text_job(local, loaded, request, ids, prepared.grammar)
+                    jobs.append((local.engine.submit(job), prompt_text))
+            except BaseException:
+                for job, _ in jobs:
+                    job.cancel()
+                raise
+            return loaded, jobs
 
     # ---- the models' state and release (GET /local/state, POST /local/release) ---------------
 
@@ -324,6 +465,157 @@ def _parse(local: LocalModel, messages, optional_params, *, stream: bool) -> Cha
     )
 
 
+def _is_text_completion(kwargs: dict) -> bool:
+    """LiteLLM's /v1/completions calls the provider with ``text_completion`` set."""
+    return bool((kwargs.get("litellm_params") or {}).get("text_completion"))
+
+
+def _metadata(kwargs: dict) -> dict:
+    metadata = (kwargs.get("litellm_params") or {}).get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _parse_text(
+    local: LocalModel, messages, optional_params, kwargs: dict, *, stream: bool
+) -> text.CompletionRequest:
+    metadata = _metadata(kwargs)
+    return text.parse_completion_request(
+        text.prompts_of(metadata.get(text.PROMPT_KEY), messages),
+        optional_params or {},
+        stream=stream,
+        max_n=local.settings.max_n,
+        channel=metadata.get(text.STREAM_KEY) is not None,
+    )
+
+
+async def _pump(i: int, job: Job, events: asyncio.Queue) -> None:
+    """Job ``i``'s events into one queue for a stream of several jobs (prompts)."""
+    while True:
+        for event in await job.sink.get_ready():
+            events.put_nowait((i, event))
+            if isinstance(event, Done):
+                return
+
+
+def _placeholder(model: str, chunk_id: str, content: str = " ") -> ModelResponseStream:
+    """A chunk of text for LiteLLM's stream (with the stream hook, only its rhythm is used)."""
+    choice = StreamingChoices(index=0, delta={"role": None, "content": content})
+    return ModelResponseStream(id=chunk_id, model=model, choices=[choice])
+
+
+def _end(reason: str, prompt_tokens: int, completion_tokens: int) -> GenericStreamingChunk:
+    return GenericStreamingChunk(
+        text="",
+        is_finished=True,
+        finish_reason=reason,
+        index=0,
+        tool_use=None,
+        usage=_usage(prompt_tokens, completion_tokens),
+    )
+
+
+@dataclass(frozen=True)
+class _PreparedTexts:
+    prompts: list[tuple[list[int], str]]  # each prompt's ids and its text (what echo shows)
+    grammar: str | None
+
+
+def _prepare_texts(loaded: LoadedModel, request: text.CompletionRequest) -> _PreparedTexts:
+    """Each prompt tokenized as ``generate`` would (no chat template; the tokenizer's own
+    special tokens, BOS where the checkpoint wants one), or its token ids checked."""
+    tokenizer = loaded.tokenizer
+    last_id = len(tokenizer) - 1
+    prompts = []
+    for i, prompt in enumerate(request.prompts):
+        where = "prompt" if len(request.prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            if len(prompt) > loaded.context_length * loaded.max_token_chars:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {loaded.context_length} tokens, "
+                    f"and {where} ({len(prompt)} characters) cannot fit in it.",
+                    param="prompt",
+                )
+            ids = list(tokenizer(prompt)["input_ids"])
+            shown = prompt
+        else:
+            bad = [t for t in prompt if not 0 <= t <= last_id]
+            if bad:
+                raise InvalidRequestError(
+                    f"{where} holds token id {bad[0]}, which this model's vocabulary lacks "
+                    f"(ids 0 to {last_id}).",
+                    param="prompt",
+                )
+            ids = list(prompt)
+            shown = tokenizer.decode(ids)
+        if not ids:
+            raise InvalidRequestError(
+                f"{where} is empty: a completion continues a prompt of at least one token.",
+                param="prompt",
+            )
+        prompts.append((ids, shown))
+    schema = request.chat.json_schema
+    grammar = loaded.constraints.grammar(schema) if schema else None
+    return _PreparedTexts(prompts, grammar)
+
+
+def _text_job(
+    local: LocalModel,
+    loaded,
+    request: text.CompletionRequest,
+    ids: list[int],
+    grammar: str | None,
+) -> Job:
+    n = request.sampling.n
+    budget = local.engine.kv_budget(loaded)
+    default = text.DEFAULT_MAX_TOKENS
+    if (room := budget.tokens_alone(n)) is not None and room > len(ids):
+        default = min(default, room - len(ids))
+    if request.prompt_only:
+        max_new = 1
+    else:
+        max_new = _output_budget(loaded, request.chat, len(ids), default, what="prompt")
+    budget.check(n, len(ids) + max_new)
+    job = Job(
+        ids,
+        request.sampling,
+        max_new,
+        AsyncSink(),
+        grammar,
+        request.chat.keep_alive,
+        logprobs=request.logprobs,
+    )
+    job.raw_text = True
+    if request.echo and request.logprobs is not None:
+        job.prompt_logprobs = request.logprobs
+    return job
+
+
+async def _collect(job: Job) -> _Outcome:
+    outcome = _Outcome()
+    while not isinstance(event := await job.sink.get(), Done):
+        _raise_if_failed(event)
+        outcome.add(event)
+    return outcome
+
+
+def _legacy(entry: TokenLogprob) -> tuple[str, float, dict[str, float]]:
+    """A token's logprob in the legacy shape: the sampled token is among its alternatives."""
+    top = {token: _finite(logprob) for token, _, logprob in entry.top}
+    top.setdefault(entry.token, _finite(entry.logprob))
+    return entry.token, _finite(entry.logprob), top
+
+
+def _finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) as -9999.0, as vLLM does."""
+    return max(logprob, -9999.0)
+
+
+def _prompt_entries(loaded: LoadedModel, job: Job) -> list[tuple]:
+    """The prompt's tokens with their logprobs: the first has none (nothing comes before it)."""
+    first = loaded.constraints.token_text(job.prompt_ids[0])[0]
+    return [(first, None, None), *(_legacy(e) for e in job.prompt_entries or [])]
+
+
 def _job(local: LocalModel, loaded, request: ChatRequest, prepared: _Prepared, sink) -> Job:
     ids, n = prepared.prompt_ids, request.sampling.n
     budget = local.engine.kv_budget(loaded)
@@ -460,19 +752,25 @@ def _encode_prompt(loaded: LoadedModel, request: ChatRequest) -> list[int]:
     return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _output_budget(loaded: LoadedModel, request: ChatRequest, prompt_len: int, default: int) -> int:
+def _output_budget(
+    loaded: LoadedModel, request: ChatRequest, prompt_len: int, default: int, what: str = "messages"
+) -> int:
+    """The job's token budget; ``what`` the prompt is, as the caller sent it (and its field)."""
     context = loaded.context_length
     asked = request.sampling.max_tokens
     if asked is not None and prompt_len + asked > context:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the "
-            "completion). Please reduce the length of the messages or the completion."
+            f"{prompt_len + asked} tokens ({prompt_len} in the {what}, {asked} in the "
+            f"completion). Please reduce the length of the {what} or the completion.",
+            param=what,
         )
     if prompt_len >= context:
         raise ContextLengthExceededError(
-            f"This model's maximum context length is {context} tokens, and the messages alone "
-            f"take {prompt_len}. Please reduce the length of the messages."
+            f"This model's maximum context length is {context} tokens, and the {what} alone "
+            f"take{'s' if what == 'prompt' else ''} {prompt_len}. Please reduce the length of "
+            f"the {what}.",
+            param=what,
         )
     return asked if asked is not None else min(default, context - prompt_len)
 

@@ -142,12 +142,22 @@ class StopMatcher:
         return 0
 
 
+class _Unfiltered:
+    """No think filter: a text completion is the text the model writes, think tags included."""
+
+    def push(self, text: str) -> str:
+        return text
+
+    def flush(self) -> str:
+        return ""
+
+
 class TextPipeline:
     """Token ids in, caller-visible text out, for one choice."""
 
-    def __init__(self, tokenizer: _Decodes, stops: Iterable[str] = ()):
+    def __init__(self, tokenizer: _Decodes, stops: Iterable[str] = (), drop_think: bool = True):
         self._decoder = IncrementalDecoder(tokenizer)
-        self._think = ThinkFilter()
+        self._think = ThinkFilter() if drop_think else _Unfiltered()
         self._stop = StopMatcher(stops)
         self.reasoning_tokens = 0  # tokens of a think block (dropped from the text)
 
