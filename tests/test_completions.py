@@ -147,18 +147,25 @@ def test_a_seed_repeats_a_sampled_completion(client):
     )
 
 
-def test_response_format_keeps_the_json_guarantee(client):
-    completion = client.completions.create(
-        model=MODEL,
-        prompt="A fox as JSON:",
-        max_tokens=60,
-        temperature=1.0,
-        seed=2,
-        extra_body={"response_format": {"type": "json_object"}},
-    )
-    choice = completion.choices[0]
-    if choice.finish_reason == "stop":
-        assert isinstance(json.loads(choice.text), dict)
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_keeps_the_json_guarantee(client, stream):
+    schema = {
+        "type": "object",
+        "properties": {"fox": {"type": "boolean"}, "legs": {"enum": [2, 4]}},
+        "required": ["fox", "legs"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "fox", "schema": schema}}
+    for seed in range(3):
+        kwargs = dict(model=MODEL, prompt="A fox as JSON:", max_tokens=40, temperature=1.0)
+        kwargs |= dict(seed=seed, extra_body={"response_format": response_format})
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+        else:
+            text = client.completions.create(**kwargs).choices[0].text
+        answer = json.loads(text)
+        assert set(answer) == {"fox", "legs"} and answer["legs"] in (2, 4)
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
