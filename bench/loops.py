@@ -46,7 +46,8 @@ async def one(local: LocalLLM, messages: list, params: dict) -> tuple[int, str, 
     r = await local.acompletion("x", messages, optional_params=dict(params))
     seconds = time.perf_counter() - started
     text = r.choices[0].message.content or ""
-    return r.usage.completion_tokens, r.choices[0].finish_reason, repeated_share(text), text, seconds
+    finish = r.choices[0].finish_reason
+    return r.usage.completion_tokens, finish, repeated_share(text), text, seconds
 
 
 def settings_of(request) -> dict:

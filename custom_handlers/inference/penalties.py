@@ -90,8 +90,9 @@ class PenaltyCounts:
         if not asking:
             return
         device = logits.device
-        index = torch.tensor(asking, device=device)
-        part = logits[index]  # [asking, vocab], a copy
+        whole = len(asking) == logits.shape[0]  # every row asks: in place, no copy
+        index = None if whole else torch.tensor(asking, device=device)
+        part = logits if whole else logits[index]  # [asking, vocab]
         biased = [(k, rows[i]) for k, i in enumerate(asking) if rows[i].bias]
         if biased:
             where = torch.tensor(
@@ -104,11 +105,18 @@ class PenaltyCounts:
             penalised = [rows[asking[k]] for k in counted]
             self._take(penalised, logits.shape[-1], device)
             slots = torch.tensor([p.slot for p in penalised], device=device)
-            at = torch.tensor(counted, device=device)
-            part[at] = self._penalised(part[at], slots, penalised)
-        logits[index] = part
+            if len(counted) == len(asking):
+                self._penalise(part, slots, penalised)
+            else:
+                at = torch.tensor(counted, device=device)
+                some = part[at]
+                self._penalise(some, slots, penalised)
+                part[at] = some
+        if not whole:
+            logits[index] = part
 
-    def _penalised(self, logits: Any, slots: Any, rows: list[RowPenalties]) -> Any:
+    def _penalise(self, logits: Any, slots: Any, rows: list[RowPenalties]) -> None:
+        """Repetition, then frequency and presence, in place on ``logits`` (one row per slot)."""
         import torch
 
         device = logits.device
@@ -119,10 +127,11 @@ class PenaltyCounts:
             seen = present | self._seen[slots]
             penalty = torch.tensor(repetition, device=device).unsqueeze(1)
             scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = torch.where(seen, scaled, logits)
-        frequency = torch.tensor([p.frequency for p in rows], device=device).unsqueeze(1)
-        presence = torch.tensor([p.presence for p in rows], device=device).unsqueeze(1)
-        return logits - (frequency * counts + presence * present)
+            logits.copy_(torch.where(seen, scaled, logits))
+        if any(p.presence or p.frequency for p in rows):
+            frequency = torch.tensor([p.frequency for p in rows], device=device).unsqueeze(1)
+            presence = torch.tensor([p.presence for p in rows], device=device).unsqueeze(1)
+            logits.sub_(frequency * counts + presence * present)
 
     def count(self, rows: list[RowPenalties | None], tokens: list[int]) -> None:
         """Add each counted row's sampled token to its counts."""
