@@ -70,6 +70,7 @@ def micro(vocab: int, rows: int, device: str, steps: int) -> None:
             started = time.perf_counter()
             step(logits, sampled, pool)  # .tolist() in sample() waits for the device
             times[name].append(time.perf_counter() - started)
+    counts_cost(vocab, rows, device, steps)
     print(f"sampling step, rows {rows}, vocabulary {vocab:,}, {device}, {steps} steps each")
     print("| case | median ms | p10-p90 ms | counts held |\n|---|---|---|---|")
     for name, values in times.items():
@@ -80,6 +81,39 @@ def micro(vocab: int, rows: int, device: str, steps: int) -> None:
             f"| {name} | {statistics.median(values) * 1e3:.2f} | {p10 * 1e3:.2f}-{p90 * 1e3:.2f} "
             f"| {held:.1f} MiB |"
         )
+
+
+def counts_cost(vocab: int, rows: int, device: str, steps: int) -> None:
+    """The counts one step needs, two ways: read from the dense per-slot tensor kept up to date
+    (what PenaltyCounts does: a gather, then one index_put_ after sampling), or rebuilt from each
+    row's list of generated ids (zeros, a host-to-device copy of the ids, a scatter_add_)."""
+    import torch
+
+    print(f"counts for {rows} rows, vocabulary {vocab:,}, {device}, {steps} steps each")
+    print("| answer so far | dense: gather + update ms | rebuilt from id lists ms |")
+    print("|---|---|---|")
+    dense = torch.zeros(rows, vocab, device=device)
+    slots = torch.arange(rows, device=device)
+    for length in (200, 2000):
+        lists = torch.randint(0, vocab, (rows, length)).tolist()
+        took = {"dense": [], "sparse": []}
+        for _ in range(steps):
+            started = time.perf_counter()
+            counts = dense[slots]
+            tokens = torch.randint(0, vocab, (rows,), device=device)
+            dense.index_put_((slots, tokens), torch.ones(rows, device=device), accumulate=True)
+            float(counts[0, 0])  # waits for the device
+            took["dense"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            ids = torch.tensor(lists, device=device)
+            counts = torch.zeros(rows, vocab, device=device)
+            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+            float(counts[0, 0])
+            took["sparse"].append(time.perf_counter() - started)
+        dense_ms = statistics.median(took["dense"]) * 1e3
+        sparse_ms = statistics.median(took["sparse"]) * 1e3
+        print(f"| {length} tokens | {dense_ms:.2f} | {sparse_ms:.2f} |")
+    print()
 
 
 def e2e_round(model: str) -> float:
