@@ -109,8 +109,7 @@ class Transport:
         try:
             response = self.sdk.chat.completions.create(**chat_options(request, model))
         except openai.APIError as exc:
-            if request.response_format and refuses_response_format(exc):
-                plain = dataclasses.replace(request, response_format=None)
+            if (plain := without_refused(request, exc)) is not None:
                 return self.complete(plain, model)
             raise self._translate(exc, model) from exc
         return completion_of(response, model)
@@ -176,8 +175,7 @@ class AsyncTransport:
         try:
             response = await self.sdk.chat.completions.create(**chat_options(request, model))
         except openai.APIError as exc:
-            if request.response_format and refuses_response_format(exc):
-                plain = dataclasses.replace(request, response_format=None)
+            if (plain := without_refused(request, exc)) is not None:
                 return await self.complete(plain, model)
             raise await self._translate(exc, model) from exc
         return completion_of(response, model)
@@ -248,7 +246,18 @@ def chat_options(request: ChatRequest, model: str) -> dict[str, Any]:
     }
     if request.response_format is not None:
         options["response_format"] = request.response_format
+    if request.presence_penalty is not None:
+        options["presence_penalty"] = request.presence_penalty
     return options
+
+
+def without_refused(request: ChatRequest, exc: openai.APIError) -> ChatRequest | None:
+    """``request`` without the optional part a model refused (worth asking again), or None."""
+    if request.response_format and refuses_response_format(exc):
+        return dataclasses.replace(request, response_format=None)
+    if request.presence_penalty is not None and refuses_parameter(exc, "presence_penalty"):
+        return dataclasses.replace(request, presence_penalty=None)
+    return None
 
 
 def local_call(settings: Settings, route: str, timeout: float | None) -> tuple[str, dict]:
@@ -275,6 +284,15 @@ def refuses_response_format(exc: openai.APIError) -> bool:
         return False
     message = error_message(exc).lower()
     return "response_format" in message or "json_schema" in message
+
+
+def refuses_parameter(exc: openai.APIError, name: str) -> bool:
+    """A 400 saying the model does not support ``name`` (LiteLLM: "anthropic does not support
+    parameters: ['presence_penalty'] ...")."""
+    if not isinstance(exc, openai.BadRequestError) or is_unknown_model(exc):
+        return False
+    message = error_message(exc)
+    return name in message and "not support" in message.lower()
 
 
 def is_unknown_model(exc: openai.APIError) -> bool:

@@ -55,6 +55,13 @@ VALUES_AVOID = "\nAlready written (do not repeat any of these): {existing}"
 # finish inside max_tokens: a compact JSON string of n characters takes at most about n tokens.
 ENHANCE_MAX_TOKENS = 320  # the answer asked for is 40-120 words
 ENHANCE_TEMPERATURE = 0.7
+# Against endless repetition ("a soft and gentle light, a gentle breeze, ..." to the token cap):
+# Qwen3's model card recommends presence_penalty between 0 and 2 for this. An OpenAI parameter,
+# honoured by the local model, OpenAI and most providers; a model that refuses it (LiteLLM's
+# Anthropic and Ollama providers) is asked again without it (client/_llm.py). Not for the values:
+# their JSON's quotes and commas repeat by design, and a penalty on the closing quote lengthens
+# every value.
+ENHANCE_PRESENCE_PENALTY = 1.0
 VALUES_TEMPERATURE = 0.9
 SHORT_VALUE_CHARS = 80  # names of things: breeds, colours, creatures
 LONG_VALUE_CHARS = 400  # descriptions, scenes, sentences
@@ -73,6 +80,7 @@ class ChatRequest:
     max_tokens: int
     temperature: float
     response_format: dict[str, Any] | None = field(default=None)
+    presence_penalty: float | None = None  # None: not sent
 
 
 def text_request(prompt: str, max_tokens: int, temperature: float) -> ChatRequest:
@@ -89,7 +97,12 @@ def enhance_request(prompt: str, instruction: str = "") -> ChatRequest:
         {"role": "assistant", "content": ENHANCE_EXAMPLE_ANSWER},
         {"role": "user", "content": user},
     ]
-    return ChatRequest(messages, ENHANCE_MAX_TOKENS, ENHANCE_TEMPERATURE)
+    return ChatRequest(
+        messages,
+        ENHANCE_MAX_TOKENS,
+        ENHANCE_TEMPERATURE,
+        presence_penalty=ENHANCE_PRESENCE_PENALTY,
+    )
 
 
 def value_length_limit(name: str) -> int:

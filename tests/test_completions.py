@@ -504,3 +504,32 @@ def test_the_answer_size_bound_counts_every_prompt():
         body = {"prompt": ["a"] * 32, "logprobs": 20, "max_tokens": 30}
         check_answer_size(body, completions=True)  # 32 x 30 x 21
     assert "32 prompts" in info.value.message and info.value.param == "max_tokens"
+
+
+# ---- sampling controls (as on chat) --------------------------------------------------------------
+
+
+def test_sampling_controls_reach_a_completion(client, tokenizer):
+    base = dict(model=MODEL, prompt=FOX, max_tokens=4, temperature=0)
+    forced = client.completions.create(**base, logit_bias={"300": 100}, presence_penalty=0.5)
+    (choice,) = forced.choices
+    assert choice.text == tokenizer.decode([300] * 4)  # +100 wins, whatever the penalty
+    greedy = client.completions.create(**{**base, "max_tokens": 12}).choices[0].text
+    penalised = client.completions.create(
+        **{**base, "max_tokens": 12}, extra_body={"repetition_penalty": 3.0}
+    )
+    assert penalised.choices[0].text != greedy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"extra_body": {"min_p": 3}}, "min_p"),
+    ],
+)
+def test_bad_sampling_controls_on_a_completion_are_a_400(client, kwargs, param):
+    with pytest.raises(BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=FOX, max_tokens=2, **kwargs)
+    assert param in str(info.value)

@@ -132,7 +132,8 @@ def test_text_parts_are_joined_and_developer_is_a_system_turn():
         (USER, {"logprobs": 2}, "'logprobs' must be true or false"),
         (USER, {"top_logprobs": 2}, "needs 'logprobs': true"),
         (USER, {"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
-        (USER, {"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
+        (USER, {"presence_penalty": 2.5}, "'presence_penalty' must be at least -2.0"),
+        (USER, {"typical_p": 0.5}, "'typical_p' is not supported"),
     ],
 )
 def test_bad_requests_name_the_problem(messages, params, needle):

@@ -44,6 +44,7 @@ from custom_handlers.inference.errors import (
 )
 from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.penalties import PenaltyCounts
 from custom_handlers.inference.prefix import PrefixCache, start_cache
 from custom_handlers.inference.request import SamplingParams
 from custom_handlers.inference.sampling import RowSampling, row_sampling, sample, token_logprobs
@@ -321,6 +322,7 @@ class Engine:
         self._last_done = time.monotonic()  # when the last job finished (idle time)
         self._rows: list[_Row] = []
         self._batch = KVBatch()
+        self.penalty_counts = PenaltyCounts()  # token counts of the rows with penalties
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # thread start, release markers count
         self.peak_rows = 0  # the largest batch so far (rows)
@@ -541,6 +543,7 @@ class Engine:
         whether a model was loaded."""
         self.prefix.clear()
         self._batch, self._decoder = KVBatch(), None
+        self.penalty_counts.clear()
         return self._holder.unload()
 
     def _idle_left(self) -> float | None:
@@ -681,7 +684,7 @@ class Engine:
 
     def _new_row(self, job: Job, index: int, loaded: LoadedModel) -> _Row:
         sampling = row_sampling(
-            job.sampling, loaded.generation_defaults, loaded.model.device, index
+            job.sampling, loaded.generation_defaults, loaded.model.device, index, job.prompt_ids
         )
         grammar = job.grammar
         if job.tools is not None and job.tools.from_start:
@@ -707,6 +710,11 @@ class Engine:
         # constraints change it (as vLLM's default): what the model thinks of each token.
         asking = [i for i, r in enumerate(rows) if r.job.logprobs is not None and r.calls is None]
         distribution = logits[asking].log_softmax(dim=-1) if asking else None
+        # Penalties and logit_bias before the grammar's mask: a token it forbids stays -inf.
+        penalties = [r.sampling.penalties for r in rows]
+        penalised = any(p is not None for p in penalties)
+        if penalised:
+            self.penalty_counts.apply(logits, penalties)
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
         if constrained:
             mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
@@ -714,6 +722,8 @@ class Engine:
             if row.job.tools is not None and row.job.tools.grammar is None:
                 logits[i, row.job.tools.open_id] = float("-inf")
         tokens = sample(logits, [r.sampling for r in rows])
+        if penalised:
+            self.penalty_counts.count(penalties, tokens)
         if asking:
             top = [rows[i].job.logprobs for i in asking]
             noted = token_logprobs(distribution, [tokens[i] for i in asking], top)
@@ -843,6 +853,7 @@ class Engine:
             self._job_done(row.job)
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in keep]
+            self.penalty_counts.retain([r.sampling.penalties for r in self._rows])
             self._batch.keep(keep)
 
     def _fail_batch(self, exc: Exception) -> None:
@@ -851,6 +862,7 @@ class Engine:
         for job in jobs:
             _fail(job, error)
         self._rows, self._batch = [], KVBatch()
+        self.penalty_counts.clear()
         if self._decoder is not None:  # its graphs point into the pool just dropped
             self._decoder.drop()
         self.prefix.clear()

@@ -445,10 +445,19 @@ def _pad_id(model, tokenizer) -> int:
 
 
 def _generation_defaults(model) -> dict[str, Any]:
-    """The checkpoint's recommended sampling, falling back to Qwen3 non-thinking's (0.7/0.8/20)."""
+    """The checkpoint's recommended sampling, falling back to Qwen3 non-thinking's (0.7/0.8/20,
+    min_p 0). Its repetition_penalty applies to greedy answers too (as in ``generate`` and vLLM)."""
     gc = model.generation_config
     return {
         "temperature": gc.temperature if gc.do_sample and gc.temperature else 0.7,
         "top_p": gc.top_p if gc.do_sample and gc.top_p else 0.8,
         "top_k": gc.top_k if gc.do_sample and gc.top_k is not None else 20,
+        "min_p": gc.min_p if gc.do_sample and gc.min_p else 0.0,
+        "repetition_penalty": _positive(getattr(gc, "repetition_penalty", None)) or 1.0,
     }
+
+
+def _positive(value: Any) -> float | None:
+    """A config's number if it is a usable penalty (positive and finite), else None."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e3
+    return float(value) if ok else None

@@ -49,7 +49,7 @@ from custom_handlers.inference.errors import (
 )
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.registry import LocalModel, Registry
-from custom_handlers.inference.request import ChatRequest, parse_chat_request
+from custom_handlers.inference.request import ChatRequest, check_logit_bias, parse_chat_request
 from custom_handlers.inference.settings import LocalModelsSettings
 from custom_handlers.inference.tools import CallDelta
 
@@ -523,6 +523,7 @@ class _PreparedTexts:
 def _prepare_texts(loaded: LoadedModel, request: text.CompletionRequest) -> _PreparedTexts:
     """Each prompt tokenized as ``generate`` would (no chat template; the tokenizer's own
     special tokens, BOS where the checkpoint wants one), or its token ids checked."""
+    check_logit_bias(request.sampling, vocab_size(loaded.model))
     tokenizer = loaded.tokenizer
     last_id = len(tokenizer) - 1
     prompts = []
@@ -698,6 +699,7 @@ class _Prepared:
 def _prepare(loaded: LoadedModel, request: ChatRequest) -> _Prepared:
     """Prompt ids and the grammars the answer and its tool calls must follow."""
     _check_prompt_size(loaded, request)
+    check_logit_bias(request.sampling, vocab_size(loaded.model))
     if request.thinking:
         _check_thinking(loaded, request)
     constraints, schema = loaded.constraints, request.json_schema
@@ -717,6 +719,13 @@ def _prepare(loaded: LoadedModel, request: ChatRequest) -> _Prepared:
         if from_start:
             grammar = None  # the calls' grammar holds the answer's too
     return _Prepared(_encode_prompt(loaded, request), grammar, tools)
+
+
+def vocab_size(model) -> int:
+    """The width of the model's logits: the token ids ``logit_bias`` may name."""
+    head = model.get_output_embeddings()
+    width = getattr(head, "out_features", None)
+    return width if isinstance(width, int) else model.config.get_text_config().vocab_size
 
 
 def _check_thinking(loaded: LoadedModel, request: ChatRequest) -> None:

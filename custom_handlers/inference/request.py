@@ -46,7 +46,6 @@ JSON_OBJECT_SCHEMA = '{"type":"object"}'
 _UNSUPPORTED = {
     "functions": "the legacy function calling: send 'tools' and 'tool_choice' instead",
     "function_call": "the legacy function calling: send 'tools' and 'tool_choice' instead",
-    "logit_bias": "logit_bias",
     "audio": "audio output",
     "modalities": "non-text modalities",
     "thinking": "Anthropic's thinking switch: send 'reasoning_effort' instead",
@@ -54,8 +53,55 @@ _UNSUPPORTED = {
     "web_search_options": "web search",
     # LiteLLM's way to pass a parameter it would refuse: the model would then silently ignore it.
     "allowed_openai_params": "parameters beyond those it supports",
+    # Sampling and decoding extensions of vLLM, Ollama, llama.cpp and transformers that the local
+    # model does not implement (it does: top_k, min_p, repetition_penalty, the penalties and
+    # logit_bias). Sent in extra_body they reach the model as top-level keys.
+    **dict.fromkeys(
+        (
+            "typical_p",
+            "tfs_z",
+            "top_a",
+            "mirostat",
+            "mirostat_tau",
+            "mirostat_eta",
+            "epsilon_cutoff",
+            "eta_cutoff",
+            "xtc_probability",
+            "xtc_threshold",
+            "dry_multiplier",
+            "dry_base",
+            "dry_allowed_length",
+            "dry_sequence_breakers",
+            "repeat_last_n",
+            "penalize_newline",
+            "no_repeat_ngram_size",
+            "encoder_repetition_penalty",
+            "length_penalty",
+            "diversity_penalty",
+            "num_beams",
+            "use_beam_search",
+            "min_tokens",
+            "ignore_eos",
+            "stop_token_ids",
+            "bad_words",
+            "allowed_token_ids",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "structured_outputs",
+        ),
+        "a sampling or decoding option it does not implement",
+    ),
+    "repeat_penalty": "Ollama's native name: send 'repetition_penalty' instead",
 }
-_ZERO_OR_UNSET = ("presence_penalty", "frequency_penalty")
+# Sampling controls that may also come inside a raw body's "extra_body" object (the openai SDK
+# sends its extra_body keys at the top level; LiteLLM leaves a raw "extra_body" key nested).
+SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty")
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty, frequency_penalty (OpenAI)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # > 0 in vLLM; the ends keep float32 finite
 
 # Body keys that look like a server-only setting of the local model, and the gateway's environment
 # variable that sets it ("": none, the loaded model fixes it). A request that tries one is refused:
@@ -120,6 +166,11 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # None: the checkpoint's (1: none)
+    min_p: float | None = None  # None: the checkpoint's (0: none)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids distinct
 
     @property
     def greedy(self) -> bool:
@@ -154,14 +205,20 @@ def parse_chat_request(
     """Check ``messages`` and LiteLLM's ``optional_params``; raise ``InvalidRequestError``."""
     _reject_server_only(params)
     reject_unsupported(params)
+    extras = _Extras(params)
     sampling = SamplingParams(
         max_tokens=_max_tokens(params),
         temperature=_number(params, "temperature", 0.0, 2.0),
         top_p=_number(params, "top_p", 0.0, 1.0, low_open=True),
-        top_k=_integer(params, "top_k", 0, None),
+        top_k=_integer(extras, "top_k", 0, None),
         seed=_integer(params, "seed", *SEED_RANGE),
         n=_integer(params, "n", 1, max_n) or 1,
         stop=_stop(params.get("stop")),
+        presence_penalty=_number(params, "presence_penalty", *PENALTY_RANGE),
+        frequency_penalty=_number(params, "frequency_penalty", *PENALTY_RANGE),
+        repetition_penalty=_number(extras, "repetition_penalty", *REPETITION_PENALTY_RANGE),
+        min_p=_number(extras, "min_p", 0.0, 1.0),
+        logit_bias=_logit_bias(params.get("logit_bias")),
     )
     if stream and sampling.n > 1:
         raise InvalidRequestError(
@@ -315,10 +372,93 @@ def reject_unsupported(params: Mapping[str, Any]) -> None:
                 "for it, or remove the parameter.",
                 param=name,
             )
-    for name in _ZERO_OR_UNSET:
-        if params.get(name) not in (None, 0, 0.0):
+    nested = params.get("extra_body")
+    for name in nested if isinstance(nested, Mapping) else ():
+        if name in _UNSUPPORTED and nested[name] not in (None, False, [], {}):
             raise InvalidRequestError(
-                f"'{name}' is not supported by the local model; leave it unset or 0.", param=name
+                f"'extra_body.{name}' is not supported by the local model ({_UNSUPPORTED[name]});"
+                " use a cloud model for it, or remove the parameter.",
+                param=f"extra_body.{name}",
+            )
+
+
+class _Extras(dict):
+    """The sampling extensions of a request: a body key, else the same key in a raw
+    ``extra_body`` (named so in errors)."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        nested = params.get("extra_body")
+        nested = nested if isinstance(nested, Mapping) else {}
+        super().__init__()
+        self.names: dict[str, str] = {}
+        for name in SAMPLING_EXTRAS:
+            if params.get(name) is not None:
+                self[name], self.names[name] = params[name], name
+            elif nested.get(name) is not None:
+                self[name], self.names[name] = nested[name], f"extra_body.{name}"
+
+
+def _logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: {token id (a string of digits): bias from -100 to 100}, at most
+    ``MAX_LOGIT_BIAS`` entries. Whether each id is in the vocabulary is checked once the model is
+    loaded (``check_logit_bias``)."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, Mapping):
+        raise InvalidRequestError(
+            "'logit_bias' must be an object mapping token ids to a bias from -100 to 100, such as "
+            '{"1234": -100}.',
+            param="logit_bias",
+        )
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            f"'logit_bias' may have at most {MAX_LOGIT_BIAS} entries; it has {len(bias)}.",
+            param="logit_bias",
+        )
+    out: dict[int, float] = {}
+    low, high = LOGIT_BIAS_RANGE
+    for key, value in bias.items():
+        token = _token_id(key)
+        if token is None:
+            raise InvalidRequestError(
+                f"'logit_bias' keys must be token ids (non-negative integers), got {_shown(key)}.",
+                param="logit_bias",
+            )
+        if token in out:
+            raise InvalidRequestError(
+                f"'logit_bias' names token {token} more than once.", param="logit_bias"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise InvalidRequestError(
+                f"'logit_bias' values must be numbers; token {token} has {_shown(value)}.",
+                param="logit_bias",
+            )
+        if not low <= value <= high:
+            raise InvalidRequestError(
+                f"'logit_bias' values must be between {low:g} and {high:g}; token {token} has "
+                f"{_shown(value)}.",
+                param="logit_bias",
+            )
+        out[token] = float(value)
+    return tuple(out.items())
+
+
+def _token_id(key: Any) -> int | None:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key >= 0 else None
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18:
+        return int(key)
+    return None
+
+
+def check_logit_bias(sampling: SamplingParams, vocab_size: int) -> None:
+    """A 400 naming the first ``logit_bias`` token id past the loaded model's vocabulary."""
+    for token, _ in sampling.logit_bias:
+        if token >= vocab_size:
+            raise InvalidRequestError(
+                f"'logit_bias' names token {token}, which is not in the local model's vocabulary "
+                f"(ids 0 to {vocab_size - 1}).",
+                param="logit_bias",
             )
 
 
@@ -509,6 +649,7 @@ def _integer(params: Mapping[str, Any], name: str, low: int | None, high: int | 
     value = params.get(name)
     if value is None:
         return None
+    name = _label(params, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"'{name}' must be an integer, got {value!r}.", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -524,6 +665,7 @@ def _number(
     value = params.get(name)
     if value is None:
         return None
+    name = _label(params, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"'{name}' must be a number, got {value!r}.", param=name)
     too_low = value <= low if low_open else value < low
@@ -533,6 +675,11 @@ def _number(
             f"'{name}' must be {bound} and at most {high}, got {_shown(value)}.", param=name
         )
     return float(value)
+
+
+def _label(params: Mapping[str, Any], name: str) -> str:
+    """How errors name ``name``: where in the body it came from."""
+    return params.names.get(name, name) if isinstance(params, _Extras) else name
 
 
 def _range(low: int | None, high: int | None) -> str:

@@ -28,7 +28,7 @@ from client import (
     ResponseError,
     load_settings,
 )
-from client._prompts import ENHANCE_SYSTEM, VALUES_SYSTEM
+from client._prompts import ENHANCE_PRESENCE_PENALTY, ENHANCE_SYSTEM, VALUES_SYSTEM
 
 from .conftest import UNIT_KEY
 
@@ -221,6 +221,33 @@ def test_a_model_refusing_response_format_is_asked_again_without_it(unit_client,
     with_format, without = fake.chats
     assert "response_format" in with_format and "response_format" not in without
     assert without["messages"] == with_format["messages"]
+
+
+ANTHROPIC_NO_PRESENCE = (
+    "litellm.UnsupportedParamsError: anthropic does not support parameters: ['presence_penalty'], "
+    "for model=claude-haiku-4-5. To drop these, set `litellm.drop_params=True` or for proxy:\n\n"
+    "`litellm_settings:\n drop_params: true`\n"
+)
+
+
+def test_enhance_asks_for_a_presence_penalty_and_the_values_do_not(unit_client, fake):
+    fake.reply("A fox.")
+    fake.reply('{"values": ["a", "b"]}')
+    unit_client.enhance_prompt("a fox")
+    unit_client.generate_prompt_variable_values("cat_breed", "", 2)
+    enhance, values = fake.chats
+    assert enhance["presence_penalty"] == ENHANCE_PRESENCE_PENALTY
+    assert "presence_penalty" not in values
+
+
+def test_a_model_refusing_presence_penalty_is_asked_again_without_it(unit_client, fake):
+    unit_client.model = "claude-haiku"
+    fake.error(400, ANTHROPIC_NO_PRESENCE, type="invalid_request_error")
+    fake.reply("A fox at dawn.")
+    assert unit_client.enhance_prompt("a fox") == "A fox at dawn."
+    with_penalty, without = fake.chats
+    assert "presence_penalty" in with_penalty and "presence_penalty" not in without
+    assert without["messages"] == with_penalty["messages"]
 
 
 # ---- errors --------------------------------------------------------------------------------------
