@@ -3,8 +3,12 @@
 Each test runs on the local model (the tiny random-weight Qwen3 as ``qwen3-4b``) and on the cloud
 alias (``gpt-4o-mini``, routed to the fake upstream). Random weights write nonsense, so what is
 asserted is the guarantee, never the text: every tool call names an offered function and its
-arguments validate against that function's schema, over 10 seeds; structured output parses into
-the caller's model. ``--compat-matrix docs/compatibility.md`` writes the matrix from the run.
+arguments validate against that function's schema, over 10 seeds (the openai SDK's tests; the
+other clients' tests check that each client reads the same answers); structured output parses into
+the caller's model. Agent frameworks get each step's tool forced and bounded schemas, and their
+protocol is asserted. A run of every test here rewrites docs/compatibility.md's matrix (see
+``tests/compat_matrix.py``). The JavaScript clients run in one ``node`` process
+(``tests/js/clients.mjs``), skipped if node or ``tests/js/node_modules`` is missing.
 """
 
 from __future__ import annotations
