@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -197,6 +198,12 @@ class FakeOpenAI:
     with ``stream``. Under ``/chat-only/`` (``chat_only_base_url``) it answers 404 instead, like
     vLLM or llama.cpp's server, which have chat completions only. Other paths answer 404.
 
+    Responses are kept as OpenAI keeps them (unless ``store`` is false): each has its own
+    ``resp_fake_N`` id, ``GET /v1/responses/{id}`` returns it, and ``previous_response_id`` puts
+    the earlier turns (their input and output items) before the new input, so the answer and
+    ``usage.input_tokens`` (one per word of every input item) see them; an unknown id is OpenAI's
+    404 ``previous_response_not_found``.
+
     For the client's error tests, a key in ``invalid_keys`` gets OpenAI's 401 "Incorrect API key",
     and a trigger word anywhere in the messages (or the Responses input) picks another answer:
 
@@ -215,6 +222,7 @@ class FakeOpenAI:
         self.invalid_keys: set[str] = set()
         self.retry_after = 7
         self.slow_seconds = 5.0
+        self.stored_responses: dict[str, dict] = {}  # id -> {"response": ..., "context": items}
         self.port = free_port()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -265,6 +273,8 @@ class FakeOpenAI:
                 if self.path.startswith("/outage/"):
                     return self._send(500, _SERVER_ERROR)
                 answer = _endpoint(self.path)
+                if answer is _responses:
+                    answer = functools.partial(_responses, stored=fake.stored_responses)
                 if answer is None:
                     return self._send(404, {"error": {"message": "not found"}})
                 trigger = _trigger(body)
@@ -277,12 +287,23 @@ class FakeOpenAI:
                     time.sleep(fake.slow_seconds)
                 try:
                     reply = answer(body, trigger)
+                except _NotFound as exc:
+                    return self._send(404, exc.payload)
                 except _UNREADABLE as exc:
                     # What OpenAI does with a body it cannot read (the fuzz tests send many).
                     return self._send(400, _invalid_request(f"cannot read the request: {exc!r}"))
                 if isinstance(reply, list):
                     return self._stream(reply)
                 self._send(200, reply)
+
+            def do_GET(self):
+                """``GET /v1/responses/{id}``: a stored response, as OpenAI keeps them."""
+                prefix = "/v1/responses/"
+                response_id = self.path.removeprefix(prefix)
+                stored = fake.stored_responses.get(response_id)
+                if not self.path.startswith(prefix) or stored is None:
+                    return self._send(404, {"error": {"message": "not found"}})
+                self._send(200, stored["response"])
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -334,6 +355,14 @@ _RATE_LIMITED = {
 }
 # What reading a malformed body raises: the fake answers 400 for it.
 _UNREADABLE = (LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError)
+
+
+class _NotFound(Exception):
+    """A 404 with OpenAI's error payload."""
+
+    def __init__(self, payload: dict) -> None:
+        super().__init__(payload["error"]["message"])
+        self.payload = payload
 
 
 def _invalid_request(message: str) -> dict:
@@ -529,13 +558,33 @@ def _chunk(
 # ---- the Responses API ---------------------------------------------------------------------------
 
 
-def _responses(body: dict, trigger: str | None) -> dict | list[bytes]:
-    """The response to a Responses API request, or its stream's events."""
+_RESPONSE_IDS = itertools.count(1)
+
+
+def _responses(body: dict, trigger: str | None, stored: dict[str, dict]) -> dict | list[bytes]:
+    """The response to a Responses API request, or its stream's events; kept in ``stored``."""
     items = _input_items(body.get("input", ""))
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        if previous not in stored:
+            raise _NotFound(
+                {
+                    "error": {
+                        "message": f"Previous response with id '{previous}' not found.",
+                        "type": "invalid_request_error",
+                        "param": "previous_response_id",
+                        "code": "previous_response_not_found",
+                    }
+                }
+            )
+        items = stored[previous]["context"] + items
     item = _function_call(body, items) or _message(_responses_text(body, items, trigger))
+    response = _response(body, [item], "completed", f"resp_fake_{next(_RESPONSE_IDS)}", items)
+    if body.get("store", True) is not False:
+        stored[response["id"]] = {"response": response, "context": [*items, item]}
     if body.get("stream"):
-        return _response_events(body, item)
-    return _response(body, [item], "completed")
+        return _response_events(body, item, response)
+    return response
 
 
 def _input_items(value) -> list[dict]:
@@ -600,20 +649,36 @@ def _item_text(item: dict) -> str:
     return item["arguments"] if item["type"] == "function_call" else item["content"][0]["text"]
 
 
-def _response(body: dict, output: list[dict], status: str) -> dict:
+def _words(item: dict) -> int:
+    """An input item's words: its text, a call's arguments or a call's output."""
+    if item.get("type") == "function_call":
+        return len(str(item.get("arguments", "")).split())
+    if item.get("type") == "function_call_output":
+        return len(_text_of(item.get("output", "")).split())
+    return len(_text_of(item.get("content", "")).split())
+
+
+def _response(
+    body: dict,
+    output: list[dict],
+    status: str,
+    response_id: str = "resp_fake",
+    items: list[dict] = (),
+) -> dict:
     """A ``Response`` object as the ``openai`` SDK's type requires it."""
     now = int(time.time())
     words = sum(len(_item_text(item).split()) for item in output)
+    read = max(1, sum(_words(item) for item in items))
     usage = {
-        "input_tokens": 5,
+        "input_tokens": read,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": words,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": 5 + words,
+        "total_tokens": read + words,
     }
     done = status == "completed"
     return {
-        "id": "resp_fake",
+        "id": response_id,
         "object": "response",
         "created_at": now,
         "completed_at": now if done else None,
@@ -638,9 +703,10 @@ def _response(body: dict, output: list[dict], status: str) -> dict:
     }
 
 
-def _response_events(body: dict, item: dict) -> list[bytes]:
-    """OpenAI's stream for one output item, each event with its ``sequence_number``."""
-    started = _response(body, [], "in_progress")
+def _response_events(body: dict, item: dict, final: dict) -> list[bytes]:
+    """OpenAI's stream for one output item (``final`` the whole response), each event with its
+    ``sequence_number``."""
+    started = _response(body, [], "in_progress", final["id"])
     emptied = {"content": []} if item["type"] == "message" else {"arguments": ""}
     emptied["status"] = "in_progress"
     events = [
@@ -649,7 +715,7 @@ def _response_events(body: dict, item: dict) -> list[bytes]:
         ("response.output_item.added", {"output_index": 0, "item": {**item, **emptied}}),
         *(_text_events(item) if item["type"] == "message" else _arguments_events(item)),
         ("response.output_item.done", {"output_index": 0, "item": item}),
-        ("response.completed", {"response": _response(body, [item], "completed")}),
+        ("response.completed", {"response": final}),
     ]
     return [
         _sse({"type": name, "sequence_number": number, **data}, name)

@@ -384,3 +384,27 @@ def test_responses_parse_gets_a_model(client):
 def test_a_bad_responses_body_gets_a_400(fake):
     r = raw(fake, "/responses", {"model": MODEL, "input": 7})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_responses_are_kept_and_chained_as_openai_keeps_them(client):
+    first = client.responses.create(model=MODEL, input="Remember: Paris, seven days.")
+    assert first.id.startswith("resp_fake_") and first.usage.input_tokens == 4
+    assert client.responses.retrieve(first.id) == first
+    chained = client.responses.create(model=MODEL, input="And now?", previous_response_id=first.id)
+    assert chained.id != first.id and chained.output_text == "echo: And now?"
+    # the earlier input (4 words) and output ("echo: Remember: ...", 5 words) come first
+    assert chained.usage.input_tokens == 4 + 5 + 2
+    streamed = list(
+        client.responses.create(
+            model=MODEL, input="And now?", previous_response_id=chained.id, stream=True
+        )
+    )
+    final = streamed[-1].response
+    assert final.usage.input_tokens > chained.usage.input_tokens
+    assert client.responses.retrieve(final.id).id == final.id
+    with pytest.raises(NotFoundError) as missing:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_unknown")
+    assert missing.value.body["code"] == "previous_response_not_found"
+    unkept = client.responses.create(model=MODEL, input="hi", store=False)
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(unkept.id)
