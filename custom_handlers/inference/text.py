@@ -145,6 +145,8 @@ class StopMatcher:
 class _Unfiltered:
     """No think filter: a text completion is the text the model writes, think tags included."""
 
+    thinking = False  # nothing is taken for reasoning: every token is the completion's
+
     def push(self, text: str) -> str:
         return text
 
