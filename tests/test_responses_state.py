@@ -478,12 +478,14 @@ def test_unknown_ids_and_bad_values_are_openai_shaped_4xx(state_gateway):
 
 @pytest.mark.integration
 def test_a_model_with_the_responses_api_upstream_keeps_its_own_state(sdk, fake_openai):
+    kept = set(fake_openai.stored_responses)
     first = sdk.responses.create(model="gpt-4o-mini", input="a fox")
     assert not OUR_ID.fullmatch(first.id)  # LiteLLM's id, which names the deployment
+    [upstream_id] = set(fake_openai.stored_responses) - kept  # the provider's own id
     seen = len(fake_openai.requests)
     sdk.responses.create(model="gpt-4o-mini", input="a hare", previous_response_id=first.id)
     [sent] = [r["body"] for r in fake_openai.requests[seen:] if r["path"].endswith("/responses")]
-    assert sent["previous_response_id"] == "resp_fake"  # the provider's own id, passed on
+    assert sent["previous_response_id"] == upstream_id  # passed on, as the provider's own id
     assert sent["input"] == "a hare"
 
 

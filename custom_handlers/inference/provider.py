@@ -231,7 +231,7 @@ class LocalLLM(CustomLLM):
             text.completion_id(),
             model,
             choices,
-            _usage(prompt_tokens, completion_tokens),
+            _text_usage(prompt_tokens, completion_tokens),
             request.echo,
             request.logprobs is not None,
         )
@@ -293,7 +293,7 @@ class LocalLLM(CustomLLM):
                 if left and not isinstance(batch[-1][1], Finish | Done):
                     await asyncio.sleep(STREAM_INTERVAL)  # text made meanwhile: one chunk
             if channel is not None:
-                usage = _usage(sum(job.prompt_tokens for job, _ in jobs), completion_tokens)
+                usage = _text_usage(sum(job.prompt_tokens for job, _ in jobs), completion_tokens)
                 if request.include_usage:
                     channel.append(writer.usage(usage))
                 yield _end("stop", usage["prompt_tokens"], completion_tokens)
@@ -510,7 +510,7 @@ def _end(reason: str, prompt_tokens: int, completion_tokens: int) -> GenericStre
         finish_reason=reason,
         index=0,
         tool_use=None,
-        usage=_usage(prompt_tokens, completion_tokens),
+        usage=_text_usage(prompt_tokens, completion_tokens),
     )
 
 
@@ -890,6 +890,15 @@ def _usage(job: Job, *finishes: Finish) -> dict:
         "total_tokens": job.prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
+
+
+def _text_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """A text completion's ``usage``: its three counts."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
