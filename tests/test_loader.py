@@ -22,7 +22,13 @@ def test_loads_the_tiny_checkpoint_on_cpu(tiny_model_dir):
     assert loaded.context_length == 2048
     im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in loaded.eos_token_ids
-    assert loaded.generation_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert loaded.generation_defaults == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
 
 
 def test_settings_come_from_the_environment(monkeypatch):

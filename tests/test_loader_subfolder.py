@@ -95,7 +95,13 @@ def test_loads_z_images_text_encoder_layout(z_image_dir):
     assert type(loaded.model).__name__ == "Qwen3ForCausalLM"
     assert loaded.context_length == 2048
     assert loaded.tokenizer.convert_tokens_to_ids("<|im_end|>") in loaded.eos_token_ids
-    assert loaded.generation_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert loaded.generation_defaults == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
 
 
 def test_a_base_model_checkpoint_gets_its_head_tied_to_the_embeddings(
