@@ -66,7 +66,7 @@ def enhance_plan(prompt: str, instruction: str = "") -> Plan[str]:
     if not prompt.strip():
         raise ValueError("prompt is empty")
     completion = yield _prompts.enhance_request(prompt, instruction)
-    enhanced = clean_prompt(completion.text)
+    enhanced = clean_prompt(completion.text, cut=completion.finish_reason == "length")
     if not enhanced:
         cut = " (it ran out of tokens)" if completion.finish_reason == "length" else ""
         raise ResponseError(

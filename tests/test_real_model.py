@@ -19,6 +19,7 @@ import json
 import jsonschema
 import pytest
 
+from custom_handlers.inference.errors import InvalidRequestError
 from custom_handlers.inference.loader import ModelHolder, load_model
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.settings import LocalModelSettings
@@ -207,3 +208,11 @@ def test_schema_constrained_json_parses_validates_and_its_strings_are_text(make)
     jsonschema.validate(answer, CAPITAL)
     for value in answer.values():
         assert value.strip() and value.isprintable() and any(c.isalpha() for c in value)
+
+
+def test_tools_are_a_400_on_a_checkpoint_without_tool_call_tokens(make):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(InvalidRequestError) as info:
+        make().completion("x", CHATS[0], optional_params={**GREEDY, "tools": tools})
+    assert info.value.status_code == 400 and info.value.param == "tools"
+    assert "no <tool_call> token" in info.value.message

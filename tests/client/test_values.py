@@ -40,6 +40,24 @@ def test_clean_prompt_keeps_inner_quotes_and_an_unfinished_think_is_nothing():
     assert clean_prompt("<think>still thinking about foxes") == ""
 
 
+def test_clean_prompt_drops_repeated_clauses_and_an_answer_cut_mid_clause():
+    # SmolLM2-135M-Instruct's enhance answer at temperature 0.7 (seed 1), cut at 320 tokens
+    looped = (
+        "A lighthouse at dusk, a beacon of light in the darkness, a lone figure, a lighthouse, "
+        "a beacon, " + "a lighthouse, " * 40 + "a light"
+    )
+    assert clean_prompt(looped, cut=True) == (
+        "A lighthouse at dusk, a beacon of light in the darkness, a lone figure, a lighthouse, "
+        "a beacon"
+    )
+    assert clean_prompt("very tall, very big, Very tall, very tall.") == "very tall, very big"
+    # Only a cut answer loses its last clause; one that ends on its own keeps it whole.
+    assert clean_prompt("A fox, soft light, 35mm fil", cut=True) == "A fox, soft light"
+    assert clean_prompt("A fox. Soft light on the fur", cut=True) == "A fox."
+    assert clean_prompt("A fox, soft light, 35mm film") == "A fox, soft light, 35mm film"
+    assert clean_prompt("A fox in the snow", cut=True) == "A fox in the snow"  # nothing to cut at
+
+
 @pytest.mark.parametrize(
     "answer",
     [
