@@ -20,6 +20,7 @@ _LABEL = re.compile(
 _PREAMBLE = re.compile(r"^(?:here\b|sure\b|certainly\b|okay\b|of course\b).*:\s*$", re.IGNORECASE)
 _MARKER = re.compile(r"^\s*(?:[-*•]+|\d+\s*[.):]|\(\d+\))\s+")
 _JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_NON_WORD = re.compile(r"[\W_]+")
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’", "«": "»"}
 
 
@@ -82,6 +83,15 @@ def extract_values(text: str) -> list[str]:
     if found is None:
         found = _line_values(text)
     return distinct(clean_value(v) for v in found)
+
+
+def not_a_value(value: str, name: str) -> bool:
+    """A value that is no value of ``name``: nothing but punctuation ("..."), or the variable's own
+    name or placeholder written back ("cat_breed", "__lighting__", "Lighting" for ``lighting``),
+    as a small model that misreads the request does (SmolLM2-135M-Instruct did, in the tests)."""
+    words = _NON_WORD.sub(" ", value).strip().casefold()
+    names = {_NON_WORD.sub(" ", part).strip().casefold() for part in (name, name.split("/")[-1])}
+    return not words or words in names
 
 
 def clean_value(value: str) -> str:

@@ -13,7 +13,7 @@ from client._prompts import (
     values_request,
     values_schema,
 )
-from client._values import clean_prompt, clean_value, extract_values
+from client._values import clean_prompt, clean_value, extract_values, not_a_value
 
 
 @pytest.mark.parametrize(
@@ -126,3 +126,13 @@ def test_values_request_names_the_variable_and_what_to_avoid():
     assert "Number of values: 3" in user
     assert "Siamese" in user
     assert request.max_tokens == values_budget(3, 80)
+
+
+def test_punctuation_and_the_variables_own_name_are_not_values():
+    # SmolLM2-135M-Instruct's answers for __lighting__ and __cat_breed__ (temperature 0.9)
+    for junk in ("...", "—", "_lighting__", "Lighting", "__lighting__", "lighting"):
+        assert not_a_value(junk, "lighting")
+    assert not_a_value("cat_breed", "cat_breed") and not_a_value("Cat Breed", "cat_breed")
+    assert not_a_value("light", "styles/light")  # a folder's variable: its own name too
+    for value in ("Siamese", "soft window light", "cat breed show", "1", "Lighting 1"):
+        assert not not_a_value(value, "lighting" if "Light" in value else "cat_breed")
