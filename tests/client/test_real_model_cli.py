@@ -3,7 +3,8 @@ SmolLM2-135M-Instruct (scripts/real_model.py) as qwen3-4b, and the CLI runs agai
 
 The model is small and its answers are sampled, so only what a caller can rely on is checked:
 the command succeeds, the text is text (no chat markup, no think block, no label or quotes left,
-one line), the values are distinct one-line values saved to the library. One gateway for the
+one line), the values are distinct one-line values saved to the library (or the command gives up
+in one line). One gateway for the
 module; torch on one thread in it (faster on a busy 2-core machine, see tests/test_real_model.py).
 """
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 import pytest
 
 from client._prompts import SHORT_VALUE_CHARS
-from client._values import clean_prompt
+from client._values import clean_prompt, not_a_value
 from tests.servers import Gateway
+
+from .conftest import assert_one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -75,13 +78,23 @@ def test_enhance_returns_one_line_of_plain_text(on_real_gateway, cli):
     assert len(prompt.split()) >= 3
 
 
-def test_vars_saves_and_prints_distinct_one_line_values(on_real_gateway, cli, library_dir):
+def test_vars_saves_distinct_one_line_values_or_says_in_one_line_why_not(
+    on_real_gateway, cli, library_dir
+):
+    """A 135M model at temperature 0.9 often writes identifiers ("cat_breed_name_1") or the same
+    value again: the client then asks for the rest, and after three weak rounds gives up. Either
+    outcome keeps the contract: values that are distinct one-line text, saved; or one error line
+    and nothing saved."""
     result = cli("vars", "cat_breed", "--count", "3", "--context", "a __cat_breed__ on a sofa")
-    assert result.exit_code == 0, result.stderr
+    saved = library_dir / "cat_breed.md"
+    if result.exit_code != 0:
+        assert_one_line_error(result, "distinct values for __cat_breed__")
+        assert not saved.exists()
+        return
     values = result.stdout.splitlines()
     assert len(values) == 3 and len({v.casefold() for v in values}) == 3
     for value in values:
         assert_text(value)
         assert len(value) <= SHORT_VALUE_CHARS and '"' not in value
-    saved = (library_dir / "cat_breed.md").read_text()
-    assert [line for line in saved.splitlines() if not line.startswith("#")] == values
+        assert not not_a_value(value, "cat_breed")
+    assert [line for line in saved.read_text().splitlines() if not line.startswith("#")] == values
