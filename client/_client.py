@@ -34,7 +34,13 @@ from client._local import (
 )
 from client._prompts import ChatRequest
 from client._template import Template, parse_template, substitute
-from client._values import clean_prompt, distinct, extract_values, strip_thinking
+from client._values import (
+    clean_prompt,
+    distinct,
+    extract_values,
+    not_a_value,
+    strip_thinking,
+)
 
 T = TypeVar("T")
 Plan = Generator[ChatRequest, Completion, T]
@@ -66,7 +72,7 @@ def enhance_plan(prompt: str, instruction: str = "") -> Plan[str]:
     if not prompt.strip():
         raise ValueError("prompt is empty")
     completion = yield _prompts.enhance_request(prompt, instruction)
-    enhanced = clean_prompt(completion.text)
+    enhanced = clean_prompt(completion.text, cut=completion.finish_reason == "length")
     if not enhanced:
         cut = " (it ran out of tokens)" if completion.finish_reason == "length" else ""
         raise ResponseError(
@@ -95,7 +101,8 @@ def values_plan(name: str, context_prompt: str, count: int) -> Plan[list[str]]:
             batch = _smaller_batch(exc, want, _prompts.value_length_limit(name))
             continue
         model = f"Model '{completion.model}'"
-        before, values = len(values), distinct(values + extract_values(completion.text))
+        found = [v for v in extract_values(completion.text) if not not_a_value(v, name)]
+        before, values = len(values), distinct(values + found)
         if 2 * (len(values) - before) < want:
             weak += 1
         if weak >= WEAK_ROUNDS and len(values) < count:

@@ -20,6 +20,7 @@ _LABEL = re.compile(
 _PREAMBLE = re.compile(r"^(?:here\b|sure\b|certainly\b|okay\b|of course\b).*:\s*$", re.IGNORECASE)
 _MARKER = re.compile(r"^\s*(?:[-*•]+|\d+\s*[.):]|\(\d+\))\s+")
 _JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_NON_WORD = re.compile(r"[\W_]+")
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’", "«": "»"}
 
 
@@ -28,8 +29,14 @@ def strip_thinking(text: str) -> str:
     return _THINK.sub("", text)
 
 
-def clean_prompt(text: str) -> str:
-    """One prompt on one line: no thinking, fence, preamble, label or surrounding quotes."""
+def clean_prompt(text: str, cut: bool = False) -> str:
+    """One prompt on one line: no thinking, fence, preamble, label or surrounding quotes, no
+    clause said twice; ``cut`` (the answer ran out of tokens): without its unfinished last clause.
+
+    A small model caught in a loop writes "a lighthouse, a lighthouse, a lighthouse, ..." until
+    max_tokens cuts it mid-word (SmolLM2-135M did, presence_penalty notwithstanding): a repeated
+    clause adds nothing to an image prompt, and a half word spoils it.
+    """
     text = strip_thinking(text).strip()
     fenced = _FENCE.match(text)
     if fenced:
@@ -38,7 +45,29 @@ def clean_prompt(text: str) -> str:
     if len(lines) > 1 and _PREAMBLE.match(lines[0]):
         lines = lines[1:]
     text = _LABEL.sub("", " ".join(line.strip() for line in lines))
-    return _strip_quotes(" ".join(text.split()))
+    text = _strip_quotes(" ".join(text.split()))
+    if cut:
+        text = _without_cut_clause(text)
+    return _without_repeated_clauses(text)
+
+
+def _without_cut_clause(text: str) -> str:
+    """``text`` up to its last clause or sentence boundary (all of it if it has none)."""
+    end = max(text.rfind(", "), text.rfind("; "), text.rfind(". ") + 1)
+    return text[:end].rstrip(" ,;") if end > 0 else text
+
+
+def _without_repeated_clauses(text: str) -> str:
+    """``text`` without the comma-separated clauses said before in it (compared without case)."""
+    seen: set[str] = set()
+    kept = []
+    for clause in text.split(", "):
+        key = clause.strip().rstrip(".").casefold()
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(clause)
+    return ", ".join(kept)
 
 
 def extract_values(text: str) -> list[str]:
@@ -54,6 +83,15 @@ def extract_values(text: str) -> list[str]:
     if found is None:
         found = _line_values(text)
     return distinct(clean_value(v) for v in found)
+
+
+def not_a_value(value: str, name: str) -> bool:
+    """A value that is no value of ``name``: nothing but punctuation ("..."), or the variable's own
+    name or placeholder written back ("cat_breed", "__lighting__", "Lighting" for ``lighting``),
+    as a small model that misreads the request does (SmolLM2-135M-Instruct did, in the tests)."""
+    words = _NON_WORD.sub(" ", value).strip().casefold()
+    names = {_NON_WORD.sub(" ", part).strip().casefold() for part in (name, name.split("/")[-1])}
+    return not words or words in names
 
 
 def clean_value(value: str) -> str:

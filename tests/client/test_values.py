@@ -13,7 +13,7 @@ from client._prompts import (
     values_request,
     values_schema,
 )
-from client._values import clean_prompt, clean_value, extract_values
+from client._values import clean_prompt, clean_value, extract_values, not_a_value
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,24 @@ def test_clean_prompt_keeps_inner_quotes_and_an_unfinished_think_is_nothing():
         "'Hello' written on a sign, 'Bye' below"
     )
     assert clean_prompt("<think>still thinking about foxes") == ""
+
+
+def test_clean_prompt_drops_repeated_clauses_and_an_answer_cut_mid_clause():
+    # SmolLM2-135M-Instruct's enhance answer at temperature 0.7 (seed 1), cut at 320 tokens
+    looped = (
+        "A lighthouse at dusk, a beacon of light in the darkness, a lone figure, a lighthouse, "
+        "a beacon, " + "a lighthouse, " * 40 + "a light"
+    )
+    assert clean_prompt(looped, cut=True) == (
+        "A lighthouse at dusk, a beacon of light in the darkness, a lone figure, a lighthouse, "
+        "a beacon"
+    )
+    assert clean_prompt("very tall, very big, Very tall, very tall.") == "very tall, very big"
+    # Only a cut answer loses its last clause; one that ends on its own keeps it whole.
+    assert clean_prompt("A fox, soft light, 35mm fil", cut=True) == "A fox, soft light"
+    assert clean_prompt("A fox. Soft light on the fur", cut=True) == "A fox."
+    assert clean_prompt("A fox, soft light, 35mm film") == "A fox, soft light, 35mm film"
+    assert clean_prompt("A fox in the snow", cut=True) == "A fox in the snow"  # nothing to cut at
 
 
 @pytest.mark.parametrize(
@@ -108,3 +126,13 @@ def test_values_request_names_the_variable_and_what_to_avoid():
     assert "Number of values: 3" in user
     assert "Siamese" in user
     assert request.max_tokens == values_budget(3, 80)
+
+
+def test_punctuation_and_the_variables_own_name_are_not_values():
+    # SmolLM2-135M-Instruct's answers for __lighting__ and __cat_breed__ (temperature 0.9)
+    for junk in ("...", "—", "_lighting__", "Lighting", "__lighting__", "lighting"):
+        assert not_a_value(junk, "lighting")
+    assert not_a_value("cat_breed", "cat_breed") and not_a_value("Cat Breed", "cat_breed")
+    assert not_a_value("light", "styles/light")  # a folder's variable: its own name too
+    for value in ("Siamese", "soft window light", "cat breed show", "1", "Lighting 1"):
+        assert not not_a_value(value, "lighting" if "Light" in value else "cat_breed")
