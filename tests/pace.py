@@ -1,0 +1,156 @@
+"""The model's pace, set by the test instead of guessed from the clock.
+
+A test that needs a request to be still running, a second one to be waiting, or a stream to be cut
+into pieces holds the real model between two forward passes, looks, then lets it go on. Nothing is
+mocked: the model computes exactly what it would; it only waits before a pass while held.
+
+- In the test's own process: ``Gate(loaded.model)``, a forward pre-hook on the loaded model.
+- In a gateway (another process): ``paced_checkpoint(src, dst)``, a copy of a tiny checkpoint whose
+  model class (``trust_remote_code``) waits while a hold file exists; ``Hold`` writes that file.
+
+Both can hold every pass or only decoding steps (one column per row): a prompt is then prefilled
+and its first token sent, and the request stays running, held, until released.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+DEADLINE_S = 120.0  # what a condition waited for may take on a slow, loaded machine
+
+
+def wait_for(condition, seconds: float = DEADLINE_S, every: float = 0.01) -> bool:
+    """True once ``condition()`` is; False if it still is not after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() >= deadline:
+            return bool(condition())
+        time.sleep(every)
+    return True
+
+
+def _columns(args: tuple, kwargs: dict) -> tuple[int, ...]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return tuple(ids.shape) if ids is not None else ()
+
+
+class Gate:
+    """Holds a loaded model's forward passes while closed; records each pass's input shape."""
+
+    def __init__(self, model, *, decode_only: bool = True, look=None) -> None:
+        self.decode_only = decode_only
+        self.passes: list[tuple[int, ...]] = []  # (rows, columns) of every pass, in order
+        self.look, self.seen = look, []  # look(): what to note before each pass, into seen
+        self.waiting = threading.Event()  # a pass is held at the gate now
+        self._open = threading.Event()
+        self._open.set()
+        self._handle = model.register_forward_pre_hook(self._before, with_kwargs=True)
+
+    def _before(self, module, args, kwargs) -> None:
+        shape = _columns(args, kwargs)
+        self.passes.append(shape)
+        if self.look is not None:
+            self.seen.append(self.look())
+        if self._open.is_set() or (self.decode_only and shape[-1:] != (1,)):
+            return
+        self.waiting.set()
+        self._open.wait()
+        self.waiting.clear()
+
+    def close(self) -> Gate:
+        self._open.clear()
+        return self
+
+    def open(self) -> None:
+        self._open.set()
+
+    def held(self, seconds: float = DEADLINE_S) -> bool:
+        """True once a pass waits at the (closed) gate: the engine stands still."""
+        return self.waiting.wait(seconds)
+
+    def remove(self) -> None:
+        self.open()
+        self._handle.remove()
+
+
+# ---- a gateway's model, held through a file ---------------------------------------------------
+
+MODELING = '''"""Qwen3, unchanged, except that it waits before a forward pass while its hold file
+says so (tests/pace.py). Test-only: never shipped, never a user's model."""
+
+import os
+import time
+
+from transformers import Qwen3ForCausalLM
+
+
+class PacedQwen3ForCausalLM(Qwen3ForCausalLM):
+    def forward(self, *args, **kwargs):
+        hold = getattr(self.config, "hold_file", None)
+        if hold and os.path.exists(hold):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            waiting = hold + ".waiting"
+            while _holds(hold, ids):
+                if not os.path.exists(waiting):
+                    open(waiting, "w").close()
+                time.sleep(0.005)
+            if os.path.exists(waiting):
+                os.remove(waiting)
+        return super().forward(*args, **kwargs)
+
+
+def _holds(hold, ids):
+    try:
+        with open(hold) as f:
+            what = f.read().strip()
+    except FileNotFoundError:
+        return False
+    return what != "decode" or (ids is not None and ids.shape[-1] == 1)
+'''
+
+
+class Hold:
+    """The hold file of a paced checkpoint: while it exists, the model waits before its passes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.waiting = Path(f"{path}.waiting")
+
+    def decoding(self) -> Hold:
+        """Hold decoding steps only: prompts are prefilled (first token made), then they wait."""
+        self.path.write_text("decode")
+        return self
+
+    def everything(self) -> Hold:
+        self.path.write_text("all")
+        return self
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def held(self, seconds: float = DEADLINE_S) -> bool:
+        """True once the model waits at the hold: the engine stands still."""
+        return wait_for(self.waiting.exists, seconds)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def paced_checkpoint(src: Path, dst: Path) -> tuple[Path, Hold]:
+    """A copy of the checkpoint ``src`` whose model holds while ``Hold`` says so (load it with
+    ``trust_remote_code``); the same weights, so the same answers."""
+    shutil.copytree(src, dst)
+    (dst / "modeling_paced.py").write_text(MODELING)
+    hold = Hold(dst / "HOLD")
+    config = json.loads((dst / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_paced.PacedQwen3ForCausalLM"}
+    config["hold_file"] = str(hold.path)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, hold
