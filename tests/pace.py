@@ -15,6 +15,7 @@ and its first token sent, and the request stays running, held, until released.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -39,15 +40,20 @@ def _columns(args: tuple, kwargs: dict) -> tuple[int, ...]:
 
 
 class Gate:
-    """Holds a loaded model's forward passes while closed; records each pass's input shape."""
+    """Holds a loaded model's forward passes while closed; records each pass's input shape.
+
+    ``decode_only`` (the default) holds decoding steps only (one column per row): a prompt is
+    still prefilled and its first token sent. ``let(n)`` lets ``n`` held passes go, then holds
+    again; ``waits`` counts the passes that have stopped at the gate so far."""
 
     def __init__(self, model, *, decode_only: bool = True, look=None) -> None:
         self.decode_only = decode_only
         self.passes: list[tuple[int, ...]] = []  # (rows, columns) of every pass, in order
         self.look, self.seen = look, []  # look(): what to note before each pass, into seen
-        self.waiting = threading.Event()  # a pass is held at the gate now
-        self._open = threading.Event()
-        self._open.set()
+        self.waits = 0
+        self._allowed = math.inf
+        self._waiting = False
+        self._changed = threading.Condition()
         self._handle = model.register_forward_pre_hook(self._before, with_kwargs=True)
 
     def _before(self, module, args, kwargs) -> None:
@@ -55,22 +61,40 @@ class Gate:
         self.passes.append(shape)
         if self.look is not None:
             self.seen.append(self.look())
-        if self._open.is_set() or (self.decode_only and shape[-1:] != (1,)):
+        if self.decode_only and shape[-1:] != (1,):
             return
-        self.waiting.set()
-        self._open.wait()
-        self.waiting.clear()
+        with self._changed:
+            if not self._allowed:
+                self.waits += 1
+                self._waiting = True
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: self._allowed)
+                self._waiting = False
+            self._allowed -= 1
+
+    def _set(self, allowed: float) -> None:
+        with self._changed:
+            self._allowed = allowed
+            self._changed.notify_all()
 
     def close(self) -> Gate:
-        self._open.clear()
+        self._set(0)
         return self
 
     def open(self) -> None:
-        self._open.set()
+        self._set(math.inf)
 
-    def held(self, seconds: float = DEADLINE_S) -> bool:
-        """True once a pass waits at the (closed) gate: the engine stands still."""
-        return self.waiting.wait(seconds)
+    def let(self, passes: int = 1) -> None:
+        """Let ``passes`` more passes go, then hold again."""
+        with self._changed:
+            self._allowed += passes
+            self._changed.notify_all()
+
+    def held(self, seconds: float = DEADLINE_S, after: int = 0) -> bool:
+        """True once a pass waits at the gate (the ``after + 1``-th to stop there): the engine
+        stands still."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._waiting and self.waits > after, seconds)
 
     def remove(self) -> None:
         self.open()
