@@ -8,8 +8,8 @@ mocked: the model computes exactly what it would; it only waits before a pass wh
 - In a gateway (another process): ``paced_checkpoint(src, dst)``, a copy of a tiny checkpoint whose
   model class (``trust_remote_code``) waits while a hold file exists; ``Hold`` writes that file.
 
-Both can hold every pass or only decoding steps (one column per row): a prompt is then prefilled
-and its first token sent, and the request stays running, held, until released.
+Both can hold every pass or only decoding steps: a prompt is then prefilled and its first token
+sent, and the request stays running, held, until released.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def wait_for(condition, seconds: float = DEADLINE_S, every: float = 0.01) -> boo
     return True
 
 
+def _decoding(kwargs: dict) -> bool:
+    """A decoding step (custom_handlers/inference/decode.py), not a prefill: a prefill asks for
+    the logits it keeps, and may have one column too (a prompt the prefix cache knew but one)."""
+    return "logits_to_keep" not in kwargs
+
+
 def _columns(args: tuple, kwargs: dict) -> tuple[int, ...]:
     ids = kwargs.get("input_ids", args[0] if args else None)
     return tuple(ids.shape) if ids is not None else ()
@@ -42,7 +48,7 @@ def _columns(args: tuple, kwargs: dict) -> tuple[int, ...]:
 class Gate:
     """Holds a loaded model's forward passes while closed; records each pass's input shape.
 
-    ``decode_only`` (the default) holds decoding steps only (one column per row): a prompt is
+    ``decode_only`` (the default) holds decoding steps only, not prefills: a prompt is
     still prefilled and its first token sent. ``let(n)`` lets ``n`` held passes go, then holds
     again; ``waits`` counts the passes that have stopped at the gate so far."""
 
@@ -61,7 +67,7 @@ class Gate:
         self.passes.append(shape)
         if self.look is not None:
             self.seen.append(self.look())
-        if self.decode_only and shape[-1:] != (1,):
+        if self.decode_only and not _decoding(kwargs):
             return
         with self._changed:
             if not self._allowed:
@@ -116,9 +122,8 @@ class PacedQwen3ForCausalLM(Qwen3ForCausalLM):
     def forward(self, *args, **kwargs):
         hold = getattr(self.config, "hold_file", None)
         if hold and os.path.exists(hold):
-            ids = kwargs.get("input_ids", args[0] if args else None)
             waiting = hold + ".waiting"
-            while _holds(hold, ids):
+            while _holds(hold, "logits_to_keep" not in kwargs):  # a prefill keeps its logits
                 if not os.path.exists(waiting):
                     open(waiting, "w").close()
                 time.sleep(0.005)
@@ -127,13 +132,13 @@ class PacedQwen3ForCausalLM(Qwen3ForCausalLM):
         return super().forward(*args, **kwargs)
 
 
-def _holds(hold, ids):
+def _holds(hold, decoding):
     try:
         with open(hold) as f:
             what = f.read().strip()
     except FileNotFoundError:
         return False
-    return what != "decode" or (ids is not None and ids.shape[-1] == 1)
+    return what != "decode" or decoding
 '''
 
 
