@@ -55,7 +55,7 @@ def fake_openai():
 def paced_model(tiny_model_dir, tmp_path_factory) -> tuple[Path, Hold]:
     """The tiny checkpoint, whose model a test can hold between two forward passes (tests/pace.py);
     the same weights, the same answers; loaded with trust_remote_code."""
-    return paced_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("paced") / "tiny-qwen3")
+    return paced_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("paced") / tiny_model_dir.name)
 
 
 @pytest.fixture(scope="session")
