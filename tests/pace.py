@@ -14,6 +14,7 @@ sent, and the request stays running, held, until released.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import shutil
@@ -105,6 +106,24 @@ class Gate:
     def remove(self) -> None:
         self.open()
         self._handle.remove()
+
+
+def arriving_together(local, count: int, run):
+    """``run()``'s result, ``run`` sending ``count`` requests at once to the in-process handler
+    ``local``: the first prompt the engine takes is held in its prefill until all ``count``
+    have been submitted, so they arrive together on any machine, however fast it prefills."""
+    gate = Gate(local.holder.get().model, decode_only=False).close()
+    submitted, submit = [], local.engine.submit
+    local.engine.submit = lambda job: submitted.append(job) or submit(job)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            result = pool.submit(run)
+            assert gate.held() and wait_for(lambda: len(submitted) == count), len(submitted)
+            gate.open()
+            return result.result()
+    finally:
+        del local.engine.submit
+        gate.remove()
 
 
 # ---- a gateway's model, held through a file ---------------------------------------------------

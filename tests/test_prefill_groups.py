@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 
 from custom_handlers.inference.engine import _similar_lengths
 from custom_handlers.inference.provider import LocalLLM
-from tests.pace import Gate, wait_for
+from tests.pace import arriving_together
 from tests.test_kv_pool import handler
 from tests.test_prefix_cache import SYSTEM
 
@@ -37,20 +36,10 @@ def greedy_together(local: LocalLLM, conversations: list[list[dict]]) -> list[tu
 
 
 def held_until_all_arrive(local: LocalLLM, conversations: list[list[dict]]) -> list:
-    """``greedy_together``, with the first prompt taken held in its prefill until every prompt
-    has been submitted: they arrive together on any machine, however fast it prefills."""
-    gate = Gate(local.holder.get().model, decode_only=False).close()
-    submitted, submit = [], local.engine.submit
-    local.engine.submit = lambda job: submitted.append(job) or submit(job)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            together = pool.submit(greedy_together, local, conversations)
-            assert gate.held() and wait_for(lambda: len(submitted) == len(conversations))
-            gate.open()
-            return together.result()
-    finally:
-        del local.engine.submit
-        gate.remove()
+    """``greedy_together``, with the prompts arriving together on any machine (tests/pace.py)."""
+    return arriving_together(
+        local, len(conversations), lambda: greedy_together(local, conversations)
+    )
 
 
 def test_prompts_arriving_together_share_a_prefill_and_answer_as_alone(tiny_model_dir):
