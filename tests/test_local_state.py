@@ -199,8 +199,6 @@ def test_state_and_release_through_the_gateway(gateway, client):
     assert unloaded["load_seconds"] > 0  # the last load's time stays: what a reload may cost
     assert release(gateway)["released"] == []  # nothing left to release
 
-    started = time.monotonic()
     again = client.chat.completions.create(model="qwen3-4b", messages=FOX, max_tokens=2)
-    assert again.usage.completion_tokens >= 1  # reloaded on demand
+    assert again.usage.completion_tokens >= 1  # reloaded on demand (within the client's timeout)
     assert get_state(gateway)["loaded"] is True
-    assert time.monotonic() - started < 60
