@@ -141,13 +141,12 @@ class PacedQwen3ForCausalLM(Qwen3ForCausalLM):
     def forward(self, *args, **kwargs):
         hold = getattr(self.config, "hold_file", None)
         if hold and os.path.exists(hold):
-            waiting = hold + ".waiting"
-            while _holds(hold, "logits_to_keep" not in kwargs):  # a prefill keeps its logits
-                if not os.path.exists(waiting):
-                    open(waiting, "w").close()
-                time.sleep(0.005)
-            if os.path.exists(waiting):
-                os.remove(waiting)
+            decoding = "logits_to_keep" not in kwargs  # a prefill keeps its logits
+            if _holds(hold, decoding):
+                with open(hold + ".waits", "a") as f:  # one line per pass held
+                    f.write("1\\n")
+                while _holds(hold, decoding):
+                    time.sleep(0.005)
         return super().forward(*args, **kwargs)
 
 
@@ -166,23 +165,34 @@ class Hold:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.waiting = Path(f"{path}.waiting")
+        self.waits = Path(f"{path}.waits")  # the model adds a line each time a pass is held
+        self._before = 0
+
+    def _held_passes(self) -> int:
+        try:
+            return self.waits.read_text().count("\n")
+        except FileNotFoundError:
+            return 0
+
+    def _set(self, what: str) -> Hold:
+        self._before = self._held_passes()
+        self.path.write_text(what)
+        return self
 
     def decoding(self) -> Hold:
         """Hold decoding steps only: prompts are prefilled (first token made), then they wait."""
-        self.path.write_text("decode")
-        return self
+        return self._set("decode")
 
     def everything(self) -> Hold:
-        self.path.write_text("all")
-        return self
+        return self._set("all")
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
 
     def held(self, seconds: float = DEADLINE_S) -> bool:
-        """True once the model waits at the hold: the engine stands still."""
-        return wait_for(self.waiting.exists, seconds)
+        """True once a pass has stopped at this hold: until released, the engine stands still
+        (a pass held stays held while the hold is on)."""
+        return wait_for(lambda: self._held_passes() > self._before, seconds)
 
     def __enter__(self) -> Hold:
         return self

@@ -322,7 +322,8 @@ def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client, 
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             break
-    # The model stands still: the second prompt is running next to the first, or still queued.
+    # Once the model stands still, the second prompt is running next to the first, or queued.
+    assert gateway_hold.held()
     started = gateway.requests()
     assert started["running"] + started["queued"] == 2, started
     stream.close()

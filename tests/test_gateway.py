@@ -191,6 +191,7 @@ def test_stream_sends_text_in_chunks_and_usage_when_asked(gateway, client, gatew
     chunks = []
     while not (chunks and chunks[-1].choices and chunks[-1].choices[0].delta.content):
         chunks.append(next(stream))
+    assert gateway_hold.held()  # the engine stands still: what the state says holds
     assert gateway.requests() == {"running": 1, "queued": 0}  # sent before the answer was done
     gateway_hold.release()
     chunks += list(stream)

@@ -116,6 +116,7 @@ def test_streamed_constrained_text_is_the_same_valid_json(gateway, client, gatew
     chunks = []
     while not (chunks and chunks[-1].choices and chunks[-1].choices[0].delta.content):
         chunks.append(next(stream))
+    assert gateway_hold.held()  # the engine stands still: what the state says holds
     assert gateway.requests() == {"running": 1, "queued": 0}
     gateway_hold.release()
     chunks += list(stream)
