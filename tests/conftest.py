@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pace import Hold, paced_checkpoint
 from tests.servers import ROOT, FakeOpenAI, Gateway
 
 pytest_plugins = ["tests.compat_matrix"]
@@ -51,15 +52,30 @@ def fake_openai():
 
 
 @pytest.fixture(scope="session")
-def gateway(tiny_model_dir, fake_openai, tmp_path_factory):
+def paced_model(tiny_model_dir, tmp_path_factory) -> tuple[Path, Hold]:
+    """The tiny checkpoint, whose model a test can hold between two forward passes (tests/pace.py);
+    the same weights, the same answers; loaded with trust_remote_code."""
+    return paced_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("paced") / tiny_model_dir.name)
+
+
+@pytest.fixture(scope="session")
+def gateway(paced_model, fake_openai, tmp_path_factory):
     """The real gateway: tiny local model as qwen3-4b, the fake upstream behind gpt-4o-mini."""
     gw = Gateway(
-        env=fake_openai.gateway_env(str(tiny_model_dir)),
+        env=fake_openai.gateway_env(str(paced_model[0]), LOCAL_LLM_TRUST_REMOTE_CODE="true"),
         workdir=tmp_path_factory.mktemp("gateway"),
     )
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def gateway_hold(gateway, paced_model):
+    """Holds the session gateway's model while the test says so; released after the test."""
+    hold = paced_model[1]
+    yield hold
+    hold.release()
 
 
 @pytest.fixture(scope="session")

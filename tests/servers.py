@@ -66,7 +66,24 @@ class Gateway:
             if CANCELLED in line
         ]
 
-    def wait_for_cancellation(self, seen: int, timeout: float = 30.0) -> int:
+    def requests(self, model: str = "qwen3-4b") -> dict[str, int]:
+        """A local model's requests now: ``{"running": n, "queued": m}`` (GET /local/state)."""
+        r = httpx.get(
+            f"{self.base_url}/local/state",
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return next(m for m in r.json()["models"] if m["model"] == model)["requests"]
+
+    def wait_for_requests(self, expected: dict, model: str = "qwen3-4b") -> dict[str, int]:
+        """The model's requests once they are ``expected``, or as they are after the deadline."""
+        deadline = time.monotonic() + 120
+        while (seen := self.requests(model)) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return seen
+
+    def wait_for_cancellation(self, seen: int, timeout: float = 120.0) -> int:
         """Tokens of the first generation cancelled after the ``seen`` ones logged before."""
         deadline = time.monotonic() + timeout
         while len(counts := self.cancelled_counts()) <= seen and time.monotonic() < deadline:

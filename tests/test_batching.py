@@ -12,6 +12,7 @@ from custom_handlers.inference.errors import OverloadedError
 from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.settings import LocalModelSettings
+from tests.pace import DEADLINE_S, Gate, paced_checkpoint, wait_for
 from tests.servers import Gateway
 
 LOCAL = "qwen3-4b"
@@ -89,8 +90,13 @@ def handler(tiny_model_dir):
 
 
 def test_requests_arriving_together_share_the_batch(handler):
+    # The first one to arrive is held at its first decoding step until all six are in: they
+    # arrive together on any machine, however fast it decodes.
+    gate = Gate(handler.holder.get().model).close()
+    engine = handler.engine
+
     async def burst():
-        return await asyncio.gather(
+        asked = asyncio.gather(
             *(
                 handler.acompletion(
                     "x", _messages(i), optional_params={"max_tokens": 20, "temperature": 0}
@@ -98,64 +104,92 @@ def test_requests_arriving_together_share_the_batch(handler):
                 for i in range(6)
             )
         )
+        assert await asyncio.to_thread(gate.held)
+        assert await asyncio.to_thread(wait_for, lambda: engine.running + engine.queued == 6)
+        gate.open()
+        return await asked
 
-    answers = asyncio.run(burst())
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        gate.remove()
     assert len(answers) == 6
-    assert handler.engine.peak_rows >= 4  # decoded together, not one after another
+    assert handler.engine.peak_rows == 6  # decoded together, not one after another
 
 
 def test_a_cancelled_request_leaves_the_batch_at_once(handler, cancelled_generations):
+    gate = Gate(handler.holder.get().model).close()
+
+    def made() -> int:  # the second row's tokens: its first, then one per 2-row step done
+        done = gate.passes[:-1]  # the last pass is the one held at the gate: not done yet
+        return 1 + sum(1 for shape in done if shape == (2, 1))
+
     async def scenario():
         keeps = asyncio.create_task(
             handler.acompletion(
                 "x", _messages(1), optional_params={"max_tokens": 300, "temperature": 0}
             )
         )
+        assert await asyncio.to_thread(gate.held)  # keeps: prefilled, held at its first step
         leaves = handler.astreaming(
             "x", _messages(2), optional_params={"max_tokens": 1500, "response_format": ENDLESS}
         )
-        await leaves.__anext__()
+        first = asyncio.ensure_future(leaves.__anext__())
+        # One step at a time until the leaving stream has its first chunk; the engine then stands
+        # still, so what it made before the client left is known exactly.
+        while not first.done():
+            waits = gate.waits
+            gate.let(1)
+            assert await asyncio.to_thread(gate.held, after=waits)
+        await first
+        before = made()
         await leaves.aclose()  # the client went away
-        deadline = time.monotonic() + 5
-        while handler.engine.running > 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
-        running_after_cancel = handler.engine.running
-        return running_after_cancel, await keeps
+        gate.open()
+        assert await asyncio.to_thread(wait_for, lambda: handler.engine.running <= 1)
+        return before, await keeps
 
-    running, kept = asyncio.run(scenario())
-    assert running <= 1
+    try:
+        before, kept = asyncio.run(scenario())
+    finally:
+        gate.remove()
     assert kept.choices[0].finish_reason in ("stop", "length")
-    assert len(cancelled_generations) == 1 and cancelled_generations[0] < 50
+    # It left with the step under way when it was cancelled, at most: never one more.
+    assert len(cancelled_generations) == 1
+    assert before <= cancelled_generations[0] <= before + 1, (before, cancelled_generations)
 
 
 def test_a_full_queue_refuses_with_retry_after(tiny_model_dir):
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
     local.engine.max_rows, local.engine.max_queue = 1, 1
     long = {"max_tokens": 1500, "temperature": 1.0, "response_format": ENDLESS}
+    gate = Gate(local.holder.get().model).close()  # the running one stays running
 
     async def scenario():
         running = local.astreaming("x", _messages(0), optional_params=long)
         await running.__anext__()  # in the batch, which is now full
         waiting = asyncio.create_task(local.acompletion("x", _messages(1), optional_params=long))
-        deadline = time.monotonic() + 30
-        while local.engine.queued < 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(wait_for, lambda: local.engine.queued == 1)
         with pytest.raises(OverloadedError) as info:
             await local.acompletion("x", _messages(2), optional_params=long)
         await running.aclose()
         waiting.cancel()
         return info.value
 
-    error = asyncio.run(scenario())
+    try:
+        error = asyncio.run(scenario())
+    finally:
+        gate.remove()
     assert error.status_code == 503 and error.retry_after >= 1
     assert "LOCAL_LLM_MAX_QUEUE=1" in error.message
 
 
 @pytest.mark.integration
 def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, tmp_path):
+    paced, hold = paced_checkpoint(tiny_model_dir, tmp_path / "paced")
     gw = Gateway(
         env={
-            "LOCAL_LLM_MODEL": str(tiny_model_dir),
+            "LOCAL_LLM_MODEL": str(paced),
+            "LOCAL_LLM_TRUST_REMOTE_CODE": "true",
             "LOCAL_LLM_MAX_BATCH_SIZE": "1",
             "LOCAL_LLM_MAX_QUEUE": "1",
         },
@@ -169,20 +203,31 @@ def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, t
         "response_format": ENDLESS,
     }
 
+    async def requests(http: httpx.AsyncClient) -> dict:
+        return (await http.get("/local/state")).json()["models"][0]["requests"]
+
+    async def until(http: httpx.AsyncClient, expected: dict) -> dict:
+        deadline = time.monotonic() + DEADLINE_S
+        while (seen := await requests(http)) != expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return seen
+
     async def scenario(http: httpx.AsyncClient):
         await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 1})
+        hold.decoding()  # the first request stays running until released, however fast
         async with http.stream("POST", "/v1/chat/completions", json=body) as first:
             lines = first.aiter_lines()  # kept: a dropped iterator closes the response
             await anext(lines)  # running: the batch (1 row) is full
             queued = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-            await asyncio.sleep(0.5)  # the second request is waiting in the queue
+            waiting = await until(http, {"running": 1, "queued": 1})
             refused = await http.post("/v1/chat/completions", json={**body, "stream": False})
         queued.cancel()
-        await asyncio.sleep(0.5)
+        hold.release()
+        drained = await until(http, {"running": 0, "queued": 0})
         after = await http.post(
             "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}
         )
-        return refused, after
+        return waiting, refused, drained, after
 
     async def run():
         async with httpx.AsyncClient(
@@ -191,12 +236,15 @@ def test_the_gateway_answers_overload_with_503_and_retry_after(tiny_model_dir, t
             return await scenario(http)
 
     try:
-        refused, after = asyncio.run(run())
+        waiting, refused, drained, after = asyncio.run(run())
     finally:
+        hold.release()
         gw.stop()
+    assert waiting == {"running": 1, "queued": 1}
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["retry-after"]) >= 1
     assert "busy" in refused.json()["error"]["message"]
+    assert drained == {"running": 0, "queued": 0}  # both left when their clients did
     assert after.status_code == 200  # served again once the queue drained
 
 

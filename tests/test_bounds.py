@@ -104,7 +104,7 @@ class _Records(logging.Handler):
         return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
 
 
-def wait_for(condition, seconds: float = 20.0) -> bool:
+def wait_for(condition, seconds: float = 120.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)

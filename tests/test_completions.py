@@ -21,6 +21,7 @@ from custom_handlers.inference.completion import (
     parse_completion_request,
 )
 from custom_handlers.inference.errors import InvalidRequestError
+from tests.pace import wait_for
 
 MODEL = "qwen3-4b"
 FOX = "Once upon a time a fox"
@@ -307,8 +308,9 @@ def test_a_stream_of_several_prompts_times_n_with_logprobs(client):
     assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
 
 
-def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client):
+def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client, gateway_hold):
     before = len(gateway.cancelled_counts())  # the session's gateway: other tests cancel too
+    gateway_hold.decoding()  # both prompts held after their first token, until released
     stream = client.completions.create(
         model=MODEL,
         prompt=["a fox", "a misty forest"],
@@ -317,15 +319,23 @@ def test_closing_a_stream_stops_the_generation_of_every_prompt(gateway, client):
         max_tokens=1900,
         stream=True,
     )
-    received = 0
     for chunk in stream:
-        received += bool(chunk.choices and chunk.choices[0].text)
-        if received >= 4:
+        if chunk.choices and chunk.choices[0].text:
             break
+    # Once the model stands still, the second prompt is running next to the first, or queued.
+    assert gateway_hold.held()
+    started = gateway.requests()
+    assert started["running"] + started["queued"] == 2, started
     stream.close()
-    first = gateway.wait_for_cancellation(before)
-    second = gateway.wait_for_cancellation(before + 1)
-    assert first < 200 and second < 200  # of 1900 allowed: both stopped soon after the client left
+    # Every prompt cancelled (none counted as running) while the model stood still; then let go.
+    assert wait_for(lambda: gateway.requests()["running"] == 0)
+    gateway_hold.release()
+    assert gateway.wait_for_requests({"running": 0, "queued": 0}) == {"running": 0, "queued": 0}
+    # Each prompt that had started stopped with its first token, and at most the step held when
+    # the client left; one still queued was dropped without a token.
+    counts = [gateway.wait_for_cancellation(before + i) for i in range(started["running"])]
+    assert all(tokens <= 2 for tokens in counts), counts
+    assert len(gateway.cancelled_counts()) == before + started["running"]
 
 
 # ---- refusals: 400s naming the field ------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from custom_handlers.inference import decode
 from custom_handlers.inference.provider import LocalLLM
+from tests.pace import arriving_together
 from tests.test_batching import ENDLESS, _messages
 from tests.test_kv_pool import handler as kv_pool_handler
 
@@ -34,6 +35,8 @@ def handler(model_dir, graph_mode: str | None = None, **settings) -> LocalLLM:
 
 
 def answers(local: LocalLLM, bodies=BODIES, n: int = 1) -> list[tuple[str, str, int]]:
+    """The bodies' answers, sent at once; they arrive together on any machine (tests/pace.py)."""
+
     async def together():
         return await asyncio.gather(
             *(
@@ -44,7 +47,7 @@ def answers(local: LocalLLM, bodies=BODIES, n: int = 1) -> list[tuple[str, str, 
 
     return [
         (c.message.content, c.finish_reason, r.usage.completion_tokens)
-        for r in asyncio.run(together())
+        for r in arriving_together(local, len(bodies), lambda: asyncio.run(together()))
         for c in r.choices
     ]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 import yaml
 
+from tests.pace import wait_for
 from tests.servers import CONFIG, FAKE_OPENAI_KEY, Gateway, free_port
 
 pytestmark = pytest.mark.integration
@@ -179,14 +179,22 @@ def test_n_returns_n_choices(client):
 # ---- streaming ----------------------------------------------------------------------------------
 
 
-def test_stream_sends_text_in_chunks_and_usage_when_asked(client):
-    # Long enough to outlast several stream intervals (a chunk at most every 50 ms): the tiny
-    # model makes 30 tokens in about as long as one interval.
+def test_stream_sends_text_in_chunks_and_usage_when_asked(gateway, client, gateway_hold):
     expected = seeded(client, max_tokens=300)
     assert expected.usage.completion_tokens >= 200, "this seed ends too early for the test"
-    chunks = list(
+    # The model is held after the first token: the first piece must reach the client while the
+    # answer is still being made, however fast the machine (no count of pieces to guess).
+    gateway_hold.decoding()
+    stream = iter(
         seeded(client, max_tokens=300, stream=True, stream_options={"include_usage": True})
     )
+    chunks = []
+    while not (chunks and chunks[-1].choices and chunks[-1].choices[0].delta.content):
+        chunks.append(next(stream))
+    assert gateway_hold.held()  # the engine stands still: what the state says holds
+    assert gateway.requests() == {"running": 1, "queued": 0}  # sent before the answer was done
+    gateway_hold.release()
+    chunks += list(stream)
     pieces = [
         c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
     ]
@@ -194,7 +202,7 @@ def test_stream_sends_text_in_chunks_and_usage_when_asked(client):
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
     usage = [c.usage for c in chunks if c.usage]
-    assert len(pieces) >= 3
+    assert len(pieces) >= 2
     assert "".join(pieces) == expected.choices[0].message.content
     assert finishes == [expected.choices[0].finish_reason]
     assert len(usage) == 1
@@ -209,19 +217,21 @@ def test_stream_without_include_usage_sends_no_usage(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
 
 
-def test_closing_a_stream_stops_its_generation(gateway, client):
+def test_closing_a_stream_stops_its_generation(gateway, client, gateway_hold):
     before = len(gateway.cancelled_counts())  # the session's gateway: other tests cancel too
+    gateway_hold.decoding()  # held after its first token: what it made before the close is known
     stream = client.chat.completions.create(
         model=LOCAL, messages=FOX, temperature=1.0, seed=1, max_tokens=1900, stream=True
     )
-    received = 0
     for chunk in stream:
-        received += bool(chunk.choices and chunk.choices[0].delta.content)
-        if received >= 2:
+        if chunk.choices and chunk.choices[0].delta.content:
             break
     stream.close()
+    # Cancelled (no longer counted as running) while the model stood still; then let go.
+    assert gateway.wait_for_requests({"running": 0, "queued": 0}) == {"running": 0, "queued": 0}
+    gateway_hold.release()
     tokens = gateway.wait_for_cancellation(before)
-    assert tokens < 200  # of 1900 allowed: it stopped soon after the client left
+    assert tokens <= 2  # its first token, and at most the step held when the client left
     assert greedy(client, max_tokens=2).choices[0].finish_reason == "length"
 
 
@@ -451,7 +461,8 @@ def test_a_refused_request_logs_one_line_and_no_traceback(gateway):
     ]
     for body in refused:
         assert gateway.chat(body).status_code == 400
-    time.sleep(0.5)  # the log is written as the answers go out
+    # The log is written as the answers go out: wait for the lines (or more) to be there.
+    wait_for(lambda: gateway.log()[seen:].count("Refused with 400") >= len(refused))
     logged = gateway.log()[seen:]
     assert "Traceback" not in logged
     lines = [line for line in logged.splitlines() if "Refused with 400" in line]

@@ -15,6 +15,7 @@ from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.request import parse_chat_request
 from custom_handlers.inference.settings import LocalModelSettings
+from tests.pace import Gate
 
 FOX = [{"role": "user", "content": "a fox"}]
 
@@ -51,8 +52,9 @@ def test_the_idle_model_is_unloaded_after_keep_alive_and_reloaded_on_demand(tiny
 def test_keep_alive_zero_in_a_request_unloads_right_after_it(tiny_model_dir):
     local = handler(tiny_model_dir, keep_alive=3600)
     ask(local)
-    time.sleep(0.3)
-    assert local.holder.loaded is not None  # the server's keep_alive holds it
+    # The server's keep_alive holds it: its unload is an hour away (set before the answer came).
+    assert local.holder.loaded is not None
+    assert local.engine.state()["unload_in_seconds"] > 3000
     ask(local, keep_alive=0)
     assert wait_for(lambda: local.holder.loaded is None, 5)
 
@@ -60,22 +62,31 @@ def test_keep_alive_zero_in_a_request_unloads_right_after_it(tiny_model_dir):
 def test_keep_alive_minus_one_never_unloads(tiny_model_dir):
     local = handler(tiny_model_dir, keep_alive=0)
     ask(local, keep_alive=-1)
-    time.sleep(0.5)
+    # No unload pending (set before the answer came), rather than "still loaded a while later".
     assert local.holder.loaded is not None
+    assert local.engine.state()["unload_in_seconds"] is None
 
 
 def test_the_model_stays_while_requests_run(tiny_model_dir):
     local = handler(tiny_model_dir, keep_alive=0)
+    gate = Gate(
+        local.holder.get().model
+    ).close()  # the slow one is held until the quick one has arrived
 
     async def overlapping():
         slow = asyncio.create_task(
             local.acompletion("x", FOX, optional_params={"max_tokens": 200, "temperature": 0})
         )
-        await asyncio.sleep(0.05)
-        quick = await local.acompletion("x", FOX, optional_params={"max_tokens": 1})
-        return quick, await slow
+        assert await asyncio.to_thread(gate.held)
+        quick = asyncio.create_task(local.acompletion("x", FOX, optional_params={"max_tokens": 1}))
+        assert await asyncio.to_thread(wait_for, lambda: local.engine.queued == 1)
+        gate.open()
+        return await quick, await slow
 
-    quick, slow = asyncio.run(overlapping())
+    try:
+        quick, slow = asyncio.run(overlapping())
+    finally:
+        gate.remove()
     assert quick.usage.completion_tokens == 1 and slow.usage.completion_tokens >= 1
 
 

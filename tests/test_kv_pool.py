@@ -10,8 +10,8 @@ from custom_handlers.inference.errors import InvalidRequestError
 from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.settings import LocalModelSettings
+from tests.pace import Gate, wait_for
 from tests.test_batching import ENDLESS, _messages
-from tests.test_keep_alive import wait_for
 
 LONG = {"max_tokens": 200, "temperature": 1.0, "response_format": ENDLESS}
 
@@ -24,22 +24,19 @@ def test_decoding_writes_in_place_and_the_pool_is_freed_with_its_last_row(tiny_m
     local = handler(tiny_model_dir)
     engine = local.engine
 
-    async def scenario():
-        running = asyncio.create_task(local.acompletion("x", _messages(1), optional_params=LONG))
-        seen = []  # (tensor address, row 0's tokens in the pool) while it decodes
-        while not running.done():
-            batch = engine._batch
-            lengths = batch.lengths  # one read: the engine thread replaces the list
-            if batch.keys and lengths:
-                seen.append((batch.keys[0].data_ptr(), lengths[0]))
-            await asyncio.sleep(0.001)
-        return seen, await running
+    def look():  # before each forward pass: the pool's tensor and row 0's tokens in it
+        batch = engine._batch
+        return (batch.keys[0].data_ptr(), batch.lengths[0]) if batch.keys else None
 
-    seen, answer = asyncio.run(scenario())
+    gate = Gate(local.holder.get().model, look=look)
+    try:
+        answer = asyncio.run(local.acompletion("x", _messages(1), optional_params=LONG))
+    finally:
+        gate.remove()
     assert answer.usage.completion_tokens == 200
-    lengths = [length for _, length in seen]
-    assert lengths[-1] - lengths[0] > 50  # many steps were seen
-    assert len({address for address, _ in seen}) == 1  # ... all into the same tensor
+    seen = [s for s in gate.seen if s is not None]  # the prefill comes before the pool
+    assert [length for _, length in seen] == list(range(seen[0][1], seen[0][1] + 199))
+    assert len({address for address, _ in seen}) == 1  # every step wrote into the same tensor
     state = local.state()["models"][0]["kv_cache"]
     assert state["bytes"] == 0 and state["slots"] == 0  # an idle model holds no KV
 
@@ -62,16 +59,27 @@ def test_a_request_that_does_not_fit_next_to_the_running_ones_waits_then_is_serv
     engine = local.engine
     budget = engine.kv_budget(local.holder.get())
     assert budget.bytes_for(1, 256) <= budget.budget_bytes < budget.bytes_for(2, 256)
+    # The first request is held at its first decoding step until the second waits in the queue:
+    # the second then comes while the first runs, on any machine, however fast.
+    gate = Gate(local.holder.get().model).close()
 
     async def scenario():
         first = asyncio.create_task(local.acompletion("x", _messages(1), optional_params=LONG))
-        assert await asyncio.to_thread(wait_for, lambda: engine.running == 1)
+        assert await asyncio.to_thread(gate.held)
         second = asyncio.create_task(local.acompletion("x", _messages(2), optional_params=LONG))
         assert await asyncio.to_thread(wait_for, lambda: engine.queued == 1)
-        await asyncio.sleep(0.2)
-        alone = engine.running == 1 and engine.queued == 1  # it waits for the pool, not the batch
+        alone = engine.running == 1 and engine.queued == 1
+        gate.open()
         return alone, await first, await second
 
-    alone, first, second = asyncio.run(scenario())
+    try:
+        alone, first, second = asyncio.run(scenario())
+    finally:
+        gate.remove()
     assert alone
     assert first.usage.completion_tokens == second.usage.completion_tokens == 200
+    # It waited for the pool, not the batch: never decoded next to the first, its prompt
+    # prefilled only once the first's 199 decoding steps were done.
+    prefills = [i for i, (_, columns) in enumerate(gate.passes) if columns > 1]
+    assert prefills == [0, 200], gate.passes[:3]
+    assert all(rows == 1 for rows, _ in gate.passes)

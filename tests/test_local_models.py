@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import _load_builder
+from tests.pace import Hold, paced_checkpoint
 from tests.servers import CONFIG, MASTER_KEY, Gateway, _clean_environ, free_port
 from tests.test_local_state import ENDLESS
 
@@ -37,6 +38,13 @@ def two_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     small = builder.build(root / "small", layers=2, hidden=64, vocab=1024, seed=1)
     wide = builder.build(root / "wide", layers=3, hidden=128, vocab=320, seed=2)
     return small, wide
+
+
+@pytest.fixture(scope="module")
+def paced_small(two_checkpoints, tmp_path_factory) -> tuple[Path, Hold]:
+    """``small``, whose model a test holds between two forward passes (tests/pace.py); served
+    with ``trust_remote_code: true``."""
+    return paced_checkpoint(two_checkpoints[0], tmp_path_factory.mktemp("paced") / "small")
 
 
 def write_config(path: Path, local: dict[str, tuple[str, dict]]) -> Path:
@@ -95,13 +103,14 @@ def wait_for(condition, seconds: float = 120.0) -> bool:
 
 
 def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
-    two_checkpoints, tmp_path
+    two_checkpoints, paced_small, tmp_path
 ):
-    small, wide = two_checkpoints
+    (small, hold), (_, wide) = paced_small, two_checkpoints
+    paced = {"trust_remote_code": True}
     gw = start(
         tmp_path,
         {
-            "small": (str(small), {"keep_alive": 0, "max_batch_size": 1}),
+            "small": (str(small), {"keep_alive": 0, "max_batch_size": 1, **paced}),
             "wide": (str(wide), {}),
         },
         LOCAL_LLM_MAX_LOADED_MODELS="2",
@@ -143,17 +152,22 @@ def test_two_local_models_side_by_side_each_with_its_own_tokenizer_and_settings(
         assert wait_for(lambda: loaded(gw) == ["wide"]), models(gw)
 
         # max_batch_size 1 applies to small only: of three concurrent requests one runs at a time.
+        # The first is held after its first token until the two others are seen waiting.
+        hold.decoding()
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             body = {**LONG, "max_tokens": 60}
             futures = [pool.submit(ask, gw, "small", **body) for _ in range(3)]
+            one_runs = {"running": 1, "queued": 2}
+            assert wait_for(lambda: models(gw)["small"]["requests"] == one_runs), models(gw)
+            hold.release()
             seen = []
             while not all(f.done() for f in futures):
                 seen.append(models(gw)["small"]["requests"])
                 time.sleep(0.02)
         assert all(f.result().status_code == 200 for f in futures)
-        assert max(r["running"] for r in seen) == 1
-        assert max(r["queued"] for r in seen) >= 1
+        assert all(r["running"] <= 1 for r in seen)  # never two at once
     finally:
+        hold.release()
         gw.stop()
 
 
@@ -180,13 +194,20 @@ def test_with_one_model_loaded_at_a_time_requests_swap_them(two_checkpoints, tmp
         gw.stop()
 
 
-def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpoints, tmp_path):
-    small, wide = two_checkpoints
-    gw = start(tmp_path, {"small": (str(small), {}), "wide": (str(wide), {"max_queue": 2})})
+def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(
+    two_checkpoints, paced_small, tmp_path
+):
+    (small, hold), (_, wide) = paced_small, two_checkpoints
+    gw = start(
+        tmp_path,
+        {"small": (str(small), {"trust_remote_code": True}), "wide": (str(wide), {"max_queue": 2})},
+    )
     try:
+        # small's request is held after its first token: it runs through the checks below on
+        # any machine, however fast, and goes on when released.
+        hold.decoding()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            # Long enough to outlast the checks below on a loaded CI machine (150 did not).
-            running = pool.submit(ask, gw, "small", **{**LONG, "max_tokens": 1200})
+            running = pool.submit(ask, gw, "small", **{**LONG, "max_tokens": 60})
             assert wait_for(lambda: models(gw)["small"]["requests"]["running"] == 1)
             waiting = [pool.submit(ask, gw, "wide", max_tokens=3, seed=s) for s in (1, 2)]
             # wide waits for small's request: counted as queued, small stays loaded meanwhile.
@@ -195,15 +216,17 @@ def test_a_model_busy_is_not_unloaded_the_other_waits_then_is_served(two_checkpo
             full = ask(gw, "wide")  # wide's queue (max_queue 2) is full: a 503, at once
             assert full.status_code == 503 and full.headers["retry-after"] == "2", full.text
             assert "'wide' is busy" in full.json()["error"]["message"]
+            hold.release()
             first = running.result()
             answers = [f.result() for f in waiting]
-        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 1200
+        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 60
         assert [a.status_code for a in answers] == [200, 200]
         ids = {a.json()["id"] for a in [first, *answers]}
         assert len(ids) == 3  # each answered once
         assert loaded(gw) == ["wide"]
         assert "waits for a loaded model to finish its requests" in gw.log()
     finally:
+        hold.release()
         gw.stop()
 
 
@@ -242,9 +265,11 @@ def test_a_model_marked_preload_is_loaded_at_start(two_checkpoints, tmp_path):
     gw = start(tmp_path, {"small": (str(small), {}), "wide": (str(wide), {"preload": True})})
     try:
         assert wait_for(lambda: loaded(gw) == ["wide"]), models(gw)
-        assert models(gw)["wide"]["preload"] is True
-        time.sleep(0.5)
-        assert loaded(gw) == ["wide"]  # stays loaded, with no request yet
+        wide_state = models(gw)["wide"]
+        assert wide_state["preload"] is True
+        # It stays loaded with no request yet: no unload is pending (keep_alive counts from the
+        # end of a request), rather than "still loaded after a while".
+        assert wide_state["loaded"] is True and wide_state["unload_in_seconds"] is None
     finally:
         gw.stop()
 

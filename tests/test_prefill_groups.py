@@ -6,6 +6,7 @@ import asyncio
 
 from custom_handlers.inference.engine import _similar_lengths
 from custom_handlers.inference.provider import LocalLLM
+from tests.pace import arriving_together
 from tests.test_kv_pool import handler
 from tests.test_prefix_cache import SYSTEM
 
@@ -34,6 +35,13 @@ def greedy_together(local: LocalLLM, conversations: list[list[dict]]) -> list[tu
     return [(r.choices[0].message.content, r.usage.prompt_tokens) for r in asyncio.run(together())]
 
 
+def held_until_all_arrive(local: LocalLLM, conversations: list[list[dict]]) -> list:
+    """``greedy_together``, with the prompts arriving together on any machine (tests/pace.py)."""
+    return arriving_together(
+        local, len(conversations), lambda: greedy_together(local, conversations)
+    )
+
+
 def test_prompts_arriving_together_share_a_prefill_and_answer_as_alone(tiny_model_dir):
     plain = [[{"role": "user", "content": user}] for user in USERS]
     with_system = [[{"role": "system", "content": SYSTEM}, *chat] for chat in plain]
@@ -42,9 +50,9 @@ def test_prompts_arriving_together_share_a_prefill_and_answer_as_alone(tiny_mode
     assert alone.engine.peak_prefill == 1
 
     local = handler(tiny_model_dir, prefix_cache_mb=64)
-    # The first prompt loads the model and joins alone; the others queue meanwhile and are then
-    # prefilled together: cold ones of similar lengths in one pass.
-    assert greedy_together(local, plain) == expected[: len(USERS)]
+    # The first prompt taken is held in its prefill until every prompt has arrived; the others,
+    # queued meanwhile, are then prefilled together: cold ones of similar lengths in one pass.
+    assert held_until_all_arrive(local, plain) == expected[: len(USERS)]
     assert local.engine.peak_prefill >= 3
     # Cold with a long shared system prompt, then again: every prompt now reuses the system
     # prompt's KV, and the rests are prefilled together on top of it.
@@ -84,5 +92,5 @@ def test_a_shared_pass_out_of_memory_is_retried_prompt_by_prompt(tiny_model_dir)
         return real_forward(*args, **kwargs)
 
     model.forward = forward
-    assert greedy_together(local, plain) == expected  # every request answered, as alone
+    assert held_until_all_arrive(local, plain) == expected  # every request answered, as alone
     assert any(rows > 1 and width > 1 for rows, width in shapes)  # a shared pass was tried

@@ -23,6 +23,7 @@ from custom_handlers.inference.errors import InvalidRequestError
 from custom_handlers.inference.loader import ModelHolder, load_model
 from custom_handlers.inference.provider import LocalLLM
 from custom_handlers.inference.settings import LocalModelSettings
+from tests.pace import arriving_together
 from tests.test_provider import transformers_greedy
 
 MAX_TOKENS = 24
@@ -112,15 +113,20 @@ def test_the_model_ends_its_turn_on_its_own(alone):
     assert cut and set(cut) == {MAX_TOKENS}  # the others ran out of max_tokens
 
 
+def arriving(local: LocalLLM, chats) -> list[tuple[str, str, int]]:
+    """``together``, the requests arriving together on any machine (tests/pace.py)."""
+    return arriving_together(local, len(chats), lambda: together(local, chats))
+
+
 def test_a_batch_answers_as_each_request_alone_and_shares_its_prefills(make, alone):
     local = make()
-    assert together(local, CHATS) == alone
+    assert arriving(local, CHATS) == alone
     assert local.engine.peak_rows >= 3 and local.engine.peak_prefill >= 2
 
 
 def test_the_graph_path_answers_as_eager_decoding_on_a_llama(make, alone):
     local = make("static", prefix_cache_mb=64)
-    assert together(local, CHATS) == alone
+    assert arriving(local, CHATS) == alone
     state = local.state()["models"][0]["cuda_graphs"]
     assert state["enabled"] is True and state["off_reason"] is None
     assert local.engine._decoder.captured >= 2  # several row buckets
@@ -130,7 +136,7 @@ def test_a_request_waits_for_room_in_the_kv_pool_then_answers_as_alone(make, alo
     local = make(kv_cache_mb=12)  # 30 layers x 3 KV heads x 64: 45 KiB a token, one row of 256
     budget = local.engine.kv_budget(shared)
     assert budget.bytes_for(1, 256) <= budget.budget_bytes < budget.bytes_for(2, 256)
-    assert together(local, CHATS[:3]) == alone[:3]
+    assert arriving(local, CHATS[:3]) == alone[:3]  # queued while the first one runs
     assert local.engine.peak_rows == 1
 
 

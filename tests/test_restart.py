@@ -21,6 +21,7 @@ from client._config import load_settings
 from client._doctor import diagnose
 from custom_handlers.gateway import journal
 from custom_handlers.gateway.supervisor import RestartPolicy, describe_exit
+from tests.pace import paced_checkpoint
 from tests.servers import (
     CONFIG,
     MASTER_KEY,
@@ -84,9 +85,10 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
 ):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    paced, hold = paced_checkpoint(tiny_model_dir, tmp_path / "paced")
     env = {
         **_clean_environ(),
-        **fake_openai.gateway_env(str(tiny_model_dir)),
+        **fake_openai.gateway_env(str(paced), LOCAL_LLM_TRUST_REMOTE_CODE="true"),
         "LITELLM_MASTER_KEY": MASTER_KEY,
         "Z_EXPLORER_GATEWAY_CONFIG": str(CONFIG),
     }
@@ -107,8 +109,10 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         stored = httpx.post(f"{base}/v1/responses", json=turn, headers=headers, timeout=60)
         assert stored.status_code == 200
 
-        # A stream that would run for 2000 tokens is in flight when the process dies.
+        # A stream that would run for 2000 tokens is in flight when the process dies: held after
+        # its first token, on any machine, however fast.
         streaming = threading.Event()
+        hold.decoding()
 
         def long_stream() -> None:
             body = {**chat, "stream": True, "max_tokens": 2000, "response_format": ENDLESS}
@@ -125,6 +129,7 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         reader.start()
         assert streaming.wait(60), "the long stream never started"
         os.kill(first, signal.SIGSEGV)
+        hold.release()  # the next process serves at its own pace
         reader.join(30)
 
         deadline = time.monotonic() + 120
@@ -161,6 +166,7 @@ def test_a_gateway_killed_with_sigsegv_is_restarted_and_reported(
         assert "restarted it once" in warning.detail
         assert "SIGSEGV (exit status -11)" in warning.detail
     finally:
+        hold.release()
         os.kill(supervisor.pid, signal.SIGTERM)
         returncode = supervisor.wait(timeout=60)
     # Stopped on purpose (uvicorn re-raises SIGTERM once shut down): the child was not restarted.

@@ -7,7 +7,6 @@ cloud provider, and the gateway keeps serving.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -285,8 +284,7 @@ def test_schemas_that_only_look_costly_are_served_within_max_tokens(gateway):
             "$ref": "#/$defs/n",
         },
     ):
-        started = time.monotonic()
-        r = gateway.chat(
+        r = gateway.chat(  # within its 60 s timeout: never hangs the gateway
             {"model": LOCAL, "messages": FOX, "max_tokens": 8, "response_format": _schema(schema)}
         )
         if r.status_code == 400:  # llguidance's per-token budget ran out on a forced run
@@ -296,4 +294,3 @@ def test_schemas_that_only_look_costly_are_served_within_max_tokens(gateway):
         else:
             assert r.status_code == 200, (schema, r.text[:500])
             assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
-        assert time.monotonic() - started < 60  # never hangs the gateway

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.servers import Gateway, free_port
@@ -98,13 +96,13 @@ def test_rate_limit_says_when_to_retry(on_gateway, cli, fake_openai, monkeypatch
 
 
 def test_timeout_names_the_setting(on_gateway, cli, fake_openai, monkeypatch):
+    # The fake answers after 3 s: had the 1 s timeout not fired, the command would succeed, so
+    # the error itself shows it fired (no duration to assert: a loaded machine starts slowly).
     monkeypatch.setattr(fake_openai, "slow_seconds", 3)
     monkeypatch.setenv("LLM_TIMEOUT", "1")
-    started = time.monotonic()
     assert_one_line_error(
         cli("enhance", "a fox [fake:slow]", "-m", "gpt-4o-mini"), "within 1 s", "LLM_TIMEOUT"
     )
-    assert time.monotonic() - started < 2.5
 
 
 def test_a_wrong_provider_key_names_the_providers_variable(misconfigured_gateway, cli, monkeypatch):
