@@ -177,7 +177,13 @@ def main() -> None:
         higher_is_better = "tokens/s" in name
         ours_better = value > other if higher_is_better else value < other
         better = "ours" if ours_better else "theirs"
-        print(f"| {name} | {value:,.1f} | {other:,.1f} | {value / other:.2f}x | {better} |")
+        print(f"| {name} | {value:,.1f} | {other:,.1f} | {ratio(value, other)} | {better} |")
+
+
+def ratio(ours: float, theirs: float) -> str:
+    """``ours / theirs`` as the table shows it; a zero on their side (a time to first token too
+    short to measure) is no ratio, not a ZeroDivisionError that loses the whole run's figures."""
+    return f"{ours / theirs:.2f}x" if theirs else "n/a"
 
 
 if __name__ == "__main__":
