@@ -1,7 +1,11 @@
-"""The gateway's local model side by side with `transformers serve --continuous-batching`, one run.
+"""The gateway's local model side by side with `transformers serve --continuous-batching`.
 
     uv run python scripts/build_tiny_qwen3.py /tmp/mid --layers 12 --hidden 768 --context 4096
-    uv run python -m bench.peer --model /tmp/mid
+    uv run python -m bench.peer --model /tmp/mid --rounds 3
+
+Each round starts each server afresh and measures it, the order alternating from round to round,
+so that the machine's drift lands on both; the table shows each measure's median and range over
+the rounds, and the ratio of the medians (``n/a`` against a zero).
 
 Both servers load the same checkpoint, with its end-of-turn rows zeroed (a copy made here), so
 greedy decoding never ends early on either and every request makes exactly the tokens it asks for:
@@ -150,34 +154,68 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a Qwen3 checkpoint directory")
     parser.add_argument("--tokens", type=int, default=64, help="tokens a request")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each server once a round")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    mine: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         model = no_end_copy(args.model, work / "model")
-        gw = Gateway(env={"LOCAL_LLM_MODEL": str(model)}, workdir=work).start()
-        ours = Server("this gateway (qwen3-4b)", gw.base_url, "qwen3-4b", gw.process.pid)
-        ours.headers = {"Authorization": f"Bearer {gw.key}"}
-        try:
-            mine = asyncio.run(measure(ours, args.tokens))
-        finally:
-            gw.stop()
-        process, peer = start_transformers_serve(model, work)
-        try:
-            theirs = asyncio.run(measure(peer, args.tokens))
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        for round_ in range(args.rounds):
+            # Alternate which server goes first, so that the machine's drift hits both alike.
+            order = [(mine, _ours), (theirs, _theirs)]
+            for figures, run in order if round_ % 2 == 0 else order[::-1]:
+                place = work / f"{run.__name__.strip('_')}-{round_}"  # a fresh folder each time
+                place.mkdir()
+                for name, value in run(model, place, args.tokens).items():
+                    figures.setdefault(name, []).append(value)
     print(machine_line(args.model, f"greedy, {args.tokens} tokens a request, float32, CPU"))
+    print(
+        f"{args.rounds} rounds, each server started afresh once a round, the order alternating; "
+        "median (min-max) over the rounds; the ratio is of the medians"
+    )
     print(
         "| measure | this gateway | transformers serve --continuous-batching | ours / theirs "
         "| better |\n|---|---|---|---|---|"
     )
-    for name, value in mine.items():
-        other = theirs[name]
+    for name, values in mine.items():
+        value, other = statistics.median(values), statistics.median(theirs[name])
         higher_is_better = "tokens/s" in name
         ours_better = value > other if higher_is_better else value < other
         better = "ours" if ours_better else "theirs"
-        print(f"| {name} | {value:,.1f} | {other:,.1f} | {ratio(value, other)} | {better} |")
+        print(
+            f"| {name} | {spread(values)} | {spread(theirs[name])} | {ratio(value, other)} "
+            f"| {better} |"
+        )
+
+
+def _ours(model: Path, work: Path, tokens: int) -> dict[str, float]:
+    gw = Gateway(env={"LOCAL_LLM_MODEL": str(model)}, workdir=work).start()
+    ours = Server("this gateway (qwen3-4b)", gw.base_url, "qwen3-4b", gw.process.pid)
+    ours.headers = {"Authorization": f"Bearer {gw.key}"}
+    try:
+        return asyncio.run(measure(ours, tokens))
+    finally:
+        gw.stop()
+
+
+def _theirs(model: Path, work: Path, tokens: int) -> dict[str, float]:
+    process, peer = start_transformers_serve(model, work)
+    try:
+        return asyncio.run(measure(peer, tokens))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def spread(values: list[float]) -> str:
+    """The median of ``values`` and their range, as the table shows them."""
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:,.1f}"
+    return f"{median:,.1f} ({min(values):,.1f}-{max(values):,.1f})"
 
 
 def ratio(ours: float, theirs: float) -> str:
