@@ -523,11 +523,8 @@ def state_routes(prefixes: tuple[str, ...] = ("/v1", "")) -> list[APIRoute]:
         if record is not None:
             return JSONResponse(record.response)
         if _providers_id(response_id):
-            return await litellm_routes.get_response(
-                response_id=response_id,
-                request=request,
-                fastapi_response=_plain_response(),
-                user_api_key_dict=user_api_key_dict,
+            return await _at_provider(
+                litellm_routes.get_response, response_id, request, user_api_key_dict
             )
         return _not_found(response_id)
 
@@ -535,11 +532,8 @@ def state_routes(prefixes: tuple[str, ...] = ("/v1", "")) -> list[APIRoute]:
         if await astore("delete", stored_id(response_id)):
             return {"id": response_id, "object": "response", "deleted": True}
         if _providers_id(response_id):
-            return await litellm_routes.delete_response(
-                response_id=response_id,
-                request=request,
-                fastapi_response=_plain_response(),
-                user_api_key_dict=user_api_key_dict,
+            return await _at_provider(
+                litellm_routes.delete_response, response_id, request, user_api_key_dict
             )
         return _not_found(response_id)
 
@@ -547,14 +541,20 @@ def state_routes(prefixes: tuple[str, ...] = ("/v1", "")) -> list[APIRoute]:
         record = await astore("get", stored_id(response_id))
         if record is None:
             if _providers_id(response_id):
-                return await litellm_routes.get_response_input_items(
-                    response_id=response_id,
-                    request=request,
-                    fastapi_response=_plain_response(),
-                    user_api_key_dict=user_api_key_dict,
+                return await _at_provider(
+                    litellm_routes.get_response_input_items, response_id, request, user_api_key_dict
                 )
             return _not_found(response_id)
         return list_page(record.input_items, request.query_params)
+
+    async def _at_provider(route, response_id: str, request: Request, user_api_key_dict):
+        """LiteLLM's own route for an id its provider keeps (a model with the Responses API)."""
+        return await route(
+            response_id=response_id,
+            request=request,
+            fastapi_response=_plain_response(),
+            user_api_key_dict=user_api_key_dict,
+        )
 
     routes = []
     for prefix in prefixes:
