@@ -41,7 +41,12 @@ BEGIN, END = "<!-- matrix: begin -->", "<!-- matrix: end -->"
 
 _cells: dict[tuple[str, str], dict[str, str]] = {}
 _notes: dict[tuple[str, str], tuple[str, str]] = {}  # (client, scenario) -> (mark, why)
-_state = {"deselected": False, "expected": set()}
+_state = {"expected": {}, "worker": False}  # expected: cell -> its place in its module
+_module_cells: dict[str, list[list[str]]] = {}  # module -> every cell its compat tests fill
+
+# Under pytest-xdist the tests run in workers; each worker sends its reports to the controller,
+# which writes the page. A report carries its cell and the cells its module would fill in
+# ``user_properties`` (what xdist forwards), so the controller needs no collection of its own.
 
 
 def pytest_addoption(parser):
@@ -53,19 +58,21 @@ def pytest_addoption(parser):
     )
 
 
-def pytest_deselected(items):
-    if any(item.get_closest_marker("compat") for item in items):
-        _state["deselected"] = True
+def pytest_configure(config):
+    _state["worker"] = hasattr(config, "workerinput")
 
 
 def pytest_collection_finish(session):
-    """Every cell the compat tests of the collected modules would fill, to tell a full run."""
+    """Every cell the compat tests of each collected module would fill, to tell a full run."""
     modules = {item.module for item in session.items if item.get_closest_marker("compat")}
     for module in modules:
         tests = [f for name, f in vars(module).items() if name.startswith("test_")]
-        for mark in [m for f in tests for m in getattr(f, "pytestmark", [])]:
-            if mark.name == "compat":
-                _state["expected"].update((*mark.args, target) for target in TARGETS)
+        _module_cells[module.__name__] = [
+            [*mark.args, target]
+            for mark in [m for f in tests for m in getattr(f, "pytestmark", [])]
+            if mark.name == "compat"
+            for target in TARGETS
+        ]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -80,9 +87,10 @@ def pytest_runtest_makereport(item, call):
     client, scenario = mark.args
     target = callspec.params["target"]
     refused = mark.kwargs.get("refused") if target == "local" else None
+    note = None
     if report.skipped and hasattr(report, "wasxfail"):
         cell = "not yet ²"
-        _notes[(client, scenario)] = ("²", report.wasxfail.removeprefix("reason: "))
+        note = ("²", report.wasxfail.removeprefix("reason: "))
     elif report.skipped:
         cell = "skipped"
     elif report.passed:
@@ -91,23 +99,37 @@ def pytest_runtest_makereport(item, call):
         cell = "**FAILED**"
     if refused and report.passed:
         cell = "refused (400) ¹"
-        _notes[(client, scenario)] = ("¹", refused)
+        note = ("¹", refused)
+    report.user_properties.append(("compat", [client, scenario, target, cell, note]))
+    report.user_properties.append(("compat_module", _module_cells.get(item.module.__name__, [])))
+
+
+def pytest_runtest_logreport(report):
+    if _state["worker"]:
+        return  # the controller records it
+    props = dict(report.user_properties)
+    if "compat" not in props:
+        return
+    client, scenario, target, cell, note = props["compat"]
+    for place, cell in enumerate(props["compat_module"]):
+        _state["expected"].setdefault(tuple(cell), place)
+    if note:
+        _notes[(client, scenario)] = tuple(note)
     previous = _cells.setdefault((client, scenario), {}).get(target)
     if previous is None or previous in ("passed", "refused (400) ¹"):
         _cells[(client, scenario)][target] = cell  # a failure anywhere in the cell stays
 
 
 def _ran_in_full(session) -> bool:
+    """Every cell of every module that ran a compat test was filled, and the run went to its end
+    (a ``-k`` or a node id leaves cells of such a module empty; ``-x`` stops the session)."""
     ran = {(client, scenario, t) for (client, scenario), cells in _cells.items() for t in cells}
-    return (
-        bool(_state["expected"])
-        and not _state["deselected"]
-        and not session.shouldstop
-        and _state["expected"] <= ran
-    )
+    return bool(_state["expected"]) and not session.shouldstop and ran >= _state["expected"].keys()
 
 
 def pytest_sessionfinish(session):
+    if _state["worker"]:
+        return
     path = session.config.getoption("--compat-matrix")
     if path and _cells:
         _write(Path(path))
@@ -140,13 +162,16 @@ def _write(path: Path) -> bool:
     """Writes the matrix between the markers of ``path``; True if the file changed."""
     rows = ["| client | versions | scenario | " + " | ".join(TARGETS.values()) + " |"]
     rows.append("|---|---|---|" + "---|" * len(TARGETS))
-    for (client, scenario), cells in _cells.items():
+    place = {(c, s): n for (c, s, _), n in reversed(_state["expected"].items())}
+    for (client, scenario), cells in sorted(_cells.items(), key=lambda c: place.get(c[0], 1e9)):
         versions = ", ".join(version(p).removeprefix("npm:") for p in CLIENTS.get(client, [client]))
         line = [client, versions, scenario] + [cells.get(t, "not run") for t in TARGETS]
         rows.append("| " + " | ".join(line) + " |")
     notes = [
         f"- {mark} {client}, {scenario}: {why}"
-        for (client, scenario), (mark, why) in sorted(_notes.items(), key=lambda n: n[1][0])
+        for (client, scenario), (mark, why) in sorted(
+            _notes.items(), key=lambda n: (n[1][0], place.get(n[0], 1e9))
+        )
     ]
     table = "\n".join([*rows, "", *notes])
     text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"

@@ -34,6 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """Another process bound the gateway's port first."""
+
+
 @dataclass
 class Gateway:
     """``litellm --config proxy_config.yaml`` started as a user would, on a free loopback port."""
@@ -92,6 +96,16 @@ class Gateway:
         return counts[seen]
 
     def start(self, timeout: float = 180.0) -> Gateway:
+        """Starts it and waits until it answers. ``free_port`` frees its port before the gateway
+        binds it, so a parallel test worker can take it first: then it starts on another one."""
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.port = free_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> Gateway:
         program = self.launcher or [str(Path(sys.executable).with_name("litellm"))]
         env = {**_clean_environ(), "LITELLM_MASTER_KEY": self.key, **self.env}
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +130,8 @@ class Gateway:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "address already in use" in self.log().lower():
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if httpx.get(f"{self.base_url}/health/liveliness", timeout=1).status_code == 200:
