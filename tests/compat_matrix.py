@@ -111,8 +111,8 @@ def pytest_runtest_logreport(report):
     if "compat" not in props:
         return
     client, scenario, target, cell, note = props["compat"]
-    for place, cell in enumerate(props["compat_module"]):
-        _state["expected"].setdefault(tuple(cell), place)
+    for place, expected in enumerate(props["compat_module"]):
+        _state["expected"].setdefault(tuple(expected), place)
     if note:
         _notes[(client, scenario)] = tuple(note)
     previous = _cells.setdefault((client, scenario), {}).get(target)
