@@ -14,6 +14,10 @@ pytest_plugins = ["tests.compat_matrix"]
 
 # LiteLLM fetches its price map from the network at import unless told not to (no network here).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# One compute thread per process (this test process and every gateway it starts): the tests run on
+# parallel workers that already keep every core busy, and the models are tiny, so more threads only
+# wait on each other (OpenMP spins while it waits). Set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _load_script(name: str):
