@@ -271,7 +271,10 @@ def _measure_loaded(
     tokens: int,
     before: int,
 ) -> None:
-    """Every row but "after release". The model is referenced from here and the holder only."""
+    """Every row but "after release". The model is referenced from here and the holder only.
+
+    A row that raises (an out-of-memory, a constraint that breaks) says so in its cell, and the
+    next row runs; only a failed load ends the column."""
     cells.measuring("load")
     started = time.perf_counter()
     loaded = holder.get()
@@ -282,54 +285,85 @@ def _measure_loaded(
     # Every request runs its full length (random weights end turns at random points).
     loaded = holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     prompt = _prompt(loaded, 24)
-    cells.measuring("graphs_ids")
-    run_jobs(engine, [prompt], 8)  # warm-up: first kernels, allocator
-    cells("graphs_ids", graphs_against_eager(engine, prompt, min(tokens, IDS_TOKENS)))
+    single: dict[str, float] = {}  # the single stream's rate, for the bound's row
 
-    cells.measuring("single")
-    [single] = run_jobs(engine, [prompt], tokens, temperature=0)
-    [first] = run_jobs(engine, [prompt], 1, temperature=0)
-    decode = (single.tokens - 1) / max(1e-9, single.seconds - first.seconds)
-    cells("single", f"{decode:,.0f} tokens/s ({single.tokens} tokens, greedy)")
-    cells.measuring("bound")
-    if (bandwidth := device.bandwidth()) is not None:
-        bound = bandwidth / loaded.model_bytes
-        cells("bound", f"{bound:,.0f} tokens/s ({bandwidth / 1e12:.2f} TB/s copy)")
-        single_line = f"{decode:,.0f} tokens/s ({single.tokens} tokens, greedy)"
-        cells("single", f"{single_line}, {decode / bound:.0%} of the bound")
-    for clients in (1, 8, 16):
-        cells.measuring(f"agg{clients}")
+    def row(key: str, measure: Callable[[], str | None]) -> None:
+        cells.measuring(key)
+        try:
+            if (value := measure()) is not None:
+                cells(key, value)
+        except Exception as exc:
+            traceback.print_exc()
+            cells(key, f"FAILED: {type(exc).__name__}: {exc}")
+
+    def ids() -> str:
+        run_jobs(engine, [prompt], 8)  # warm-up: first kernels, allocator
+        return graphs_against_eager(engine, prompt, min(tokens, IDS_TOKENS))
+
+    def single_stream() -> str:
+        [one] = run_jobs(engine, [prompt], tokens, temperature=0)
+        [first] = run_jobs(engine, [prompt], 1, temperature=0)
+        single["rate"] = (one.tokens - 1) / max(1e-9, one.seconds - first.seconds)
+        single["tokens"] = one.tokens
+        return f"{single['rate']:,.0f} tokens/s ({one.tokens} tokens, greedy)"
+
+    def bound() -> str | None:
+        if (bandwidth := device.bandwidth()) is None:
+            return None
+        rate = bandwidth / loaded.model_bytes
+        if single:
+            cells(
+                "single",
+                f"{single['rate']:,.0f} tokens/s ({single['tokens']:.0f} tokens, greedy), "
+                f"{single['rate'] / rate:.0%} of the bound",
+            )
+        return f"{rate:,.0f} tokens/s ({bandwidth / 1e12:.2f} TB/s copy)"
+
+    def aggregate(clients: int) -> str:
         results = run_jobs(engine, [prompt] * clients, tokens)
         wall = max(r.seconds for r in results)
-        cells(f"agg{clients}", f"{sum(r.tokens for r in results) / wall:,.0f} tokens/s")
-        cells.measuring(f"ttft{clients}")
+        return f"{sum(r.tokens for r in results) / wall:,.0f} tokens/s"
+
+    def ttft(clients: int) -> str:
         ttfts = [r.seconds for r in run_jobs(engine, [prompt] * clients, 1)]
-        cells(f"ttft{clients}", f"{statistics.median(ttfts) * 1000:,.0f} ms (p50)")
-    cells.measuring("json8")
-    grammar = loaded.constraints.grammar(ENDLESS)
-    results = run_jobs(engine, [prompt] * 8, tokens, grammar)
-    wall = max(r.seconds for r in results)
-    cells("json8", f"{sum(r.tokens for r in results) / wall:,.0f} tokens/s")
-    cells.measuring("prefix")
-    long_prompt = _prompt(loaded, min(2000, loaded.context_length - tokens - 8))
-    cold = run_jobs(engine, [long_prompt], 1)[0].seconds
-    again = run_jobs(engine, [long_prompt], 1)[0].seconds
-    cells("prefix", f"{cold * 1000:,.0f} ms cold, {again * 1000:,.0f} ms seen before")
-    cells.measuring("generate")
-    floor = _generate_floor(device, loaded, prompt, tokens)
-    # Right after, in the same conditions (on the CPU, generate's thread starts a second OpenMP
-    # team, which slows every thread's parallel regions from then on: compare like with like).
-    [again] = run_jobs(engine, [prompt], tokens, temperature=0)
-    ours = again.tokens / again.seconds
-    cells(
-        "generate",
-        f"{floor:,.0f} tokens/s ({tokens} tokens, greedy); the engine's single stream right "
-        f"after, measured the same way (submit to last token): {ours:,.0f} tokens/s = "
-        f"{ours / floor:.2f}x",
-    )
-    cells.measuring("graphs")
-    cells("graphs", _graphs_on_off(engine, prompt, tokens))
-    cells("memory", _memory_line(device, before, after_load))  # the peak, now
+        return f"{statistics.median(ttfts) * 1000:,.0f} ms (p50)"
+
+    def json8() -> str:
+        grammar = loaded.constraints.grammar(ENDLESS)
+        results = run_jobs(engine, [prompt] * 8, tokens, grammar)
+        wall = max(r.seconds for r in results)
+        return f"{sum(r.tokens for r in results) / wall:,.0f} tokens/s"
+
+    def prefix() -> str:
+        long_prompt = _prompt(loaded, min(2000, loaded.context_length - tokens - 8))
+        cold = run_jobs(engine, [long_prompt], 1)[0].seconds
+        again = run_jobs(engine, [long_prompt], 1)[0].seconds
+        return f"{cold * 1000:,.0f} ms cold, {again * 1000:,.0f} ms seen before"
+
+    def generate() -> str:
+        floor = _generate_floor(device, loaded, prompt, tokens)
+        # Right after, in the same conditions (on the CPU, generate's thread starts a second
+        # OpenMP team, which slows every thread's parallel regions from then on: compare like
+        # with like).
+        [again] = run_jobs(engine, [prompt], tokens, temperature=0)
+        ours = again.tokens / again.seconds
+        return (
+            f"{floor:,.0f} tokens/s ({tokens} tokens, greedy); the engine's single stream right "
+            f"after, measured the same way (submit to last token): {ours:,.0f} tokens/s = "
+            f"{ours / floor:.2f}x"
+        )
+
+    row("graphs_ids", ids)
+    row("single", single_stream)
+    row("bound", bound)
+    for clients in (1, 8, 16):
+        row(f"agg{clients}", lambda clients=clients: aggregate(clients))
+        row(f"ttft{clients}", lambda clients=clients: ttft(clients))
+    row("json8", json8)
+    row("prefix", prefix)
+    row("generate", generate)
+    row("graphs", lambda: _graphs_on_off(engine, prompt, tokens))
+    row("memory", lambda: _memory_line(device, before, after_load))  # the peak, now
     cells("kv", f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB")
 
 
@@ -337,8 +371,10 @@ def graphs_against_eager(engine: Engine, prompt: list[int], tokens: int) -> str:
     """One greedy request decoded eagerly, then from CUDA graphs: the same token ids? Where the
     graphs are off (the CPU, or turned off by a failure), only the eager ids, and why."""
     engine.use_cuda_graphs(False)
-    eager = _greedy_ids(engine, prompt, tokens)
-    engine.use_cuda_graphs(True)
+    try:
+        eager = _greedy_ids(engine, prompt, tokens)
+    finally:
+        engine.use_cuda_graphs(True)
     graphs = _greedy_ids(engine, prompt, tokens)
     state = engine.state()["cuda_graphs"]
     if len(eager) != tokens:
@@ -583,8 +619,13 @@ def run_column(record: Record, name: str, target: str, kwargs: dict, budget: flo
             elif kind == "error":
                 outcome = f"FAILED{where()}: {rest[0]}"
             elif kind == "done":
-                complete = True
-                outcome = f"complete in {time.monotonic() - started:.0f} s"
+                seconds = time.monotonic() - started
+                cells = record.columns[name]
+                failed = [key for key, value in cells.items() if value.startswith("FAILED")]
+                complete = not failed
+                outcome = f"complete in {seconds:.0f} s"
+                if failed:
+                    outcome = f"ran to its end in {seconds:.0f} s; FAILED rows: {', '.join(failed)}"
     finally:
         if outcome is not None and not outcome.startswith("STOPPED"):
             process.join(EXIT_GRACE_S)  # it said its last word: let it exit

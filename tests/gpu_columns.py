@@ -36,3 +36,10 @@ def hangs(cells, **_) -> None:
     cells("load", "3.0 s")
     cells.measuring("agg16")
     threading.Event().wait()  # never set: only the budget ends it
+
+
+def a_row_fails(cells, **_) -> None:
+    cells.measuring("json8")
+    cells("json8", "FAILED: ValueError: the constraint broke (simulated)")
+    cells.measuring("prefix")
+    cells("prefix", "12 ms cold, 3 ms seen before")

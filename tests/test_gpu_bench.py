@@ -95,6 +95,13 @@ def test_a_column_that_raises_is_recorded_in_one_line_and_the_next_one_runs(tmp_
     assert rows[LABELS["single"]] == ["n/a", "50 tokens/s"]
 
 
+def test_a_column_whose_row_failed_says_so_in_its_outcome(tmp_path):
+    record = Record(tmp_path)
+    assert not run_column(record, "rows", "tests.gpu_columns:a_row_fails", {}, budget=300)
+    [outcome] = _rows((tmp_path / "gpu.md").read_text())[LABELS["outcome"]]
+    assert outcome.startswith("ran to its end in ") and outcome.endswith("; FAILED rows: json8")
+
+
 def test_figures_are_on_disk_as_soon_as_they_are_measured(tmp_path):
     record = Record(tmp_path)
     assert (tmp_path / "gpu.md").exists()  # from the start: a run stopped at once leaves a file
@@ -179,7 +186,10 @@ class _Watch:
             self.alive_at_release = [ref for ref in self.models if ref() is not None]
 
 
-def test_after_release_is_measured_once_the_model_is_freed(tiny_model_dir):
+@pytest.mark.parametrize("broken_row", [False, True], ids=["all-rows", "json8-raises"])
+def test_after_release_is_measured_once_the_model_is_freed(tiny_model_dir, monkeypatch, broken_row):
+    if broken_row:  # the JSON row raises: recorded in its cell, the next rows still run
+        monkeypatch.setattr("bench.gpu.ENDLESS", "{not a schema")
     watch = _Watch()
     measure_column(
         watch, str(tiny_model_dir), device="cpu", quantization="none", dtype="float32", tokens=2
@@ -187,6 +197,8 @@ def test_after_release_is_measured_once_the_model_is_freed(tiny_model_dir):
     assert watch.models  # the model loaded (transformers may build more than one object), found
     assert watch.alive_at_release == []  # and gone when the row was measured
     assert watch.cells["released"].endswith("against before load)")
+    assert watch.cells["json8"].startswith("FAILED: ") == broken_row
+    assert watch.cells["prefix"].endswith("ms seen before")  # the row after it ran
 
 
 @pytest.mark.gpu
