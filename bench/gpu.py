@@ -795,9 +795,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             record.line(f"MODEL BUILD FAILED: {one_line(f'{type(exc).__name__}: {exc}')}")
             return 1
+        if args.model:
+            what = "the checkpoint given (--model)"
+        else:
+            what = f"{'Qwen3-4B shape' if name == 'cuda' else 'small Qwen3'}, random weights"
         record.line(
-            f"Model: {'Qwen3-4B shape' if name == 'cuda' else 'small Qwen3'}, random weights, "
-            f"{tokens} tokens a request; ready after {time.monotonic() - started:.0f} s: {path}"
+            f"Model: {what}, {tokens} tokens a request; "
+            f"ready after {time.monotonic() - started:.0f} s: {path}"
         )
         columns = [
             (column, "bench.gpu:measure_column", kwargs)

@@ -152,7 +152,7 @@ def _answers(url: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a Qwen3 checkpoint directory")
+    parser.add_argument("--model", required=True, help="a checkpoint directory (Qwen3 or Llama)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens a request")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each server once a round")
     args = parser.parse_args()
