@@ -49,3 +49,109 @@ def test_out_of_memory_fails_the_request_with_503_and_the_next_is_served(tiny_mo
     assert served.usage.completion_tokens >= 1
     assert local.holder.loaded is loaded  # the model stayed; only the batch was dropped
     assert local.engine.running == 0
+
+
+# ---- a load that fails keeps none of its weights (issue 23, item 9) -----------------------------
+#
+# On a GPU, a load that runs out of memory half-way leaves a partly built model in the frames of
+# its traceback; an error kept with its traceback (the holder keeps the last one, the first try's
+# is alive while the retry runs) would keep those weights on the device. Here on the CPU the model
+# is the real tiny checkpoint's, the failure is torch's own OutOfMemoryError, and a weak reference
+# says whether anything still holds the model.
+
+
+def _oom():
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class _Room:
+    """A registry that admits every load and, asked to make room, says it did."""
+
+    def admit(self, holder):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def free_idle(self, holder) -> bool:
+        return True
+
+
+def _fail_load(holder) -> str:
+    """``holder.get()``, which must fail; its message, with nothing of the error kept here."""
+    try:
+        holder.get()
+    except ModelUnavailableError as exc:
+        return exc.message
+    raise AssertionError("the load did not fail")
+
+
+@pytest.mark.parametrize("where", ["inside from_pretrained", "after from_pretrained"])
+def test_a_failed_load_keeps_none_of_its_weights(tiny_model_dir, monkeypatch, where):
+    import gc
+    import weakref
+
+    import transformers
+
+    from custom_handlers.inference import loader
+    from custom_handlers.inference.loader import ModelHolder
+    from custom_handlers.inference.settings import LocalModelSettings
+
+    built: list[weakref.ref] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        result = real(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        built.append(weakref.ref(model))
+        if where == "inside from_pretrained":
+            raise _oom()  # with the model still a local of this frame
+        return result
+
+    def tie_then_fail(model, *args):
+        raise _oom()  # load_model's own frame holds the model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    if where == "after from_pretrained":
+        monkeypatch.setattr(loader, "_tie_missing_lm_head", tie_then_fail)
+    holder = ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir), device="cpu"))
+    message = _fail_load(holder)
+    assert "out of memory" in message
+    assert holder.last_error == message  # the error is kept, to answer the next request at once
+    gc.collect()
+    assert [ref() for ref in built] == [None]
+
+
+def test_the_retry_after_an_out_of_memory_load_runs_without_the_first_tries_weights(
+    tiny_model_dir, monkeypatch
+):
+    import gc
+    import weakref
+
+    import transformers
+
+    from custom_handlers.inference.loader import ModelHolder
+    from custom_handlers.inference.settings import LocalModelSettings
+
+    built: list[weakref.ref] = []
+    first_alive_at_retry: list[bool] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        if built:  # the retry: is the first try's model still held by anything?
+            gc.collect()
+            first_alive_at_retry.append(built[0]() is not None)
+        result = real(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        built.append(weakref.ref(model))
+        if len(built) == 1:
+            raise _oom()
+        return result
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    holder = ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir), device="cpu"))
+    holder.room = _Room()
+    loaded = holder.get()
+    assert loaded.model is built[1]()  # the retry's model is the one served
+    assert first_alive_at_retry == [False]
