@@ -155,3 +155,46 @@ def test_the_retry_after_an_out_of_memory_load_runs_without_the_first_tries_weig
     loaded = holder.get()
     assert loaded.model is built[1]()  # the retry's model is the one served
     assert first_alive_at_retry == [False]
+
+
+# ---- a failed batch gives its KV pool back at once (issue 23, item 8) ---------------------------
+
+
+def test_a_failed_batch_frees_its_kv_pool_before_the_device_cache_is_emptied(tiny_model_dir):
+    """The pool (KVBatch -> SlotCache -> SlotLayer -> KVBatch, a reference cycle) and the failed
+    step's tensors (in its error's frames) must be gone when the engine empties the device cache
+    after an out-of-memory step: otherwise the next pool is allocated beside the old one."""
+    import weakref
+
+    import torch
+
+    local = handler(tiny_model_dir)
+    loaded = local.holder.get()
+    engine = local.engine
+    pool: list[weakref.ref] = []
+    alive_at_release: list[bool] = []
+    real_forward = loaded.model.forward
+    calls = 0
+
+    def forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # a decoding step: the pool exists
+            pool.append(weakref.ref(engine._batch.keys[0]))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    def release_cached_memory():
+        alive_at_release.append(pool[0]() is not None)
+
+    loaded.model.forward = forward
+    local.holder.release_cached_memory = release_cached_memory
+
+    async def scenario():
+        with pytest.raises(ModelUnavailableError):
+            await local.acompletion("x", FOX, optional_params={"max_tokens": 20})
+        return await local.acompletion("x", FOX, optional_params={"max_tokens": 3})
+
+    served = asyncio.run(scenario())
+    assert served.usage.completion_tokens >= 1
+    assert alive_at_release[:1] == [False]

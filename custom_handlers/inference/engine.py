@@ -41,6 +41,7 @@ from custom_handlers.inference.errors import (
     LocalLLMError,
     ModelUnavailableError,
     OverloadedError,
+    drop_frames,
 )
 from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
@@ -861,11 +862,17 @@ class Engine:
         error = _error_of(exc) if jobs else None  # logs it, unless no request runs
         for job in jobs:
             _fail(job, error)
-        self._rows, self._batch = [], KVBatch()
+        failed, self._rows, self._batch = self._batch, [], KVBatch()
+        # The pool goes now, not at the collector's next pass (the batch is a reference cycle:
+        # KVBatch -> SlotCache -> SlotLayer -> KVBatch), so the next one is not allocated beside
+        # it; the failed step's tensors, held by its error's frames, go too.
+        failed.free()
+        del failed
         self.penalty_counts.clear()
         if self._decoder is not None:  # its graphs point into the pool just dropped
             self._decoder.drop()
         self.prefix.clear()
+        drop_frames(exc)
         self._holder.release_cached_memory()
 
 

@@ -18,6 +18,8 @@ it can be driven in-process where only torch and transformers are installed (``b
 
 from __future__ import annotations
 
+import traceback
+
 
 class LocalLLMError(Exception):
     status_code = 500
@@ -60,3 +62,16 @@ class OverloadedError(LocalLLMError):
         super().__init__(message, code="overloaded")
         self.retry_after = retry_after
         self.headers = {"retry-after": str(retry_after)}
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``exc``'s traceback, and in those of
+    the errors it chains; messages and the traceback's lines stay. A kept error (a failed load's,
+    answered to the next requests) or one still in hand (a failed step's, while the batch's memory
+    is given back) would otherwise keep what those frames held alive: a partly built model, the
+    step's tensors, on a GPU gigabytes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # a frame still running is left as it is
+        exc = exc.__cause__ or exc.__context__

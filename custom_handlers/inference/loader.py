@@ -12,7 +12,6 @@ import logging
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from custom_handlers.inference.download import (
     is_cached,
     size_text,
 )
-from custom_handlers.inference.errors import ModelUnavailableError
+from custom_handlers.inference.errors import ModelUnavailableError, drop_frames
 from custom_handlers.inference.settings import (
     DEFAULT_MODEL,
     LocalModelSettings,
@@ -128,7 +127,7 @@ class ModelHolder:
                 with self.room.admit(self) if self.room else contextlib.nullcontext():
                     self._loaded = self._load(settings)
             except ModelUnavailableError as exc:
-                _drop_frames(exc)  # kept below: it must not keep what the load had built
+                drop_frames(exc)  # kept below: it must not keep what the load had built
                 self._failure = (time.monotonic(), exc)
                 log.error("%s", exc)
                 raise
@@ -146,7 +145,7 @@ class ModelHolder:
             try:
                 return load_model(settings, self.download)
             except ModelUnavailableError as exc:
-                _drop_frames(exc)  # before free_idle's collection: the first try's weights go
+                drop_frames(exc)  # before free_idle's collection: the first try's weights go
                 if not exc.out_of_memory or self.room is None or not self.room.free_idle(self):
                     raise
             # Once more, outside the handler: nothing of the first try is referenced any longer.
@@ -258,7 +257,7 @@ def load_model(settings: LocalModelSettings, progress: Progress | None = None) -
         raise
     except Exception as exc:  # any failure to load is reported the same way: clearly, once
         error = _load_error(settings, exc)
-        _drop_frames(exc)  # a half-built model lives in them: on a GPU, gigabytes
+        drop_frames(exc)  # a half-built model lives in them: on a GPU, gigabytes
         raise error from exc
     model.eval()
     loaded = LoadedModel(
@@ -373,18 +372,6 @@ def _load_error(settings: LocalModelSettings, exc: Exception) -> ModelUnavailabl
         f"Check that {settings.checkpoint_setting} names a Hugging Face repo id you can download "
         "(or is in the local Hugging Face cache) or a local model directory, then retry."
     )
-
-
-def _drop_frames(exc: BaseException) -> None:
-    """Clear the local variables of the finished frames in ``exc``'s traceback, and in those of
-    the errors it chains. An error is kept after a failed load (``ModelHolder`` answers the next
-    requests with it; it is the cause of the error raised): with its frames, it would keep the
-    partly built model and its weights alive. Messages and the traceback's lines stay."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)  # a frame still running is left as it is
-        exc = exc.__cause__ or exc.__context__
 
 
 def _out_of_memory(exc: BaseException) -> bool:
