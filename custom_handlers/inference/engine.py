@@ -862,12 +862,11 @@ class Engine:
         error = _error_of(exc) if jobs else None  # logs it, unless no request runs
         for job in jobs:
             _fail(job, error)
-        failed, self._rows, self._batch = self._batch, [], KVBatch()
         # The pool goes now, not at the collector's next pass (the batch is a reference cycle:
         # KVBatch -> SlotCache -> SlotLayer -> KVBatch), so the next one is not allocated beside
-        # it; the failed step's tensors, held by its error's frames, go too.
-        failed.free()
-        del failed
+        # it; the failed step's tensors, held by its error's frames, go too (below).
+        self._batch.free()
+        self._rows, self._batch = [], KVBatch()
         self.penalty_counts.clear()
         if self._decoder is not None:  # its graphs point into the pool just dropped
             self._decoder.drop()
