@@ -9,9 +9,10 @@ replays them with one launch. A graph replays fixed shapes at fixed addresses, s
   Rows ``rows .. B-1`` are padding: token 0 at position 0, in slots no row uses, attending only to
   their own column 0; their logits are dropped. Graphs are captured the first time their
   ``(B, W)`` is needed, all in one memory pool.
-- **Inputs are copied into static buffers** (token ids and positions, one host-to-device copy a
-  step); the attention mask is computed inside the graph from the positions, and each row writes
-  its new key and value at its position (``kvbatch.Step``).
+- **Inputs are copied into static buffers** (token ids and positions: a copy on the device, the
+  engine keeps them there between steps, see ``Engine._step``); the attention mask is computed
+  inside the graph from the positions, and each row writes its new key and value at its position
+  (``kvbatch.Step``).
 - **The KV pool stays put.** Graphs point into it, so the engine keeps the pool while the model is
   loaded (``KVBatch.keep_pool``); when the pool grows (a copy into new tensors) every graph is
   dropped and captured again as needed. Unloading the model frees the pool and the graphs.
@@ -106,22 +107,21 @@ class Decoder:
             "off_reason": self.off_reason,
         }
 
-    def step(self, model: Any, batch: KVBatch, tokens: list[int], positions: list[int]) -> Any:
-        """Logits ``[rows, vocab]`` of the next step, for rows fed ``tokens`` at ``positions``."""
+    def step(self, model: Any, batch: KVBatch, inputs: Any, longest: int) -> Any:
+        """Logits ``[rows, vocab]`` of the next step: ``inputs`` ``[2, rows]`` (int64, on the
+        model's device) holds each row's token id and its position; ``longest`` is the largest
+        position plus one (from the host's lengths: reading it from ``inputs`` would wait)."""
         if self.graphs:
             try:
-                return self._replayed(model, batch, tokens, positions)
+                return self._replayed(model, batch, inputs, longest)
             except Exception as exc:  # any failure of the graph path: eager from now on
                 self._turn_off(f"{type(exc).__name__}: {exc}")
-        return self._eager(model, batch, tokens, positions)
+        return self._eager(model, batch, inputs, longest)
 
-    def _eager(self, model: Any, batch: KVBatch, tokens: list[int], positions: list[int]) -> Any:
-        import torch
+    def _eager(self, model: Any, batch: KVBatch, inputs: Any, longest: int) -> Any:
+        return decode_forward(model, batch, inputs[0, :, None], inputs[1, :, None], longest)
 
-        io = torch.tensor([tokens, positions], device=batch.keys[0].device)  # one copy
-        return decode_forward(model, batch, io[0, :, None], io[1, :, None], max(positions) + 1)
-
-    def _replayed(self, model: Any, batch: KVBatch, tokens: list[int], positions: list[int]):
+    def _replayed(self, model: Any, batch: KVBatch, inputs: Any, longest: int):
         import torch
 
         if batch.pool_id != self._pool_id:  # a new pool: graphs and buffers pointed at the old one
@@ -129,11 +129,12 @@ class Decoder:
             device = batch.keys[0].device
             self._io = torch.zeros((2, batch.slots, 1), dtype=torch.long, device=device)
             self._pool_id = batch.pool_id
-        rows = len(tokens)
+        rows = inputs.shape[1]
         size = min(power_of_two(rows), batch.slots)
-        width = min(batch.columns, columns_for(max(positions) + 1))
-        pad = [0] * (size - rows)
-        self._io[:, :size, 0].copy_(torch.tensor([tokens + pad, positions + pad]))
+        width = min(batch.columns, columns_for(longest))
+        self._io[:, :rows, 0].copy_(inputs)  # on the device: no copy from the host
+        if size > rows:
+            self._io[:, rows:size].zero_()  # padding rows: token 0 at position 0
         graph = self._graphs.get((size, width))
         if graph is None:
             graph = self._graphs[size, width] = self._capture(model, batch, size, width)

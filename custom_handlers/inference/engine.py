@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
 from custom_handlers.inference.decode import Decoder
@@ -48,7 +49,12 @@ from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.penalties import PenaltyCounts
 from custom_handlers.inference.prefix import PrefixCache, start_cache
 from custom_handlers.inference.request import SamplingParams
-from custom_handlers.inference.sampling import RowSampling, row_sampling, sample, token_logprobs
+from custom_handlers.inference.sampling import (
+    BatchSampling,
+    RowSampling,
+    row_sampling,
+    token_logprobs,
+)
 from custom_handlers.inference.text import IncrementalDecoder, TextPipeline
 from custom_handlers.inference.tools import CallDelta, CallReader
 
@@ -323,6 +329,7 @@ class Engine:
         self._last_done = time.monotonic()  # when the last job finished (idle time)
         self._rows: list[_Row] = []
         self._batch = KVBatch()
+        self._steady: _Steady | None = None  # the rows' step state on the device; None: rebuild
         self.penalty_counts = PenaltyCounts()  # token counts of the rows with penalties
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # thread start, release markers count
@@ -543,7 +550,7 @@ class Engine:
         """Unload the model, the prompts' KV kept with it, the KV pool and the CUDA graphs;
         whether a model was loaded."""
         self.prefix.clear()
-        self._batch, self._decoder = KVBatch(), None
+        self._batch, self._decoder, self._steady = KVBatch(), None, None
         self.penalty_counts.clear()
         return self._holder.unload()
 
@@ -657,7 +664,7 @@ class Engine:
             logits = logits.expand(n, -1).clone()
         rows = [self._new_row(job, i, loaded) for i in range(n)]
         job.open_rows = n
-        tokens = self._choose(rows, logits)
+        tokens, _ = self._choose(rows, logits)
         decoder, budget = self._decoder_for(loaded), self.kv_budget(loaded)
         if not self._rows and self._batch.budget != budget:
             self._batch = KVBatch(budget)  # a pool for the model loaded now
@@ -665,6 +672,7 @@ class Engine:
         self._batch.add(kv, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
         self._rows.extend(rows)
+        self._steady = None
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._advance(rows, tokens, loaded.eos_token_ids)
 
@@ -697,16 +705,27 @@ class Engine:
     # ---- one decoding step for every row -------------------------------------------------------
 
     def _step(self) -> None:
-        loaded = self._holder.get()
-        rows, positions = self._rows, self._batch.lengths  # row i is slot i: its tokens so far
-        logits = self._decoder_for(loaded).step(
-            loaded.model, self._batch, [r.last for r in rows], positions
-        )
-        self._batch.advance()
-        tokens = self._choose(self._rows, logits.float())
-        self._advance(self._rows, tokens, loaded.eos_token_ids)
+        """One decoding step. While the rows stay the same, what it feeds the device stays there:
+        the token ids just chosen and the positions (plus one, on the device), and the rows'
+        sampling settings; only the chosen ids come back (one wait for the device). Rows joining
+        or leaving rebuild them (``_steady`` None): one copy from the host then."""
+        import torch
 
-    def _choose(self, rows: list[_Row], logits) -> list[int]:
+        loaded = self._holder.get()
+        rows, batch, steady = self._rows, self._batch, self._steady
+        if steady is None:  # row i is slot i: its last token, at its length so far
+            device = loaded.model.device
+            inputs = torch.tensor([[r.last for r in rows], batch.lengths], device=device)
+            steady = self._steady = _Steady(inputs, BatchSampling([r.sampling for r in rows]))
+        decoder = self._decoder_for(loaded)
+        logits = decoder.step(loaded.model, batch, steady.inputs, max(batch.lengths) + 1)
+        batch.advance()
+        tokens, chosen = self._choose(rows, logits.float(), steady.sampling)
+        steady.inputs = torch.stack((chosen, steady.inputs[1] + 1))
+        self._advance(rows, tokens, loaded.eos_token_ids)
+
+    def _choose(self, rows: list[_Row], logits, sampling: BatchSampling | None = None):
+        """The rows' next tokens from their ``logits``: a list, and the same on the device."""
         # Log-probabilities come from the model's own distribution, before sampling settings and
         # constraints change it (as vLLM's default): what the model thinks of each token.
         asking = [i for i, r in enumerate(rows) if r.job.logprobs is not None and r.calls is None]
@@ -722,7 +741,9 @@ class Engine:
         for i, row in enumerate(rows):  # tool_choice "none": the model may not open a call
             if row.job.tools is not None and row.job.tools.grammar is None:
                 logits[i, row.job.tools.open_id] = float("-inf")
-        tokens = sample(logits, [r.sampling for r in rows])
+        sampling = sampling or BatchSampling([r.sampling for r in rows])
+        chosen = sampling.choose(logits)
+        tokens = chosen.tolist()  # the step's one wait for the device
         if penalised:
             self.penalty_counts.count(penalties, tokens)
         if asking:
@@ -730,7 +751,7 @@ class Engine:
             noted = token_logprobs(distribution, [tokens[i] for i in asking], top)
             for i, entry in zip(asking, noted, strict=True):
                 rows[i].sampled_logprob = entry
-        return tokens
+        return tokens, chosen
 
     def _advance(self, rows: list[_Row], tokens: list[int], eos: frozenset[int]) -> None:
         for row, token in zip(rows, tokens, strict=True):
@@ -854,6 +875,7 @@ class Engine:
             self._job_done(row.job)
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in keep]
+            self._steady = None
             self.penalty_counts.retain([r.sampling.penalties for r in self._rows])
             self._batch.keep(keep)
 
@@ -866,13 +888,21 @@ class Engine:
         # KVBatch -> SlotCache -> SlotLayer -> KVBatch), so the next one is not allocated beside
         # it; the failed step's tensors, held by its error's frames, go too (below).
         self._batch.free()
-        self._rows, self._batch = [], KVBatch()
+        self._rows, self._batch, self._steady = [], KVBatch(), None
         self.penalty_counts.clear()
         if self._decoder is not None:  # its graphs point into the pool just dropped
             self._decoder.drop()
         self.prefix.clear()
         drop_frames(exc)
         self._holder.release_cached_memory()
+
+
+@dataclass
+class _Steady:
+    """What the next step feeds the device while the batch's rows stay the same."""
+
+    inputs: Any  # [2, rows] int64 on the model's device: each row's next token id, its position
+    sampling: BatchSampling  # the rows' sampling settings, on the device once used
 
 
 class _RowKV:

@@ -62,63 +62,113 @@ def _or(value, default):
 
 def sample(logits, rows: list[RowSampling]) -> list[int]:
     """One token id per row of ``logits`` ([rows, vocab], float32, already masked)."""
-    import torch
-
-    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy = [i for i, r in enumerate(rows) if r.greedy]
-    drawn = [i for i, r in enumerate(rows) if not r.greedy]
-    if greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
-    if drawn:
-        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
-    return tokens.tolist()
-
-
-def _draw(logits, rows: list[RowSampling]):
-    import torch
-
-    device, vocab = logits.device, logits.shape[-1]
-    ordered, order = _kept(logits, rows)
-    noise = torch.stack(
-        [torch.rand(vocab, generator=r.generator, device=device) for r in rows]
-    ).clamp_(min=torch.finfo(torch.float32).tiny)
-    choice = (ordered - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
-    return order.gather(1, choice).squeeze(1)
-
-
-def _kept(logits, rows: list[RowSampling]):
-    """The sampled rows' logits divided by their temperature and sorted, best first, with the
-    tokens that min-p, top-k and top-p leave out set to -inf; and the sorting's order.
-
-    min-p (vLLM's, transformers' ``MinPLogitsWarper``): a token whose probability after the
-    temperature is below ``min_p`` times the best one's is dropped, i.e. its scaled logit is below
-    the best one's plus ``log(min_p)``. Then top-k; then top-p over what is left."""
-    import torch
-
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([r.temperature for r in rows], device=device).unsqueeze(1)
-    # top_k past the vocabulary is no limit; past 2**63 torch.tensor could not even hold it.
-    top_k = torch.tensor([min(r.top_k or vocab, vocab) for r in rows], device=device).unsqueeze(1)
-    top_p = torch.tensor([r.top_p for r in rows], device=device).unsqueeze(1)
-    ordered, order = torch.sort(logits / temperature, dim=-1, descending=True)
-    if any(r.min_p for r in rows):  # rows with min_p 0: a threshold of -inf leaves them as they are
-        floor = torch.tensor([math.log(r.min_p) if r.min_p else -math.inf for r in rows])
-        floor = ordered[:, :1] + floor.to(device).unsqueeze(1)
-        ordered = ordered.masked_fill(ordered < floor, float("-inf"))
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    ordered = ordered.masked_fill(ranks >= top_k, float("-inf"))
-    probs = ordered.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the first always stays
-    ordered = ordered.masked_fill(before > top_p, float("-inf"))
-    return ordered, order
+    return BatchSampling(rows).choose(logits).tolist()
 
 
 def kept_logits(logits, rows: list[RowSampling]):
     """What a draw samples from for sampled ``rows``: ``_kept``'s logits in vocabulary order."""
     import torch
 
-    ordered, order = _kept(logits, rows)
-    return torch.empty_like(ordered).scatter_(1, order, ordered)
+    batch = BatchSampling(rows)
+    ordered, order = batch.kept(logits)
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, ordered)
+
+
+class BatchSampling:
+    """The sampling settings of a set of rows, as tensors on the logits' device.
+
+    Built for the rows of a batch and kept while they stay the same (``Engine._step``): the
+    settings reach the device once, at the first step, not at every step. ``choose`` gives the
+    chosen ids as a tensor on the device; reading them (``tolist``) is the step's one wait for the
+    device. Greedy rows take the argmax of every row (one reduction, cheaper than picking them out);
+    the sampled rows' tokens are written over theirs (``index_copy_``, by an index on the device).
+    """
+
+    def __init__(self, rows: list[RowSampling]):
+        self.rows = rows
+        self.drawn = [i for i, r in enumerate(rows) if not r.greedy]
+        self.min_p = any(rows[i].min_p for i in self.drawn)
+        self.width = 0  # candidates per sampled row: the largest top_k, or the whole vocabulary
+        self.top_k = False  # some sampled row keeps fewer than ``width`` of them
+        self._for: tuple | None = None  # (device, vocabulary) the tensors below are for
+        self._settings: Any = None  # [drawn, 4] float32: temperature, top_p, top_k, min-p floor
+        self._ranks: Any = None  # [1, width] int64: 0 .. width-1
+        self._index: Any = None  # [drawn] int64: the sampled rows, when some rows are greedy
+
+    def choose(self, logits):
+        """One token id per row of ``logits`` ([rows, vocab], float32, already masked): an int64
+        tensor on their device."""
+        if not self.drawn:
+            return logits.argmax(dim=-1)
+        if len(self.drawn) == len(self.rows):
+            return self._draw(logits)
+        self._build(logits)
+        tokens = logits.argmax(dim=-1)
+        return tokens.index_copy_(0, self._index, self._draw(logits.index_select(0, self._index)))
+
+    def _build(self, logits) -> None:
+        import torch
+
+        device, vocab = logits.device, logits.shape[-1]
+        if self._for == (device, vocab):
+            return
+        drawn = [self.rows[i] for i in self.drawn]
+        # top_k past the vocabulary is no limit, nor is 0 (exact in float32: at most the vocabulary)
+        top_k = [min(r.top_k or vocab, vocab) for r in drawn]
+        self.width, self.top_k = max(top_k), min(top_k) < max(top_k)
+        settings = [
+            [r.temperature, r.top_p, k, math.log(r.min_p) if r.min_p else -math.inf]
+            for r, k in zip(drawn, top_k, strict=True)
+        ]
+        self._settings = torch.tensor(settings, dtype=torch.float32, device=device)
+        self._ranks = torch.arange(self.width, device=device).unsqueeze(0)
+        if len(drawn) < len(self.rows):
+            self._index = torch.tensor(self.drawn, device=device)
+        self._for = (device, vocab)
+
+    def _draw(self, logits):
+        """The sampled rows' tokens (``logits``: theirs only), by the Gumbel-max trick.
+
+        Each row's noise comes from its own generator, over the whole vocabulary as it always
+        has: a row's random stream does not depend on the candidates, and its first ``width``
+        values meet the candidates, best first, as they did after a sort of the whole vocabulary.
+        """
+        import torch
+
+        ordered, order = self.kept(logits)
+        device, vocab = logits.device, logits.shape[-1]
+        rows = [self.rows[i] for i in self.drawn]
+        noise = torch.stack(
+            [torch.rand(vocab, generator=r.generator, device=device) for r in rows]
+        )[:, : ordered.shape[-1]].clamp_(min=torch.finfo(torch.float32).tiny)
+        choice = (ordered - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+        return order.gather(1, choice).squeeze(1)
+
+    def kept(self, logits):
+        """The sampled rows' candidates (``logits``: theirs only), divided by their temperature,
+        best first, with those that min-p, top-k and top-p leave out set to -inf; and their ids.
+
+        The candidates are the ``width`` best (``topk``) when every sampled row has a top_k, else
+        the whole vocabulary sorted. min-p (vLLM's, transformers' ``MinPLogitsWarper``): a token
+        whose probability after the temperature is below ``min_p`` times the best one's is
+        dropped, i.e. its scaled logit is below the best one's plus ``log(min_p)``. Then top-k;
+        then top-p over what is left."""
+        import torch
+
+        self._build(logits)
+        settings = self._settings
+        scaled = logits / settings[:, 0:1]
+        if self.width < logits.shape[-1]:
+            ordered, order = scaled.topk(self.width, dim=-1)
+        else:
+            ordered, order = torch.sort(scaled, dim=-1, descending=True)
+        if self.min_p:  # rows with min_p 0: a floor of -inf leaves them as they are
+            ordered = ordered.masked_fill(ordered < ordered[:, :1] + settings[:, 3:4], -math.inf)
+        if self.top_k:  # rows whose top_k is below the width
+            ordered = ordered.masked_fill(self._ranks >= settings[:, 2:3], -math.inf)
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the first always stays
+        return ordered.masked_fill(before > settings[:, 1:2], -math.inf), order
 
 
 def token_logprobs(distribution, tokens: list[int], top: list[int]) -> list[tuple]:
