@@ -721,7 +721,8 @@ class Engine:
         logits = decoder.step(loaded.model, batch, steady.inputs, max(batch.lengths) + 1)
         batch.advance()
         tokens, chosen = self._choose(rows, logits.float(), steady.sampling)
-        steady.inputs = torch.stack((chosen, steady.inputs[1] + 1))
+        steady.tokens.copy_(chosen)  # the next step's inputs, on the device
+        steady.positions.add_(1)
         self._advance(rows, tokens, loaded.eos_token_ids)
 
     def _choose(self, rows: list[_Row], logits, sampling: BatchSampling | None = None):
@@ -903,6 +904,9 @@ class _Steady:
 
     inputs: Any  # [2, rows] int64 on the model's device: each row's next token id, its position
     sampling: BatchSampling  # the rows' sampling settings, on the device once used
+
+    def __post_init__(self) -> None:
+        self.tokens, self.positions = self.inputs.unbind(0)  # views: written in place
 
 
 class _RowKV:

@@ -91,9 +91,12 @@ class BatchSampling:
         self.width = 0  # candidates per sampled row: the largest top_k, or the whole vocabulary
         self.top_k = False  # some sampled row keeps fewer than ``width`` of them
         self._for: tuple | None = None  # (device, vocabulary) the tensors below are for
-        self._settings: Any = None  # [drawn, 4] float32: temperature, top_p, top_k, min-p floor
+        # [drawn, 1] float32 each, from one tensor: temperature, top_p, top_k, min-p floor
+        self._temperature = self._top_p = self._top_k = self._floor = None
         self._ranks: Any = None  # [1, width] int64: 0 .. width-1
         self._index: Any = None  # [drawn] int64: the sampled rows, when some rows are greedy
+        self._noise: Any = None  # [drawn, vocab] float32: each row's uniform noise of the step
+        self._noise_rows: list[tuple] = []  # (row of _noise, the row's generator)
 
     def choose(self, logits):
         """One token id per row of ``logits`` ([rows, vocab], float32, already masked): an int64
@@ -120,10 +123,14 @@ class BatchSampling:
             [r.temperature, r.top_p, k, math.log(r.min_p) if r.min_p else -math.inf]
             for r, k in zip(drawn, top_k, strict=True)
         ]
-        self._settings = torch.tensor(settings, dtype=torch.float32, device=device)
+        settings = torch.tensor(settings, dtype=torch.float32, device=device)
+        self._temperature, self._top_p, self._top_k, self._floor = settings.split(1, dim=1)
         self._ranks = torch.arange(self.width, device=device).unsqueeze(0)
         if len(drawn) < len(self.rows):
             self._index = torch.tensor(self.drawn, device=device)
+        self._noise = torch.empty((len(drawn), vocab), device=device)
+        generators = [r.generator for r in drawn]
+        self._noise_rows = list(zip(self._noise.unbind(0), generators, strict=True))
         self._for = (device, vocab)
 
     def _draw(self, logits):
@@ -136,12 +143,10 @@ class BatchSampling:
         import torch
 
         ordered, order = self.kept(logits)
-        device, vocab = logits.device, logits.shape[-1]
-        rows = [self.rows[i] for i in self.drawn]
-        noise = torch.stack(
-            [torch.rand(vocab, generator=r.generator, device=device) for r in rows]
-        )[:, : ordered.shape[-1]].clamp_(min=torch.finfo(torch.float32).tiny)
-        choice = (ordered - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+        for noise, generator in self._noise_rows:  # as torch.rand(vocab, generator=generator)
+            noise.uniform_(generator=generator)
+        noise = self._noise[:, : ordered.shape[-1]].clamp(min=torch.finfo(torch.float32).tiny)
+        choice = (ordered - noise.log_().neg_().log_()).argmax(dim=-1, keepdim=True)
         return order.gather(1, choice).squeeze(1)
 
     def kept(self, logits):
@@ -156,19 +161,18 @@ class BatchSampling:
         import torch
 
         self._build(logits)
-        settings = self._settings
-        scaled = logits / settings[:, 0:1]
+        scaled = logits / self._temperature
         if self.width < logits.shape[-1]:
             ordered, order = scaled.topk(self.width, dim=-1)
         else:
             ordered, order = torch.sort(scaled, dim=-1, descending=True)
         if self.min_p:  # rows with min_p 0: a floor of -inf leaves them as they are
-            ordered = ordered.masked_fill(ordered < ordered[:, :1] + settings[:, 3:4], -math.inf)
+            ordered = ordered.masked_fill(ordered < ordered[:, :1] + self._floor, -math.inf)
         if self.top_k:  # rows whose top_k is below the width
-            ordered = ordered.masked_fill(self._ranks >= settings[:, 2:3], -math.inf)
+            ordered = ordered.masked_fill(self._ranks >= self._top_k, -math.inf)
         probs = ordered.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the first always stays
-        return ordered.masked_fill(before > settings[:, 1:2], -math.inf), order
+        return ordered.masked_fill(before > self._top_p, -math.inf), order
 
 
 def token_logprobs(distribution, tokens: list[int], top: list[int]) -> list[tuple]:

@@ -1,0 +1,215 @@
+"""The engine's own time per decoding step, outside the forward pass (issue 23, item 4).
+
+    uv run python -m bench.host_step [--against main] [--rounds 4] [--steps 400] [--profile]
+
+Runs the real ``Engine`` in-process on the tiny random Qwen3 (scripts/build_tiny_qwen3.py), 16
+requests decoding together with the checkpoint's sampling defaults (temperature 0.7, top_p 0.8,
+top_k 20; no penalty, constraint or logprobs; end-of-turn ends nothing, so the 16 rows stay), in
+the graph path's "static" mode (as on CUDA: the forward is what a graph would replay). For each
+decoding step it takes:
+
+- ``step``: ``Engine._step`` from entry to return (inputs to the device, the forward, sampling,
+  the chosen ids back, each row's text pipeline and events);
+- ``forward``: ``decode.decode_forward`` within it (the model's forward and its mask: what a CUDA
+  graph replays);
+- ``host``: ``step - forward``, the engine's own work, and ``loop``: the same from one step's
+  start to the next one's (the thread's whole loop: joining, leaving, the step).
+
+Each round is a fresh process; rounds alternate this tree and ``--against`` (a git revision whose
+``custom_handlers`` is taken with ``git archive``), and the table gives each tree's median and
+p90 over its rounds' steady steps (16 rows, the first 20 steps of a round left out), with the
+rounds' spread. ``--profile`` prints where this tree's host time goes (cProfile of the engine
+thread's steps, forward excluded by subtraction: read the cumulative column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = 16
+SKIP = 20  # first steps of a round left out (joining, first captures, warm-up)
+
+
+def one_round(model: str, steps: int, profile: bool = False) -> dict:
+    """One round in this process: per steady step, step / forward / loop times in seconds."""
+    import asyncio
+    import cProfile
+    import dataclasses
+    import io
+    import pstats
+
+    import torch
+
+    from custom_handlers.inference import decode
+    from custom_handlers.inference.engine import Done, Job
+    from custom_handlers.inference.loader import ModelHolder
+    from custom_handlers.inference.provider import LocalLLM
+    from custom_handlers.inference.request import SamplingParams
+    from custom_handlers.inference.settings import LocalModelSettings
+
+    torch.set_num_threads(1)
+    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model, max_batch_size=ROWS)))
+    engine = local.engine
+    engine.graph_mode = "static"
+    loaded = local.holder.get()
+    local.holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
+    spent = {"forward": 0.0, "choose": 0.0, "advance": 0.0}  # within the step running
+    records, profiler = [], cProfile.Profile() if profile else None
+    real_step = engine._step
+
+    def timed(name: str, function):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        return run
+
+    def timed_step() -> None:
+        rows = len(engine._rows)
+        spent.update(forward=0.0, choose=0.0, advance=0.0)
+        if profiler is not None:
+            profiler.enable()
+        started = time.perf_counter()
+        real_step()
+        ended = time.perf_counter()
+        if profiler is not None:
+            profiler.disable()
+        records.append((rows, started, ended - started, dict(spent)))
+
+    # decode_forward: what a CUDA graph replays; _choose: sampling and the chosen ids back;
+    # _advance: each row's text pipeline, stop strings, events.
+    decode.decode_forward = timed("forward", decode.decode_forward)
+    engine._choose = timed("choose", engine._choose)
+    engine._advance = timed("advance", engine._advance)
+    engine._step = timed_step
+
+    class Quiet:  # events are dropped: no reader thread competes with the engine's
+        def __init__(self) -> None:
+            self.done = False
+
+        def put(self, event) -> None:
+            self.done = self.done or isinstance(event, Done)
+
+    prompts = [loaded.tokenizer.encode(f"a fox number {i} " * (1 + i)) for i in range(ROWS)]
+    jobs = [Job(p, SamplingParams(seed=i), steps + SKIP, Quiet()) for i, p in enumerate(prompts)]
+    # Hold the engine until all have been queued: they join together.
+    for job in jobs:
+        engine._jobs.put(job)
+    engine._ensure_thread()
+    deadline = time.monotonic() + 600
+    while not all(job.sink.done for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    asyncio.run(local.release())
+    steady = [r for r in records if r[0] == ROWS][SKIP:]
+    out = {
+        "step": [r[2] for r in steady],
+        **{name: [r[3][name] for r in steady] for name in spent},
+        "loop": [b[1] - a[1] - a[3]["forward"] for a, b in itertools.pairwise(steady)],
+    }
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+        out["profile"] = text.getvalue()
+    return out
+
+
+def _tree_of(revision: str) -> str:
+    """``custom_handlers`` of ``revision``, extracted to a temporary folder."""
+    folder = tempfile.mkdtemp(prefix=f"host-step-{revision.replace('/', '-')}-")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "custom_handlers"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def _run_round(tree: str, model: str, steps: int, profile: bool) -> dict:
+    env = {
+        **os.environ,
+        "PYTHONPATH": tree,  # its custom_handlers first on the path
+        "OMP_NUM_THREADS": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+    code = (
+        "import importlib.util, json, sys; "
+        "spec = importlib.util.spec_from_file_location('bench_host_step', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(json.dumps(m.one_round(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, __file__, model, str(steps), "1" if profile else "0"],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ms(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", default="main", help="git revision to compare with")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=400, help="decoding steps per round")
+    parser.add_argument("--profile", action="store_true", help="where this tree's time goes")
+    args = parser.parse_args()
+    from tests.conftest import _load_builder
+
+    model = str(_load_builder().build(Path(tempfile.mkdtemp(prefix="host-step-")) / "tiny"))
+    trees = {"this tree": str(ROOT)}
+    if args.against:
+        trees[args.against] = _tree_of(args.against)
+    rounds: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            rounds[name].append(_run_round(tree, model, args.steps, False))
+    print(
+        f"Engine._step, {ROWS} sampled rows (checkpoint defaults), tiny random Qwen3, CPU, one "
+        f"thread; {args.rounds} rounds alternated, {args.steps} steps each (first {SKIP} left out)"
+    )
+    print(
+        "| tree | host ms median (rounds' medians) | host ms p90 | loop ms | step ms | forward ms "
+        "| sampling ms | text ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    keys = ("step", "forward", "loop", "choose", "advance")
+    for name, results in rounds.items():
+        every = {key: [v for r in results for v in r[key]] for key in keys}
+        host = [s - f for s, f in zip(every["step"], every["forward"], strict=True)]
+        per_round = [
+            statistics.median(s - f for s, f in zip(r["step"], r["forward"], strict=True)) * 1e3
+            for r in results
+        ]
+        print(
+            f"| {name} | {_ms(host, 0.5):.3f} ({min(per_round):.3f}-{max(per_round):.3f}) "
+            f"| {_ms(host, 0.9):.3f} | {_ms(every['loop'], 0.5):.3f} "
+            f"| {_ms(every['step'], 0.5):.3f} | {_ms(every['forward'], 0.5):.3f} "
+            f"| {_ms(every['choose'], 0.5):.3f} | {_ms(every['advance'], 0.5):.3f} |"
+        )
+    if args.profile:
+        print(_run_round(str(ROOT), model, args.steps, True)["profile"])
+
+
+if __name__ == "__main__":
+    main()
