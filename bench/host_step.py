@@ -119,6 +119,7 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
         **{name: [r[3][name] for r in steady] for name in spent},
         "loop": [b[1] - a[1] - a[3]["forward"] for a, b in itertools.pairwise(steady)],
     }
+    out["code"] = decode.__file__  # which tree's custom_handlers ran
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
@@ -154,7 +155,7 @@ def _run_round(tree: str, model: str, steps: int, profile: bool) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", code, __file__, model, str(steps), "1" if profile else "0"],
         env=env,
-        cwd=str(ROOT),
+        cwd=tree,  # first on the path too (python -c puts the working directory first)
         capture_output=True,
         text=True,
         check=True,
@@ -207,6 +208,7 @@ def main() -> None:
             f"| {_ms(every['step'], 0.5):.3f} | {_ms(every['forward'], 0.5):.3f} "
             f"| {_ms(every['choose'], 0.5):.3f} | {_ms(every['advance'], 0.5):.3f} |"
         )
+    print("Code:", {name: results[0]["code"] for name, results in rounds.items()})
     if args.profile:
         print(_run_round(str(ROOT), model, args.steps, True)["profile"])
 

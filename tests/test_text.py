@@ -128,3 +128,14 @@ def test_pipeline_without_a_think_block_has_no_reasoning_tokens(tokenizer):
     for i in tokenizer("A fox <think> at dawn", add_special_tokens=False)["input_ids"]:
         pipeline.push(i)
     assert pipeline.reasoning_tokens == 0
+
+
+def test_a_fast_tokenizer_without_clean_up_decodes_through_its_backend(tokenizer):
+    """The same text either way; transformers' own decode stays for anything else it may do."""
+    assert IncrementalDecoder(tokenizer)._decode_ids.func == tokenizer.backend_tokenizer.decode
+
+    class Cleaning(type(tokenizer)):
+        pass
+
+    cleaning = Cleaning.from_pretrained(tokenizer.name_or_path, clean_up_tokenization_spaces=True)
+    assert IncrementalDecoder(cleaning)._decode_ids.func == cleaning.decode

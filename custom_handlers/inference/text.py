@@ -10,6 +10,7 @@ Three small stages, each O(1) amortised per token (no re-decoding of the whole o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -30,6 +31,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: _Decodes):
         self._tokenizer = tokenizer
+        self._decode_ids = _decoding(tokenizer)
         self._ids: list[int] = []
         self._prefix = 0  # window start: decoded for context only
         self._read = 0  # everything before this has been emitted
@@ -51,7 +53,22 @@ class IncrementalDecoder:
         return after[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self._decode_ids(ids) if ids else ""
+
+
+def _decoding(tokenizer: _Decodes):
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from its Rust backend where
+    that is all transformers does (a fast tokenizer whose decode nobody overrides, without
+    ``clean_up_tokenization_spaces``): 0.7 instead of 2.4 us a call here, two calls a token a
+    row, the largest part of a decoding step's host time after sampling (issue 23, item 4)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        kind = type(tokenizer)
+        if kind.decode is TokenizersBackend.decode and kind._decode is TokenizersBackend._decode:
+            return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
 
 
 class ThinkFilter:
