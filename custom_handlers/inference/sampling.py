@@ -1,11 +1,13 @@
 """Next-token choice for a batch whose rows each have their own sampling parameters.
 
-One vectorised pass for all sampled rows (temperature, min-p, top-k, top-p), greedy rows by
-argmax. Penalties and ``logit_bias`` change the logits before this, greedy rows' included
-(``penalties.py``). Each
-row draws its randomness from its own ``torch.Generator``, so a seeded request gives the same
-answer whatever else shares the batch. Sampling uses the Gumbel-max trick: the argmax of
-``logits + Gumbel noise`` is a draw from ``softmax(logits)``, and the noise comes per row.
+One vectorised pass for all sampled rows (temperature, min-p, top-k, top-p) over their
+candidates (the ``top_k`` best by ``topk`` when every sampled row has a ``top_k``, else the whole
+vocabulary sorted), greedy rows by argmax. Penalties and ``logit_bias`` change the logits before
+this, greedy rows' included (``penalties.py``). Each row draws its randomness from its own
+``torch.Generator``, so a seeded request gives the same answer whatever else shares the batch.
+Sampling uses the Gumbel-max trick: the argmax of ``logits + Gumbel noise`` is a draw from
+``softmax(logits)``, and the noise comes per row. ``BatchSampling`` keeps the rows' settings on
+the device while the batch's rows stay the same: a step then copies nothing from the host.
 """
 
 from __future__ import annotations
