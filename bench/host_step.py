@@ -1,6 +1,7 @@
 """The engine's own time per decoding step, outside the forward pass (issue 23, item 4).
 
     uv run python -m bench.host_step [--against main] [--rounds 4] [--steps 400] [--profile]
+                                     [--sampling-vocab 151936]
 
 Runs the real ``Engine`` in-process on the tiny random Qwen3 (scripts/build_tiny_qwen3.py), 16
 requests decoding together with the checkpoint's sampling defaults (temperature 0.7, top_p 0.8,
@@ -19,7 +20,8 @@ Each round is a fresh process; rounds alternate this tree and ``--against`` (a g
 ``custom_handlers`` is taken with ``git archive``), and the table gives each tree's median and
 p90 over its rounds' steady steps (16 rows, the first 20 steps of a round left out), with the
 rounds' spread. ``--profile`` prints where this tree's host time goes (cProfile of the engine
-thread's steps, forward excluded by subtraction: read the cumulative column).
+thread's steps, forward excluded by subtraction: read the cumulative column);
+``--sampling-vocab`` also times the sampling alone, on random logits of that vocabulary.
 """
 
 from __future__ import annotations
@@ -127,6 +129,33 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
     return out
 
 
+def sampling_round(vocab: int, steps: int = 30) -> dict:
+    """Sampling alone, 16 rows with the checkpoint's defaults on random logits ``[16, vocab]``:
+    the tree's steady path (a kept ``BatchSampling`` where the tree has one, else ``sample``)."""
+    import torch
+
+    from custom_handlers.inference import sampling
+
+    torch.set_num_threads(1)
+    rows = [
+        sampling.RowSampling(False, 0.7, 0.8, 20, torch.Generator().manual_seed(i))
+        for i in range(ROWS)
+    ]
+    logits = torch.randn(ROWS, vocab)
+    if hasattr(sampling, "BatchSampling"):
+        kept = sampling.BatchSampling(rows)
+        choose = lambda: kept.choose(logits).tolist()  # noqa: E731
+    else:
+        choose = lambda: sampling.sample(logits, rows)  # noqa: E731
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps + 3):
+            started = time.perf_counter()
+            choose()
+            times.append(time.perf_counter() - started)
+    return {"sampling": times[3:]}
+
+
 def _tree_of(revision: str) -> str:
     """``custom_handlers`` of ``revision``, extracted to a temporary folder."""
     folder = tempfile.mkdtemp(prefix=f"host-step-{revision.replace('/', '-')}-")
@@ -139,7 +168,7 @@ def _tree_of(revision: str) -> str:
     return folder
 
 
-def _run_round(tree: str, model: str, steps: int, profile: bool) -> dict:
+def _run_round(tree: str, model: str, steps: int, profile: bool, vocab: int = 0) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": tree,  # its custom_handlers first on the path
@@ -150,10 +179,12 @@ def _run_round(tree: str, model: str, steps: int, profile: bool) -> dict:
         "import importlib.util, json, sys; "
         "spec = importlib.util.spec_from_file_location('bench_host_step', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(json.dumps(m.one_round(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')))"
+        "vocab = int(sys.argv[5]); "
+        "print(json.dumps(m.sampling_round(vocab) if vocab else "
+        "m.one_round(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, __file__, model, str(steps), "1" if profile else "0"],
+        [sys.executable, "-c", code, __file__, model, str(steps), str(int(profile)), str(vocab)],
         env=env,
         cwd=tree,  # first on the path too (python -c puts the working directory first)
         capture_output=True,
@@ -174,6 +205,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400, help="decoding steps per round")
     parser.add_argument("--profile", action="store_true", help="where this tree's time goes")
+    parser.add_argument(
+        "--sampling-vocab",
+        type=int,
+        default=0,
+        help="also time the sampling alone on random logits of this vocabulary (151936: Qwen3)",
+    )
     args = parser.parse_args()
     from tests.conftest import _load_builder
 
@@ -209,6 +246,14 @@ def main() -> None:
             f"| {_ms(every['choose'], 0.5):.3f} | {_ms(every['advance'], 0.5):.3f} |"
         )
     print("Code:", {name: results[0]["code"] for name, results in rounds.items()})
+    if args.sampling_vocab:
+        vocab = args.sampling_vocab
+        print(f"\nSampling alone, {ROWS} rows, vocabulary {vocab:,}, CPU, one thread:")
+        print("| tree | median ms | p10-p90 ms |\n|---|---|---|")
+        for name, tree in trees.items():
+            times = _run_round(tree, model, 0, False, vocab)["sampling"]
+            spread = f"{_ms(times, 0.1):.2f}-{_ms(times, 0.9):.2f}"
+            print(f"| {name} | {_ms(times, 0.5):.2f} | {spread} |")
     if args.profile:
         print(_run_round(str(ROOT), model, args.steps, True)["profile"])
 
