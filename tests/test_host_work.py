@@ -103,16 +103,17 @@ def _boolean_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
-def counted_steps(model_dir, body: dict) -> list[dict]:
-    """Decode ``ROWS`` requests of ``body`` together on the real engine (tiny model, the graph
-    path's "static" mode, as on CUDA); for every decoding step: the rows, whether they were the
-    same as the step before's, and what crossed between host and device outside the forward.
+def counted_steps(model_dir, bodies: list[dict], mode: str | None) -> list[dict]:
+    """Decode ``ROWS`` requests (``bodies`` in turn) together on the real engine (tiny model;
+    ``mode`` "static": the graph path as on CUDA, None: eager); for every decoding step: the
+    rows, whether they were the same as the step before's, and what crossed between host and
+    device outside the forward.
 
     End-of-turn ends nothing here (random weights end turns at random points, as bench/gpu.py
     says): every row runs its ``max_tokens``, so the batch keeps its rows from step to step."""
     local = kv_pool_handler(model_dir, max_batch_size=ROWS)
     engine = local.engine
-    engine.graph_mode = "static"
+    engine.graph_mode = mode
     loaded = local.holder.get()
     local.holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     steps, last = [], []
@@ -138,7 +139,9 @@ def counted_steps(model_dir, body: dict) -> list[dict]:
 
     async def together():
         asks = [
-            asyncio.create_task(local.acompletion("x", _messages(i), optional_params=body))
+            asyncio.create_task(
+                local.acompletion("x", _messages(i), optional_params=bodies[i % len(bodies)])
+            )
             for i in range(ROWS)
         ]
         assert await asyncio.to_thread(gate.held)
@@ -150,20 +153,20 @@ def counted_steps(model_dir, body: dict) -> list[dict]:
         answers = asyncio.run(together())
     finally:
         gate.remove()
-    assert [a.usage.completion_tokens for a in answers] == [body["max_tokens"]] * ROWS
+    assert all(a.usage.completion_tokens == bodies[0]["max_tokens"] for a in answers)
     return steps
 
 
+SAMPLED = {"max_tokens": 12}  # the checkpoint's defaults: temperature 0.7, top_p 0.8, top_k 20
+GREEDY = {"max_tokens": 12, "temperature": 0}
+
+
+@pytest.mark.parametrize("mode", ["static", None], ids=["graph-path", "eager"])
 @pytest.mark.parametrize(
-    "body",
-    [
-        {"max_tokens": 12},  # the checkpoint's defaults: temperature 0.7, top_p 0.8, top_k 20
-        {"max_tokens": 12, "temperature": 0},
-    ],
-    ids=["sampled", "greedy"],
+    "bodies", [[SAMPLED], [GREEDY], [SAMPLED, GREEDY]], ids=["sampled", "greedy", "mixed"]
 )
-def test_a_steady_step_waits_once_and_copies_nothing_from_the_host(tiny_model_dir, body):
-    steps = counted_steps(tiny_model_dir, body)
+def test_a_steady_step_waits_once_and_copies_nothing_from_the_host(tiny_model_dir, bodies, mode):
+    steps = counted_steps(tiny_model_dir, bodies, mode)
     steady = [s for s in steps if s["steady"] and s["rows"] == ROWS]
     assert len(steady) >= 5, [(s["rows"], s["steady"]) for s in steps]
     for s in steady:
