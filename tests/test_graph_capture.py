@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.fake_cuda import FakeCuda
-from tests.pace import wait_for
+from tests.pace import DEADLINE_S, wait_for
 from tests.test_decode_graphs import BODIES, answers, graphs_state, handler
 
 
@@ -154,3 +154,50 @@ def test_a_graph_whose_replay_computes_nothing_fails_its_check(
     assert answers(local) == eager_answers
     state = graphs_state(local)
     assert state["enabled"] is False and "non-finite" in state["off_reason"], state
+
+
+def test_emptying_the_device_cache_never_raises(monkeypatch, caplog):
+    from custom_handlers.inference import loader
+
+    def broken():
+        raise RuntimeError(
+            "captures_underway.empty() INTERNAL ASSERT FAILED at CUDACachingAllocator"
+        )
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", broken)
+    caplog.set_level(logging.WARNING, logger="custom_handlers.loader")
+    loader._empty_device_cache(True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Could not give cached GPU memory back: captures_underway.empty() INTERNAL ASSERT FAILED "
+        "at CUDACachingAllocator"
+    ]
+
+
+def test_a_failure_while_cleaning_up_a_failed_step_does_not_end_the_engine_thread(
+    tiny_model_dir, monkeypatch
+):
+    from custom_handlers.inference.errors import ModelUnavailableError
+    from tests.test_keep_alive import FOX
+    from tests.test_out_of_memory import fail_once
+
+    local = handler(tiny_model_dir)
+    fail_once(local.holder.get().model, at_call=3)  # a decoding step
+
+    def broken():
+        raise RuntimeError("captures_underway.empty() INTERNAL ASSERT FAILED")
+
+    monkeypatch.setattr(local.holder, "release_cached_memory", broken)
+
+    async def scenario():
+        with pytest.raises(ModelUnavailableError):
+            await local.acompletion("x", FOX, optional_params={"max_tokens": 20})
+        thread = local.engine._thread
+        # Without the guard the thread died here and this request was never taken: bounded wait.
+        served = await asyncio.wait_for(
+            local.acompletion("x", FOX, optional_params={"max_tokens": 3}), DEADLINE_S
+        )
+        return thread, served
+
+    thread, served = asyncio.run(scenario())
+    assert served.usage.completion_tokens >= 1
+    assert local.engine._thread is thread and thread.is_alive()  # the same thread went on
