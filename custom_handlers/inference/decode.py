@@ -82,6 +82,34 @@ def decode_forward(model: Any, batch: KVBatch, ids: Any, positions: Any, width: 
     return model(**inputs, cache=batch.cache, use_cache=True).logits[:, -1]
 
 
+def block_forward(
+    model: Any, batch: KVBatch, ids: Any, positions: Any, counts: list[int], width: int
+) -> Any:
+    """Logits ``[rows, T, vocab]`` of a step in which row ``i`` takes its first ``counts[i]``
+    inputs of ``ids`` ``[rows, T]`` (at ``positions`` ``[rows, T]``, consecutive from the row's
+    length), the rest padding: a prefill chunk, forced tokens or a draft to verify, next to rows
+    taking one token. Each token taken attends to its row's columns up to its own position (the
+    tokens before it in the block included: their keys are written first); a padding input sits
+    at its row's last position taken and writes nothing, and its logits mean nothing. Eager: the
+    tokens taken set the shapes of the writes."""
+    import torch
+
+    rows, block = ids.shape
+    device = ids.device
+    taken = (
+        torch.arange(block, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    )
+    last = (torch.tensor(counts, device=device) - 1).clamp_min(0)
+    at = torch.where(taken, positions, positions.gather(1, last[:, None]))
+    row_index, column = taken.nonzero(as_tuple=True)
+    write_at = at[row_index, column]
+    columns = torch.arange(width, device=device)
+    mask = (columns[None, None, :] <= at[:, :, None])[:, None]  # [rows, 1, T, width]: bool
+    batch.step = Step(rows, width, row_index, write_at, taken)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": at}
+    return model(**inputs, cache=batch.cache, use_cache=True).logits
+
+
 def row_sizes(slots: int) -> list[int]:
     """The row counts graphs are captured for in a pool of ``slots`` slots."""
     return [1 << k for k in range(slots.bit_length()) if 1 << k < slots] + [slots]

@@ -78,14 +78,17 @@ _POOL_IDS = itertools.count(1)
 
 @dataclass(frozen=True)
 class Step:
-    """What one decoding step calls the model with: ``rows`` rows (slots ``0 .. rows-1``, through
-    ``row_index``), each writing its new key and value at column ``write_at[row]`` and attending
-    over columns ``0 .. width-1``."""
+    """What one step calls the model with: ``rows`` rows (slots ``0 .. rows-1``) attending over
+    columns ``0 .. width-1``. One token a row (``taken`` None): row ``row_index[i]`` writes its new
+    key and value at column ``write_at[i]``. Several (a block, ``taken`` ``[rows, T]`` bool, the
+    inputs that are tokens, the rest padding): the ``i``-th token taken, in row-major order, is
+    written in row ``row_index[i]`` at column ``write_at[i]``; padding writes nothing."""
 
     rows: int
     width: int
-    row_index: Any  # [rows] int64: 0 .. rows-1
-    write_at: Any  # [rows] int64
+    row_index: Any  # int64: [rows] 0 .. rows-1, or [tokens taken]
+    write_at: Any  # int64: [rows], or [tokens taken]
+    taken: Any = None  # [rows, T] bool for a block step
 
 
 @dataclass(frozen=True)
@@ -312,9 +315,12 @@ class KVBatch:
         self.values = [grown(t) for t in self.values]
         self.pool_id = next(_POOL_IDS)
 
-    def advance(self) -> None:
-        """Each row holds one more token (after a step)."""
-        self.lengths = [length + 1 for length in self.lengths]
+    def advance(self, counts: list[int] | None = None) -> None:
+        """Each row holds one more token after a step, or ``counts[i]`` more after a block."""
+        if counts is None:
+            self.lengths = [length + 1 for length in self.lengths]
+        else:
+            self.lengths = [length + n for length, n in zip(self.lengths, counts, strict=True)]
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows, in this order (ascending); their slots become ``0..k-1``."""
@@ -360,11 +366,19 @@ def _slot_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             batch, step = self.batch, self.batch.step
             keys, values = batch.keys[self.index], batch.values[self.index]
-            if key_states.shape[2] != 1 or key_states.shape[0] != step.rows:
-                raise RuntimeError("the slot pool takes one new token per row")
+            if key_states.shape[0] != step.rows:
+                raise RuntimeError(
+                    f"the step has {step.rows} rows, the model gave keys for {key_states.shape[0]}"
+                )
             where = (step.row_index, slice(None), step.write_at)
-            keys[where] = key_states[:, :, 0]
-            values[where] = value_states[:, :, 0]
+            if step.taken is None:
+                if key_states.shape[2] != 1:
+                    raise RuntimeError("a one-token step got several tokens a row")
+                keys[where] = key_states[:, :, 0]
+                values[where] = value_states[:, :, 0]
+            else:  # [rows, heads, T, dim] -> the tokens taken, [n, heads, dim]
+                keys[where] = key_states.transpose(1, 2)[step.taken]
+                values[where] = value_states.transpose(1, 2)[step.taken]
             return keys[: step.rows, :, : step.width], values[: step.rows, :, : step.width]
 
         def get_seq_length(self) -> int:
