@@ -81,3 +81,44 @@ def test_masked_tokens_are_never_written():
     for seed in range(200):
         out = accept(logits, [1], greedy=False, generator=torch.Generator().manual_seed(seed))
         assert out[0] != 1 and len(out) == 1  # the draft token is not allowed: always replaced
+
+
+# ---- grammar drafts (llguidance's fast-forward tokens) -------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"values": {"type": "array", "items": {"type": "string"}}},
+    "required": ["values"],
+    "additionalProperties": False,
+}
+
+
+def test_a_grammar_drafts_the_tokens_it_forces_and_is_left_where_it_was(tiny_model_dir):
+    import json
+
+    import llguidance.numpy
+    from transformers import AutoTokenizer
+
+    from custom_handlers.inference.constraints import JsonConstraints
+
+    constraints = JsonConstraints(AutoTokenizer.from_pretrained(tiny_model_dir))
+    matcher = constraints.matcher(constraints.grammar(json.dumps(SCHEMA)))
+    draft = matcher.draft(64)
+    text = b"".join(constraints.llg_tokenizer().decode_bytes([t]) for t in draft)
+    # Compact JSON: the bytes up to the array are forced (llguidance holds back a last token that
+    # could merge with what follows).
+    assert text == b'{"values":'
+    assert matcher.allowed(draft) == len(draft) and matcher.allowed([*draft, *draft]) < 2 * len(
+        draft
+    )
+    assert matcher.draft(2) == draft[:2]
+    vocab = matcher.vocab_size
+    along = llguidance.numpy.allocate_token_bitmask(len(draft) + 1, vocab)
+    matcher.fill_along(along, draft)
+    again = llguidance.numpy.allocate_token_bitmask(1, vocab)
+    matcher.fill(again, 0)
+    assert (again[0] == along[0]).all()  # the matcher is back at the start
+    for i, token in enumerate(draft):  # each position allows its draft token
+        assert along[i][token // 32] >> (token % 32) & 1
+    matcher.consume(draft[0])
+    assert matcher.draft(64) == draft[1:]  # it moves on as tokens come
