@@ -439,8 +439,9 @@ def _graphs_on_off(engine: Engine, prompt: list[int], tokens: int) -> str:
     label = "on" if graphs["enabled"] else f"off ({graphs['off_reason']})"
     return (
         f"{label}: {on[0]:,.0f} / {on[1]:,.0f} tokens/s (1 / 16 streams), {graphs['graphs']} "
-        f"graphs captured and checked in {graphs['capture_seconds']:.1f} s; forced off: "
-        f"{off[0]:,.0f} / {off[1]:,.0f} tokens/s"
+        f"graphs ({graphs['captured']} captures, checked, {graphs['capture_seconds']:.1f} s, "
+        f"{graphs['memory_bytes'] / MiB:,.0f} MiB; {graphs['eager_steps']} steps eager while "
+        f"their size had none); forced off: {off[0]:,.0f} / {off[1]:,.0f} tokens/s"
     )
 
 

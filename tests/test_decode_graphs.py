@@ -68,15 +68,20 @@ def test_the_graph_path_answers_token_for_token_as_eager_decoding(
     local = handler(tiny_model_dir, "static")
     got = answers(local)
     lines = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
-    assert len(lines) == 1 and "agrees with an eager step" in lines[0]
+    # At load, before the first prefill: every size of the reserved pool's shape (tiny model:
+    # 16 slots of the whole 2,048-token context), none later (the shape never changed).
+    assert len(lines) == 1 and "20 captured for 16 slots x 2048 columns" in lines[0]
+    assert "each agreeing with an eager step" in lines[0]
     assert got == eager_answers
     assert [tokens for _, _, tokens in got] == [b["max_tokens"] for b in BODIES]
     state = graphs_state(local)
     assert state["enabled"] is True and state["off_reason"] is None
-    assert state["capture_seconds"] > 0
-    sizes = {key for key in local.engine._decoder._graphs}  # (rows bucket, columns)
-    assert {1, 2} <= {rows for rows, _ in sizes} and {256, 512} <= {w for _, w in sizes}
-    assert max(rows for rows, _ in sizes) >= 8  # the first rows were decoded together
+    assert state["capture_seconds"] > 0 and state["graphs"] == state["captured"] == 20
+    assert state["eager_steps"] == 0  # every step was replayed
+    assert state["memory_bytes"] > 0  # the static mode's figure: the graphs' logits buffers
+    sizes = set(local.engine._decoder._graphs)  # (slots, columns, rows, width)
+    assert {rows for _, _, rows, _ in sizes} == {1, 2, 4, 8, 16}
+    assert {width for _, _, _, width in sizes} == {256, 512, 1024, 2048}
 
 
 def test_with_graphs_the_pool_is_kept_while_loaded_and_freed_with_the_model(tiny_model_dir):
@@ -143,7 +148,14 @@ def test_graphs_are_off_on_the_cpu_and_when_the_setting_says_so(tiny_model_dir):
     cpu = handler(tiny_model_dir)
     assert graphs_state(cpu)["enabled"] is None  # nothing loaded yet
     answers(cpu, BODIES[:1])
-    off_on_cpu = {"enabled": False, "graphs": 0, "capture_seconds": 0.0}
+    off_on_cpu = {
+        "enabled": False,
+        "graphs": 0,
+        "captured": 0,
+        "capture_seconds": 0.0,
+        "memory_bytes": 0,
+        "eager_steps": 0,
+    }
     assert graphs_state(cpu) == {**off_on_cpu, "off_reason": "not on CUDA (cpu)"}
     assert cpu.state()["models"][0]["kv_cache"]["bytes"] == 0  # eager: freed with its last row
     off = handler(tiny_model_dir, cuda_graphs=False)

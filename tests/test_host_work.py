@@ -133,6 +133,10 @@ def counted_steps(model_dir, bodies: list[dict], mode: str | None) -> list[dict]
         last = rows
 
     engine._step = step
+    # A first request alone: the graph path captures its graphs at load (their warm-up steps are
+    # decoding passes too, which the gate below would hold before any request joins).
+    asyncio.run(local.acompletion("x", _messages(0), optional_params=bodies[0]))
+    steps.clear()
     # The first request is held at its first decoding step until the others wait in the queue:
     # they then join together, and the batch runs ROWS rows from one step to the next.
     gate = Gate(loaded.model).close()

@@ -229,6 +229,33 @@ class JsonMatcher:
         """Why the grammar cannot go on (then only end-of-turn is allowed), or None."""
         return self._matcher.get_error() if self._matcher.is_error() else None
 
+    def draft(self, limit: int) -> list[int]:
+        """The tokens the grammar forces from here, at most ``limit``, nothing consumed:
+        llguidance's fast-forward tokens (the usual tokens of the bytes it forces, e.g.
+        ``{"name": "make_image", "arguments": {"prompt": "``). A draft, not a decision: a model
+        may split the same bytes into other tokens, so the engine checks it as any draft
+        (``speculation.accept``)."""
+        if limit <= 0 or self._matcher.is_stopped() or self._matcher.is_error():
+            return []
+        return self._matcher.compute_ff_tokens()[:limit]
+
+    def allowed(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, in order, the grammar allows from here (nothing consumed)."""
+        if self._matcher.is_stopped() or self._matcher.is_error():
+            return 0
+        return self._matcher.validate_tokens(tokens)
+
+    def fill_along(self, bitmask, draft: list[int]) -> None:
+        """Rows ``0 .. len(draft)`` of ``bitmask``: what the grammar allows at each position of a
+        pass over the row's last token and ``draft`` (which it must allow: ``allowed``), the
+        matcher left where it was."""
+        for i, token in enumerate(draft):
+            self.fill(bitmask, i)
+            self._matcher.consume_token(token)
+        self.fill(bitmask, len(draft))
+        if draft:
+            self._matcher.rollback(len(draft))
+
     def fill(self, bitmask, row: int) -> None:
         """Write the allowed-token bits for the next token into ``bitmask[row]`` (numpy, int32).
 

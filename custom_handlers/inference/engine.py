@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
-from custom_handlers.inference.decode import Decoder
+from custom_handlers.inference.decode import CudaApi, Decoder
 from custom_handlers.inference.errors import (
     InvalidRequestError,
     LocalLLMError,
@@ -320,6 +320,7 @@ class Engine:
         self.peak_kv_bytes = 0  # the KV pool at its largest so far
         self.cuda_graphs = cuda_graphs  # decode steps replayed from CUDA graphs, on CUDA
         self.graph_mode: str | None = None  # forces a Decoder mode ("static": tests on the CPU)
+        self.cuda_api: CudaApi | None = None  # the CUDA calls of graphs (a stand-in: CPU tests)
         self._decoder: Decoder | None = None  # the loaded model's decoding steps
         self._unload_at: float | None = None  # monotonic time; None: keep the model loaded
         self._jobs: queue.Queue[Job | Release] = queue.Queue()
@@ -372,19 +373,29 @@ class Engine:
         if decoder is not None:
             return decoder.state()
         reason = None if self.cuda_graphs else GRAPHS_OFF_BY_SETTING
-        return {"enabled": None, "graphs": 0, "capture_seconds": 0.0, "off_reason": reason}
+        return {
+            "enabled": None,
+            "graphs": 0,
+            "captured": 0,
+            "capture_seconds": 0.0,
+            "memory_bytes": 0,
+            "eager_steps": 0,
+            "off_reason": reason,
+        }
 
     def use_cuda_graphs(self, on: bool) -> None:
         """Decode with CUDA graphs (on CUDA) or without, from the next request on; only while no
         request runs or waits (bench/gpu.py's on/off row)."""
         if self.running or self.queued:
             raise RuntimeError("use_cuda_graphs is for an idle engine")
+        if self._decoder is not None:
+            self._decoder.release()
         self.cuda_graphs, self._decoder = on, None
 
     def kv_budget(self, loaded: LoadedModel) -> KVBudget:
         """The KV pool's limit for ``loaded``: bytes, bytes per token, slots."""
         token_bytes = kv_token_bytes(loaded.model.config, loaded.dtype)
-        return KVBudget(self.kv_cache_bytes, token_bytes, self.max_rows)
+        return KVBudget(self.kv_cache_bytes, token_bytes, self.max_rows, loaded.context_length)
 
     def _kv_state(self) -> dict[str, int]:
         batch = self._batch  # the engine thread may replace it meanwhile
@@ -455,7 +466,11 @@ class Engine:
                         self._step()
             except Exception as exc:  # a failed step fails the batch, never the thread
                 failures += 1
-                self._loop_failed(exc, failures)
+                try:
+                    self._loop_failed(exc, failures)
+                except Exception:  # cleaning up failed too: the next loop starts afresh
+                    log.exception("The local engine could not clean up after a failure")
+                    self._rows, self._batch, self._decoder = [], KVBatch(), None
                 continue
             if failures > 1:
                 log.info("The local engine works again after %d failed loops in a row", failures)
@@ -492,6 +507,8 @@ class Engine:
                     if self._rows or taken:
                         return
                     self._unload_for(self._release)
+                if not (self._rows or taken):
+                    self._capture_while_idle()
                 job = self._next_job(block=not (self._rows or taken))
                 if job is None or job is _STOP:
                     return
@@ -550,6 +567,8 @@ class Engine:
         """Unload the model, the prompts' KV kept with it, the KV pool and the CUDA graphs;
         whether a model was loaded."""
         self.prefix.clear()
+        if self._decoder is not None:
+            self._decoder.release()
         self._batch, self._decoder, self._steady = KVBatch(), None, None
         self.penalty_counts.clear()
         return self._holder.unload()
@@ -579,6 +598,7 @@ class Engine:
             for job in jobs:
                 _fail(job, _error_of(exc))
             return
+        self._prepare_graphs(loaded)
         groups: dict[tuple[int, int], list[tuple[Job, object, int]]] = {}
         for job in jobs:
             if job.prompt_logprobs is not None:  # every prompt position computed, alone
@@ -676,6 +696,31 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._advance(rows, tokens, loaded.eos_token_ids)
 
+    def _prepare_graphs(self, loaded: LoadedModel) -> None:
+        """With CUDA graphs, before the first rows join a model: reserve the whole KV pool and
+        capture the graphs of its shape (at load: the requests that wait, wait for the load)."""
+        decoder = self._decoder_for(loaded)
+        if not decoder.graphs or self._rows:
+            return
+        budget = self.kv_budget(loaded)
+        if self._batch.budget != budget or not self._batch.keys:
+            batch = KVBatch(budget, keep_pool=True)
+            if not batch.can_reserve():  # no budget (0: no limit): the pool grows as before
+                return
+            self._batch.free()
+            batch.reserve(loaded.model.config, loaded.dtype, loaded.model.device)
+            self._batch = batch
+        decoder.capture_missing(loaded.model, self._batch)
+
+    def _capture_while_idle(self) -> None:
+        """No row runs: capture what the pool's shape still misses, until a request arrives."""
+        decoder, loaded = self._decoder, self._holder.loaded
+        if decoder is None or loaded is None or not decoder.is_for(loaded.model):
+            return
+        decoder.capture_missing(
+            loaded.model, self._batch, stop=lambda: self._waiting is not None or self._jobs.qsize()
+        )
+
     def _decoder_for(self, loaded: LoadedModel) -> Decoder:
         """The decoding steps of ``loaded``: CUDA graphs on CUDA unless turned off."""
         if self._decoder is not None and self._decoder.is_for(loaded.model):
@@ -688,7 +733,9 @@ class Engine:
             mode, reason = "eager", f"not on CUDA ({loaded.model.device})"
         else:
             mode, reason = "cuda", None
-        self._decoder = Decoder(loaded.model, mode, self._holder.label, reason)
+        if self._decoder is not None:
+            self._decoder.release()
+        self._decoder = Decoder(loaded.model, mode, self._holder.label, reason, self.cuda_api)
         return self._decoder
 
     def _new_row(self, job: Job, index: int, loaded: LoadedModel) -> _Row:

@@ -213,11 +213,17 @@ class ModelHolder:
 
 
 def _empty_device_cache(on_gpu: bool) -> None:
-    """The one place that empties the device cache."""
+    """The one place that empties the device cache. It never raises: on torch < 2.12 a CUDA graph
+    capture that failed can leave the allocator believing a capture runs (pytorch#180395), and
+    ``empty_cache`` then fails an internal assert; the memory stays cached, nothing else breaks
+    (decode.py ends such a capture itself; this is the last guard)."""
     if on_gpu:
         import torch
 
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            log.warning("Could not give cached GPU memory back: %s", str(exc).split("\n")[0])
 
 
 def load_model(settings: LocalModelSettings, progress: Progress | None = None) -> LoadedModel:

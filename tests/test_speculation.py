@@ -1,0 +1,124 @@
+"""Draft tokens and their check (issue 24): prompt-lookup drafts, and ``accept``, which must leave
+greedy output unchanged and sampled output distributed as if each token were drawn alone."""
+
+from __future__ import annotations
+
+import torch
+
+from custom_handlers.inference.speculation import PromptLookup, accept
+
+# chi-square critical values at p = 0.001 (the draws below are seeded: the test is deterministic)
+CHI2_999 = {4: 18.47}
+
+
+def test_a_draft_is_what_followed_the_longest_most_recent_match():
+    lookup = PromptLookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3], max_ngram=3)
+    assert lookup.draft(2) == [5, 6]  # "2 3" last came before 5 6 (not 4 9)
+    lookup.extend([4])  # "2 3 4": the trigram first seen at the start wins over "3 4" / "4"
+    assert lookup.draft(3) == [9, 2, 3]
+    assert PromptLookup([7, 8, 9]).draft(4) == []  # no earlier occurrence
+    assert lookup.draft(0) == []
+
+
+def test_the_answer_so_far_counts_and_drafts_stop_at_the_end():
+    lookup = PromptLookup([10, 11, 12])
+    lookup.extend([10, 11])
+    assert lookup.draft(5) == [12, 10, 11]  # what followed, up to the tokens known
+
+
+def test_greedy_keeps_the_draft_while_it_is_the_argmax_then_corrects():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0], [1.0, 2.0, 0.0]])
+    assert accept(logits, [1, 0, 2], greedy=True) == [1, 0, 2, 1]  # all kept, then a bonus
+    assert accept(logits, [1, 2, 2], greedy=True) == [1, 0]  # the second is not the argmax
+    assert accept(logits[:1], [], greedy=True) == [1]
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampled_output_follows_the_models_distribution_over_many_seeds():
+    # 5 tokens, three positions: the drafted token is likely at the first, unlikely at the second.
+    vocab = 5
+    probs = torch.tensor(
+        [[0.5, 0.2, 0.1, 0.1, 0.1], [0.05, 0.15, 0.3, 0.25, 0.25], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    )
+    logits = probs.log()
+    draft = [0, 1]
+    first = torch.zeros(vocab)
+    second = torch.zeros(vocab)
+    third = torch.zeros(vocab)
+    for seed in range(20_000):
+        out = accept(logits, draft, greedy=False, generator=torch.Generator().manual_seed(seed))
+        assert 1 <= len(out) <= 3 and out[: len(out) - 1] == draft[: len(out) - 1]
+        first[out[0]] += 1
+        if out[0] == draft[0]:
+            second[out[1]] += 1  # the second position's distribution holds after the first draft
+            if out[1] == draft[1]:
+                third[out[2]] += 1
+    assert _chi2(first, probs[0]) < CHI2_999[4]
+    assert _chi2(second, probs[1]) < CHI2_999[4]
+    assert third.sum() > 200 and _chi2(third, probs[2]) < CHI2_999[4]
+
+
+def test_a_rule_that_keeps_every_draft_would_fail_that_check():
+    # The check above can fail: drawing the first token as "the draft if a coin says so, else
+    # anything" (not removing the draft from the rest) over-weights the drafted token.
+    probs = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1])
+    counts = torch.zeros(5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20_000):
+        if torch.rand(1, generator=generator).item() < probs[0]:
+            counts[0] += 1
+        else:
+            counts[int(torch.multinomial(probs, 1, generator=generator))] += 1
+    assert _chi2(counts, probs) > CHI2_999[4]
+
+
+def test_masked_tokens_are_never_written():
+    logits = torch.tensor([[0.0, float("-inf"), 0.0], [float("-inf"), 0.0, float("-inf")]])
+    for seed in range(200):
+        out = accept(logits, [1], greedy=False, generator=torch.Generator().manual_seed(seed))
+        assert out[0] != 1 and len(out) == 1  # the draft token is not allowed: always replaced
+
+
+# ---- grammar drafts (llguidance's fast-forward tokens) -------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"values": {"type": "array", "items": {"type": "string"}}},
+    "required": ["values"],
+    "additionalProperties": False,
+}
+
+
+def test_a_grammar_drafts_the_tokens_it_forces_and_is_left_where_it_was(tiny_model_dir):
+    import json
+
+    import llguidance.numpy
+    from transformers import AutoTokenizer
+
+    from custom_handlers.inference.constraints import JsonConstraints
+
+    constraints = JsonConstraints(AutoTokenizer.from_pretrained(tiny_model_dir))
+    matcher = constraints.matcher(constraints.grammar(json.dumps(SCHEMA)))
+    draft = matcher.draft(64)
+    text = b"".join(constraints.llg_tokenizer().decode_bytes([t]) for t in draft)
+    # Compact JSON: the bytes up to the array are forced (llguidance holds back a last token that
+    # could merge with what follows).
+    assert text == b'{"values":'
+    assert matcher.allowed(draft) == len(draft) and matcher.allowed([*draft, *draft]) < 2 * len(
+        draft
+    )
+    assert matcher.draft(2) == draft[:2]
+    vocab = matcher.vocab_size
+    along = llguidance.numpy.allocate_token_bitmask(len(draft) + 1, vocab)
+    matcher.fill_along(along, draft)
+    again = llguidance.numpy.allocate_token_bitmask(1, vocab)
+    matcher.fill(again, 0)
+    assert (again[0] == along[0]).all()  # the matcher is back at the start
+    for i, token in enumerate(draft):  # each position allows its draft token
+        assert along[i][token // 32] >> (token % 32) & 1
+    matcher.consume(draft[0])
+    assert matcher.draft(64) == draft[1:]  # it moves on as tokens come
