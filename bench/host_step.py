@@ -1,7 +1,7 @@
 """The engine's own time per decoding step, outside the forward pass (issue 23, item 4).
 
     uv run python -m bench.host_step [--against main] [--rounds 4] [--steps 400] [--profile]
-                                     [--sampling-vocab 151936]
+                                     [--sampling-vocab 151936] [--seeded]
 
 Runs the real ``Engine`` in-process on the tiny random Qwen3 (scripts/build_tiny_qwen3.py), 16
 requests decoding together with the checkpoint's sampling defaults (temperature 0.7, top_p 0.8,
@@ -21,7 +21,8 @@ Each round is a fresh process; rounds alternate this tree and ``--against`` (a g
 p90 over its rounds' steady steps (16 rows, the first 20 steps of a round left out), with the
 rounds' spread. ``--profile`` prints where this tree's host time goes (cProfile of the engine
 thread's steps, forward excluded by subtraction: read the cumulative column);
-``--sampling-vocab`` also times the sampling alone, on random logits of that vocabulary.
+``--sampling-vocab`` also times the sampling alone, on random logits of that vocabulary;
+``--seeded`` compares the trees' answers to seeded requests (``SEEDED``), alone and in one batch.
 """
 
 from __future__ import annotations
@@ -156,6 +157,41 @@ def sampling_round(vocab: int, steps: int = 30) -> dict:
     return {"sampling": times[3:]}
 
 
+SEEDED = [  # seeded requests for --seeded: each sampling path, with greedy and penalised rows
+    {"seed": 1, "max_tokens": 40},  # the checkpoint's defaults: top_k 20, a topk of 20
+    {"seed": 2, "max_tokens": 40, "top_k": 0, "top_p": 0.9},  # no top_k: the whole vocabulary
+    {"seed": 3, "max_tokens": 40, "temperature": 1.2, "min_p": 0.05, "top_k": 50},
+    {"seed": 4, "max_tokens": 40, "temperature": 1.0, "top_p": 1.0, "n": 3},
+    {"seed": 5, "max_tokens": 40, "top_k": 5},
+    {"temperature": 0, "max_tokens": 40},
+    {"seed": 6, "max_tokens": 40, "presence_penalty": 1.0, "top_k": 30},
+]
+
+
+def seeded_round(model: str) -> dict:
+    """The answers to ``SEEDED``, one after another and then all together (one batch)."""
+    import asyncio
+
+    from custom_handlers.inference.loader import ModelHolder
+    from custom_handlers.inference.provider import LocalLLM
+    from custom_handlers.inference.settings import LocalModelSettings
+
+    local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model)))
+
+    def ask(i: int, body: dict):
+        messages = [{"role": "user", "content": f"a fox number {i} " * (i + 1)}]
+        return local.acompletion("x", messages, optional_params=dict(body))
+
+    async def run(together: bool) -> list:
+        if together:
+            out = await asyncio.gather(*(ask(i, b) for i, b in enumerate(SEEDED)))
+        else:
+            out = [await ask(i, b) for i, b in enumerate(SEEDED)]
+        return [[(c.message.content, c.finish_reason) for c in r.choices] for r in out]
+
+    return {"alone": asyncio.run(run(False)), "together": asyncio.run(run(True))}
+
+
 def _tree_of(revision: str) -> str:
     """``custom_handlers`` of ``revision``, extracted to a temporary folder."""
     folder = tempfile.mkdtemp(prefix=f"host-step-{revision.replace('/', '-')}-")
@@ -180,8 +216,8 @@ def _run_round(tree: str, model: str, steps: int, profile: bool, vocab: int = 0)
         "spec = importlib.util.spec_from_file_location('bench_host_step', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
         "vocab = int(sys.argv[5]); "
-        "print(json.dumps(m.sampling_round(vocab) if vocab else "
-        "m.one_round(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')))"
+        "print(json.dumps(m.sampling_round(vocab) if vocab > 0 else m.seeded_round(sys.argv[2]) "
+        "if vocab < 0 else m.one_round(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, __file__, model, str(steps), str(int(profile)), str(vocab)],
@@ -210,6 +246,9 @@ def main() -> None:
         type=int,
         default=0,
         help="also time the sampling alone on random logits of this vocabulary (151936: Qwen3)",
+    )
+    parser.add_argument(
+        "--seeded", action="store_true", help="also compare the trees' answers to seeded requests"
     )
     args = parser.parse_args()
     from tests.conftest import _load_builder
@@ -254,6 +293,16 @@ def main() -> None:
             times = _run_round(tree, model, 0, False, vocab)["sampling"]
             spread = f"{_ms(times, 0.1):.2f}-{_ms(times, 0.9):.2f}"
             print(f"| {name} | {_ms(times, 0.5):.2f} | {spread} |")
+    if args.seeded:
+        answers = {name: _run_round(tree, model, 0, False, -1) for name, tree in trees.items()}
+        first = next(iter(answers.values()))
+        for name, got in list(answers.items())[1:]:
+            same = {when: got[when] == first[when] for when in ("alone", "together")}
+            print(f"\nSeeded answers ({len(SEEDED)} requests), this tree against {name}: {same}")
+        print(
+            "Alone and together the same on each tree:",
+            [a["alone"] == a["together"] for a in answers.values()],
+        )
     if args.profile:
         print(_run_round(str(ROOT), model, args.steps, True)["profile"])
 
