@@ -1,7 +1,7 @@
 """The engine's own time per decoding step, outside the forward pass (issue 23, item 4).
 
     uv run python -m bench.host_step [--against main] [--rounds 4] [--steps 400] [--profile]
-                                     [--sampling-vocab 151936] [--seeded]
+                                     [--sampling-vocab 151936] [--seeded] [--unseeded]
 
 Runs the real ``Engine`` in-process on the tiny random Qwen3 (scripts/build_tiny_qwen3.py), 16
 requests decoding together with the checkpoint's sampling defaults (temperature 0.7, top_p 0.8,
@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 16
+UNSEEDED = False  # --unseeded: the 16 requests carry no seed (most requests; one noise draw)
 SKIP = 20  # first steps of a round left out (joining, first captures, warm-up)
 
 
@@ -107,7 +108,11 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
             self.done = self.done or isinstance(event, Done)
 
     prompts = [loaded.tokenizer.encode(f"a fox number {i} " * (1 + i)) for i in range(ROWS)]
-    jobs = [Job(p, SamplingParams(seed=i), steps + SKIP, Quiet()) for i, p in enumerate(prompts)]
+    unseeded = os.environ.get("HOST_STEP_UNSEEDED") == "1"  # --unseeded: requests without a seed
+    jobs = [
+        Job(p, SamplingParams(seed=None if unseeded else i), steps + SKIP, Quiet())
+        for i, p in enumerate(prompts)
+    ]
     # Hold the engine until all have been queued: they join together.
     for job in jobs:
         engine._jobs.put(job)
@@ -210,6 +215,7 @@ def _run_round(tree: str, model: str, steps: int, profile: bool, vocab: int = 0)
         "PYTHONPATH": tree,  # its custom_handlers first on the path
         "OMP_NUM_THREADS": "1",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "HOST_STEP_UNSEEDED": "1" if UNSEEDED else "0",
     }
     code = (
         "import importlib.util, json, sys; "
@@ -250,7 +256,12 @@ def main() -> None:
     parser.add_argument(
         "--seeded", action="store_true", help="also compare the trees' answers to seeded requests"
     )
+    parser.add_argument(
+        "--unseeded", action="store_true", help="the 16 requests without a seed (else seeds 0-15)"
+    )
     args = parser.parse_args()
+    global UNSEEDED
+    UNSEEDED = args.unseeded
     from tests.conftest import _load_builder
 
     model = str(_load_builder().build(Path(tempfile.mkdtemp(prefix="host-step-")) / "tiny"))
@@ -264,6 +275,7 @@ def main() -> None:
     print(
         f"Engine._step, {ROWS} sampled rows (checkpoint defaults), tiny random Qwen3, CPU, one "
         f"thread; {args.rounds} rounds alternated, {args.steps} steps each (first {SKIP} left out)"
+        f"; requests {'without a seed' if UNSEEDED else 'seeded'}"
     )
     print(
         "| tree | host ms median (rounds' medians) | host ms p90 | loop ms | step ms | forward ms "

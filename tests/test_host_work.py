@@ -254,3 +254,37 @@ def test_the_counter_sees_what_it_counts():
             "syncs": ["item", "aten::index by a boolean mask", "tolist"],
         }
     ]
+
+
+def test_rows_without_a_seed_share_one_draw_and_still_sample_their_distribution():
+    import random
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from custom_handlers.inference.sampling import BatchSampling
+
+    class Draws(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.uniform_.default:
+                Draws.count += 1
+            return func(*args, **(kwargs or {}))
+
+    random.seed(0)  # the shared generator's seed: the draws below are deterministic
+    vocab = 50
+    unseeded = [RowSampling(False, 1.0, 1.0, 3, None, seeded=False) for _ in range(12)]
+    seeded = [RowSampling(False, 1.0, 1.0, 3, torch.Generator().manual_seed(i)) for i in range(4)]
+    batch = BatchSampling(unseeded + seeded)
+    logits = torch.full((16, vocab), -5.0)
+    logits[:, :3] = torch.tensor([2.0, 1.0, 0.0])
+    with Draws():
+        batch.choose(logits)
+    assert Draws.count == 1 + 4  # one for the 12 rows without a seed, one per seeded row
+    counts = torch.zeros(3)
+    for _ in range(300):
+        counts += torch.bincount(batch.choose(logits)[:12], minlength=vocab)[:3]
+    probs = torch.tensor([2.0, 1.0, 0.0]).softmax(dim=0)  # top_k 3: the rest never drawn
+    expected = probs * counts.sum()
+    assert counts.sum() == 300 * 12
+    assert float(((counts - expected) ** 2 / expected).sum()) < 13.82  # chi-square, 2 df, 0.001

@@ -30,6 +30,7 @@ class RowSampling:
     generator: Any  # torch.Generator on the model's device, or None when greedy
     min_p: float = 0.0  # 0: no min-p
     penalties: RowPenalties | None = None  # penalties and bias, when the row asks for any
+    seeded: bool = True  # the request gave a seed: the row draws from its own generator
 
 
 def row_sampling(
@@ -55,6 +56,7 @@ def row_sampling(
         generator=generator,
         min_p=_or(sampling.min_p, defaults.get("min_p", 0.0)) or 0.0,
         penalties=penalties,
+        seeded=sampling.seed is not None,
     )
 
 
@@ -98,7 +100,8 @@ class BatchSampling:
         self._ranks: Any = None  # [1, width] int64: 0 .. width-1
         self._index: Any = None  # [drawn] int64: the sampled rows, when some rows are greedy
         self._noise: Any = None  # [drawn, vocab] float32: each row's uniform noise of the step
-        self._noise_rows: list[tuple] = []  # (row of _noise, the row's generator)
+        self._noise_rows: list[tuple] = []  # (row of _noise, the row's generator): seeded rows
+        self._shared: Any = None  # the rows without a seed: one generator, one draw for them all
 
     def choose(self, logits):
         """One token id per row of ``logits`` ([rows, vocab], float32, already masked): an int64
@@ -131,23 +134,32 @@ class BatchSampling:
         if len(drawn) < len(self.rows):
             self._index = torch.tensor(self.drawn, device=device)
         self._noise = torch.empty((len(drawn), vocab), device=device)
-        generators = [r.generator for r in drawn]
-        self._noise_rows = list(zip(self._noise.unbind(0), generators, strict=True))
+        noise = self._noise.unbind(0)
+        self._noise_rows = [(noise[i], r.generator) for i, r in enumerate(drawn) if r.seeded]
+        if len(self._noise_rows) < len(drawn):
+            self._shared = torch.Generator(device=device)
+            self._shared.manual_seed(random.getrandbits(62))
         self._for = (device, vocab)
 
     def _draw(self, logits):
         """The sampled rows' tokens (``logits``: theirs only), by the Gumbel-max trick.
 
-        Each row's noise comes from its own generator, over the whole vocabulary as it always
-        has: a row's random stream does not depend on the candidates, and its first ``width``
-        values meet the candidates, best first, as they did after a sort of the whole vocabulary.
+        A seeded row's noise comes from its own generator, over the whole vocabulary as it
+        always has: its random stream does not depend on the candidates or on the other rows, and
+        its first ``width`` values meet the candidates, best first, as they did after a sort of
+        the whole vocabulary. The rows without a seed need no stream of their own: one draw from
+        a generator they share fills their noise, for the candidates only (one operation a step
+        instead of one a row, and on Qwen3's vocabulary 20 numbers a row instead of 151,936).
         """
         import torch
 
         ordered, order = self.kept(logits)
+        width = ordered.shape[-1]
+        if self._shared is not None:
+            self._noise[:, :width].uniform_(generator=self._shared)
         for noise, generator in self._noise_rows:  # as torch.rand(vocab, generator=generator)
             noise.uniform_(generator=generator)
-        noise = self._noise[:, : ordered.shape[-1]].clamp(min=torch.finfo(torch.float32).tiny)
+        noise = self._noise[:, :width].clamp(min=torch.finfo(torch.float32).tiny)
         choice = (ordered - noise.log_().neg_().log_()).argmax(dim=-1, keepdim=True)
         return order.gather(1, choice).squeeze(1)
 
