@@ -147,6 +147,10 @@ def sampling_round(vocab: int, steps: int = 30) -> dict:
         sampling.RowSampling(False, 0.7, 0.8, 20, torch.Generator().manual_seed(i))
         for i in range(ROWS)
     ]
+    if os.environ.get("HOST_STEP_UNSEEDED") == "1":  # a tree whose rows know they have no seed
+        for row in rows:
+            if hasattr(row, "seeded"):
+                row.seeded = False
     logits = torch.randn(ROWS, vocab)
     if hasattr(sampling, "BatchSampling"):
         kept = sampling.BatchSampling(rows)
