@@ -45,7 +45,7 @@ def main() -> None:
     print(
         f"{args.model}: {model.config.num_hidden_layers} layers, {loaded.device}, {loaded.dtype}, "
         f"torch threads {torch.get_num_threads()}, prompt {args.prompt} tokens a row, "
-        f"median of {args.repeat} steps"
+        f"median of {args.repeat} rounds (the sizes in turn)"
     )
     print()
     print("| rows | " + " | ".join(f"T={t}" for t in args.tokens) + " |")
