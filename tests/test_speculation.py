@@ -3,6 +3,7 @@ greedy output unchanged and sampled output distributed as if each token were dra
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from custom_handlers.inference.speculation import PromptLookup, accept
@@ -18,6 +19,11 @@ def test_a_draft_is_what_followed_the_longest_most_recent_match():
     assert lookup.draft(3) == [9, 2, 3]
     assert PromptLookup([7, 8, 9]).draft(4) == []  # no earlier occurrence
     assert lookup.draft(0) == []
+
+
+def test_a_run_that_repeats_itself_drafts_from_its_first_occurrence():
+    lookup = PromptLookup([5, 9, 9, 9, 9, 9, 9, 9])
+    assert lookup.draft(4) == [9, 9, 9, 9]  # the last "9 9 9" is followed by one token only
 
 
 def test_the_answer_so_far_counts_and_drafts_stop_at_the_end():
@@ -122,3 +128,66 @@ def test_a_grammar_drafts_the_tokens_it_forces_and_is_left_where_it_was(tiny_mod
         assert along[i][token // 32] >> (token % 32) & 1
     matcher.consume(draft[0])
     assert matcher.draft(64) == draft[1:]  # it moves on as tokens come
+
+
+# ---- prompt-lookup speculation in the engine: a lone row -----------------------------------
+
+REPEATING = [{"role": "user", "content": "a fox in a forest, a fox in a forest, a fox in a forest"}]
+
+
+def _answer(local, body: dict) -> tuple[str, str, int]:
+    import asyncio
+
+    response = asyncio.run(local.acompletion("x", REPEATING, optional_params=dict(body)))
+    choice = response.choices[0]
+    return choice.message.content, choice.finish_reason, response.usage.completion_tokens
+
+
+def _handler(model_dir, draft_tokens: int | None = 0, graph_mode: str | None = None):
+    from tests.test_kv_pool import handler
+
+    local = handler(model_dir)
+    local.engine.draft_tokens = draft_tokens
+    local.engine.graph_mode = graph_mode
+    return local
+
+
+@pytest.mark.parametrize("graph_mode", [None, "static"], ids=["eager", "graph path"])
+def test_greedy_answers_are_the_same_with_drafts_checked(tiny_model_dir, graph_mode):
+    body = {"max_tokens": 120, "temperature": 0}
+    plain = _answer(_handler(tiny_model_dir, graph_mode=graph_mode), body)
+    local = _handler(tiny_model_dir, draft_tokens=7, graph_mode=graph_mode)
+    assert _answer(local, body) == plain
+    engine = local.engine
+    assert engine.drafted > 0  # drafts were checked, not just skipped
+    assert 0 <= engine.accepted <= engine.drafted
+
+
+def test_a_row_that_may_not_draft_never_does(tiny_model_dir):
+    local = _handler(tiny_model_dir, draft_tokens=7)
+    _answer(local, {"max_tokens": 60, "temperature": 0, "presence_penalty": 1.0})
+    _answer(local, {"max_tokens": 60, "temperature": 0, "logprobs": True})
+    assert local.engine.drafted == 0
+
+
+def test_sampled_rows_draft_only_without_a_seed(tiny_model_dir):
+    local = _handler(tiny_model_dir, draft_tokens=7)
+    seeded = {"max_tokens": 80, "temperature": 1.0, "seed": 11}
+    first = _answer(local, seeded)
+    assert local.engine.drafted == 0  # seeded: as in a batch, where it could not draft
+    assert first == _answer(_handler(tiny_model_dir), seeded)
+    answer = _answer(local, {"max_tokens": 80, "temperature": 1.0})
+    assert answer[2] <= 80 and local.engine.drafted > 0
+
+
+def test_by_default_the_cpu_drafts_and_cuda_does_not(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from custom_handlers.inference.engine import DRAFT_TOKENS_CPU
+
+    local = _handler(tiny_model_dir, draft_tokens=None)
+    assert local.engine._drafts(local.holder.get()) == DRAFT_TOKENS_CPU
+    on_cuda = SimpleNamespace(model=SimpleNamespace(device="cuda:0"))
+    assert local.engine._drafts(on_cuda) == 0  # until a GPU run measures it
+    _answer(local, {"max_tokens": 60, "temperature": 0})
+    assert local.engine.drafted > 0

@@ -55,6 +55,7 @@ from custom_handlers.inference.sampling import (
     row_sampling,
     token_logprobs,
 )
+from custom_handlers.inference.speculation import PromptLookup, accept
 from custom_handlers.inference.text import IncrementalDecoder, TextPipeline
 from custom_handlers.inference.tools import CallDelta, CallReader
 
@@ -296,6 +297,7 @@ class _Row:
     call_text: IncrementalDecoder | None = None  # the open call's text
     sampled_logprob: tuple | None = None  # (token, logprob, top) of the token sampled last
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with text
+    lookup: PromptLookup | None = None  # prompt and answer so far, for drafts (speculation on)
 
 
 class Engine:
@@ -310,6 +312,7 @@ class Engine:
         prefix_cache_bytes: int = 0,
         kv_cache_bytes: int = 0,
         cuda_graphs: bool = True,
+        draft_tokens: int | None = 0,
     ):
         self._holder = holder
         self.prefix = PrefixCache(prefix_cache_bytes)
@@ -319,6 +322,10 @@ class Engine:
         self.kv_cache_bytes = kv_cache_bytes  # the running rows' KV pool at most (0: no limit)
         self.peak_kv_bytes = 0  # the KV pool at its largest so far
         self.cuda_graphs = cuda_graphs  # decode steps replayed from CUDA graphs, on CUDA
+        # Prompt-lookup speculation: a lone row drafts up to this many tokens a step (0: off;
+        # None: DRAFT_TOKENS_CPU on the CPU, off on CUDA until a GPU run measures it).
+        self.draft_tokens = draft_tokens
+        self.drafted = self.accepted = 0  # draft tokens checked, and kept, since start
         self.graph_mode: str | None = None  # forces a Decoder mode ("static": tests on the CPU)
         self.cuda_api: CudaApi | None = None  # the CUDA calls of graphs (a stand-in: CPU tests)
         self._decoder: Decoder | None = None  # the loaded model's decoding steps
@@ -747,7 +754,10 @@ class Engine:
             grammar = job.tools.grammar
         matcher = loaded.constraints.matcher(grammar) if grammar else None
         pipeline = TextPipeline(loaded.tokenizer, job.sampling.stop, drop_think=not job.raw_text)
-        return _Row(job, index, pipeline, sampling, matcher)
+        row = _Row(job, index, pipeline, sampling, matcher)
+        if self._drafts(loaded) > 0 and _may_draft(row):
+            row.lookup = PromptLookup(job.prompt_ids)
+        return row
 
     # ---- one decoding step for every row -------------------------------------------------------
 
@@ -759,6 +769,11 @@ class Engine:
         import torch
 
         loaded = self._holder.get()
+        if len(self._rows) == 1 and self._rows[0].lookup is not None:
+            draft = self._draft(self._rows[0])
+            if draft:
+                self._speculate(loaded, self._rows[0], draft)
+                return
         rows, batch, steady = self._rows, self._batch, self._steady
         if steady is None:  # row i is slot i: its last token, at its length so far
             device = loaded.model.device
@@ -771,6 +786,46 @@ class Engine:
         steady.tokens.copy_(chosen)  # the next step's inputs, on the device
         steady.positions.add_(1)
         self._advance(rows, tokens, loaded.eos_token_ids)
+
+    def _drafts(self, loaded: LoadedModel) -> int:
+        """Draft tokens a lone row may check a step on ``loaded``'s device."""
+        if self.draft_tokens is not None:
+            return self.draft_tokens
+        return 0 if str(loaded.model.device).startswith("cuda") else DRAFT_TOKENS_CPU
+
+    def _draft(self, row: _Row) -> list[int]:
+        """A lone row's draft: up to ``draft_tokens`` tokens from its prompt and answer, none
+        if fewer than ``MIN_DRAFT`` (on this CPU a pass over 2-4 tokens costs too much, see
+        docs/benchmarks.md) or if the row may not draft (any longer)."""
+        if row.lookup is None or row.done or row.job.cancelled or not _may_draft(row):
+            return []
+        room = row.job.max_new_tokens - row.count - 1  # the pass's tokens stay in its columns
+        draft = row.lookup.draft(min(self._drafts(self._holder.get()), room))
+        return draft if len(draft) >= MIN_DRAFT else []
+
+    def _speculate(self, loaded: LoadedModel, row: _Row, draft: list[int]) -> None:
+        """One pass over the row's last token and ``draft``; it writes the draft's prefix it
+        would have written itself and one more token (``speculation.accept``)."""
+        import torch
+
+        from custom_handlers.inference.decode import block_forward
+        from custom_handlers.inference.kvbatch import columns_for
+        from custom_handlers.inference.sampling import kept_logits
+
+        batch, device = self._batch, loaded.model.device
+        length, block = batch.lengths[0], 1 + len(draft)
+        ids = torch.tensor([[row.last, *draft]], device=device)
+        positions = torch.arange(length, length + block, device=device)[None, :]
+        width = min(batch.columns, columns_for(length + block))
+        logits = block_forward(loaded.model, batch, ids, positions, [block], width)[0].float()
+        if not row.sampling.greedy:
+            logits = kept_logits(logits, [row.sampling] * block)
+        tokens = accept(logits, draft, row.sampling.greedy, row.sampling.generator)
+        self.drafted += len(draft)
+        self.accepted += len(tokens) - 1
+        batch.advance([len(tokens)])  # the last token and the draft tokens kept: their KV stays
+        self._steady = None
+        self._advance([row] * len(tokens), tokens, loaded.eos_token_ids)
 
     def _choose(self, rows: list[_Row], logits, sampling: BatchSampling | None = None):
         """The rows' next tokens from their ``logits``: a list, and the same on the device."""
@@ -807,6 +862,8 @@ class Engine:
                 continue
             row.last = token
             row.count += 1
+            if row.lookup is not None:
+                row.lookup.extend((token,))
             if row.matcher is not None:
                 row.matcher.consume(token)
             if token in eos:
@@ -954,6 +1011,25 @@ class _Steady:
 
     def __post_init__(self) -> None:
         self.tokens, self.positions = self.inputs.unbind(0)  # views: written in place
+
+
+MIN_DRAFT = 4  # shorter drafts are not checked (a lone row: docs/benchmarks.md, issue 24)
+DRAFT_TOKENS_CPU = 7  # speculation's default on the CPU (docs/benchmarks.md, issue 24)
+
+
+def _may_draft(row: _Row) -> bool:
+    """Rows whose next token comes from the model's distribution alone, untouched by anything a
+    draft would have to replay position by position: no penalty or bias, no grammar, no tools,
+    no logprobs asked; greedy, or sampled without a seed (a seeded row must give the same answer
+    alone as in a batch, where it does not draft: its random draws would differ)."""
+    job = row.job
+    return (
+        (row.sampling.greedy or not row.sampling.seeded)
+        and row.sampling.penalties is None
+        and row.matcher is None
+        and job.tools is None
+        and job.logprobs is None
+    )
 
 
 class _RowKV:

@@ -36,7 +36,9 @@ class PromptLookup:
     def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.tokens: list[int] = []
-        self._seen: dict[tuple[int, ...], int] = {}  # n-gram -> where the last one ends (exclusive)
+        # n-gram -> where the token after its first and its last occurrence stands
+        self._first: dict[tuple[int, ...], int] = {}
+        self._last: dict[tuple[int, ...], int] = {}
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
@@ -46,19 +48,28 @@ class PromptLookup:
             # The n-grams ending at the token before this one: their next token is now known.
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if end - 1 - n >= 0:
-                    self._seen[tuple(self.tokens[end - 1 - n : end - 1])] = end - 1
+                    gram = tuple(self.tokens[end - 1 - n : end - 1])
+                    self._first.setdefault(gram, end - 1)
+                    self._last[gram] = end - 1
 
     def draft(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the longest recent match of the last tokens."""
+        """Up to ``k`` tokens that followed the longest match of the last tokens: after its most
+        recent occurrence, or after its first if that one is followed by more (a run that repeats
+        itself: its last occurrence overlaps the tokens just written)."""
         if k <= 0:
             return []
         end = len(self.tokens)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if n > end:
                 continue
-            at = self._seen.get(tuple(self.tokens[end - n :]))
+            gram = tuple(self.tokens[end - n :])
+            at = self._last.get(gram)
             if at is not None:
-                return self.tokens[at : at + k]
+                recent = self.tokens[at : at + k]
+                if len(recent) < k:
+                    first = self.tokens[self._first[gram] : self._first[gram] + k]
+                    return first if len(first) > len(recent) else recent
+                return recent
         return []
 
 
