@@ -6,9 +6,9 @@ Sends the client's own enhance request (``client._prompts.enhance_request``: its
 example, ``max_tokens`` 200 and temperature 0.7) for ``--prompts`` different prompts, one at a
 time, to the real engine on the checkpoint, with speculation off and on (``draft_tokens``), the two
 in turn for each prompt. Without ``--penalty`` the request's ``presence_penalty`` (1.0) is left
-out: a row with a penalty does not draft (``engine._may_draft``). Prints tokens/s (completion
-tokens over the request's wall time), per configuration the total and the median of the prompts,
-and the drafts' acceptance rate.
+out (``--penalty`` keeps it: the penalties follow the draft position by position). Prints
+tokens/s (completion tokens over the request's wall time), per configuration the total and the
+median of the prompts, and the drafts' acceptance rate.
 """
 
 from __future__ import annotations

@@ -165,9 +165,25 @@ def test_greedy_answers_are_the_same_with_drafts_checked(tiny_model_dir, graph_m
 
 def test_a_row_that_may_not_draft_never_does(tiny_model_dir):
     local = _handler(tiny_model_dir, draft_tokens=7)
-    _answer(local, {"max_tokens": 60, "temperature": 0, "presence_penalty": 1.0})
     _answer(local, {"max_tokens": 60, "temperature": 0, "logprobs": True})
+    json_object = {"type": "json_object"}
+    _answer(local, {"max_tokens": 60, "temperature": 0, "response_format": json_object})
     assert local.engine.drafted == 0
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [{"presence_penalty": 1.0}, {"frequency_penalty": 0.7, "repetition_penalty": 1.3}],
+    ids=["presence", "frequency and repetition"],
+)
+def test_greedy_answers_with_penalties_are_the_same_with_drafts_checked(tiny_model_dir, penalties):
+    # The penalties at each position of a draft count the draft's tokens before it; after the
+    # pass, the counts hold what was written, not the rejected part of the draft.
+    body = {"max_tokens": 120, "temperature": 0, **penalties}
+    plain = _answer(_handler(tiny_model_dir), body)
+    local = _handler(tiny_model_dir, draft_tokens=7)
+    assert _answer(local, body) == plain
+    assert local.engine.drafted > 0
 
 
 def test_sampled_rows_draft_only_without_a_seed(tiny_model_dir):

@@ -818,9 +818,20 @@ class Engine:
         positions = torch.arange(length, length + block, device=device)[None, :]
         width = min(batch.columns, columns_for(length + block))
         logits = block_forward(loaded.model, batch, ids, positions, [block], width)[0].float()
+        penalties = row.sampling.penalties
+        if penalties is not None:  # position j's counts include the draft's first j tokens
+            for j in range(block):
+                if j:
+                    self.penalty_counts.count([penalties], [draft[j - 1]])
+                self.penalty_counts.apply(logits[j : j + 1], [penalties])
         if not row.sampling.greedy:
             logits = kept_logits(logits, [row.sampling] * block)
         tokens = accept(logits, draft, row.sampling.greedy, row.sampling.generator)
+        if penalties is not None:  # counted: the whole draft; written: its kept part, then one
+            kept = len(tokens) - 1
+            rejected = draft[kept:]
+            self.penalty_counts.count([penalties] * len(rejected), rejected, by=-1.0)
+            self.penalty_counts.count([penalties], [tokens[-1]])
         self.drafted += len(draft)
         self.accepted += len(tokens) - 1
         batch.advance([len(tokens)])  # the last token and the draft tokens kept: their KV stays
@@ -1018,14 +1029,13 @@ DRAFT_TOKENS_CPU = 7  # speculation's default on the CPU (docs/benchmarks.md, is
 
 
 def _may_draft(row: _Row) -> bool:
-    """Rows whose next token comes from the model's distribution alone, untouched by anything a
-    draft would have to replay position by position: no penalty or bias, no grammar, no tools,
-    no logprobs asked; greedy, or sampled without a seed (a seeded row must give the same answer
-    alone as in a batch, where it does not draft: its random draws would differ)."""
+    """Rows whose next token depends only on the model's distribution and the row's own tokens
+    (penalties and bias are replayed position by position along the draft): no grammar, no
+    tools, no logprobs asked; greedy, or sampled without a seed (a seeded row must give the same
+    answer alone as in a batch, where it does not draft: its random draws would differ)."""
     job = row.job
     return (
         (row.sampling.greedy or not row.sampling.seeded)
-        and row.sampling.penalties is None
         and row.matcher is None
         and job.tools is None
         and job.logprobs is None

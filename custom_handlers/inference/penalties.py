@@ -133,15 +133,16 @@ class PenaltyCounts:
             presence = torch.tensor([p.presence for p in rows], device=device).unsqueeze(1)
             logits.sub_(frequency * counts + presence * present)
 
-    def count(self, rows: list[RowPenalties | None], tokens: list[int]) -> None:
-        """Add each counted row's sampled token to its counts."""
+    def count(self, rows: list[RowPenalties | None], tokens: list[int], by: float = 1.0) -> None:
+        """Add each counted row's sampled token to its counts (``by`` -1: take a draft token that
+        was counted back out)."""
         import torch
 
         taken = [(p.slot, t) for p, t in zip(rows, tokens, strict=True) if p and p.slot is not None]
         if not taken:
             return
         where = torch.tensor(taken, device=self._counts.device).T
-        one = torch.ones((), device=self._counts.device).expand(len(taken))
+        one = torch.full((), by, device=self._counts.device).expand(len(taken))
         self._counts.index_put_((where[0], where[1]), one, accumulate=True)
 
     def retain(self, rows: list[RowPenalties | None]) -> None:
