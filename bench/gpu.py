@@ -363,6 +363,7 @@ def _measure_loaded(
     row("prefix", prefix)
     row("generate", generate)
     row("graphs", lambda: _graphs_on_off(engine, prompt, tokens))
+    row("block", lambda: _block_cost(device, loaded, prompt, single))
     row("memory", lambda: _memory_line(device, before, after_load))  # the peak, now
     cells("kv", f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB")
 
@@ -445,6 +446,40 @@ def _graphs_on_off(engine: Engine, prompt: list[int], tokens: int) -> str:
     )
 
 
+def _block_cost(device: Device, loaded: LoadedModel, prompt: list[int], single: dict) -> str:
+    """Issue 24: what a pass over 8 tokens of one row costs against a pass over 1, both eager
+    (``decode.block_forward``, as speculation runs them), next to the single stream's step; a
+    draft of 7 pays when a step keeps more tokens on average than this ratio."""
+    from transformers import DynamicCache
+
+    from custom_handlers.inference.decode import block_forward
+    from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
+
+    torch, model = device.torch, loaded.model
+    budget = KVBudget(0, kv_token_bytes(model.config, loaded.dtype), 1)
+    batch, cache = KVBatch(budget), DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([prompt], device=model.device), cache=cache, use_cache=True)
+        batch.add(cache, 1, len(prompt), len(prompt) + 16)
+        seconds: dict[int, list[float]] = {1: [], 8: []}
+        for round_ in range(12):  # the two sizes in turn; the first 2 rounds warm up
+            for size in seconds:
+                ids = torch.tensor([prompt[:size]], device=model.device)
+                at = torch.arange(len(prompt), len(prompt) + size, device=model.device)[None, :]
+                width = columns_for(len(prompt) + size)
+                if device.cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                block_forward(model, batch, ids, at, [size], width)
+                if device.cuda:
+                    torch.cuda.synchronize()
+                if round_ >= 2:
+                    seconds[size].append(time.perf_counter() - started)
+    one, eight = (statistics.median(seconds[n]) * 1000 for n in (1, 8))
+    step = f"; the single stream's step: {1000 / single['rate']:.2f} ms" if single else ""
+    return f"{eight:.2f} ms / {one:.2f} ms = {eight / one:.2f}x{step}"
+
+
 def _generate_floor(device: Device, loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
     torch = device.torch
     input_ids = torch.tensor([prompt], device=loaded.model.device)
@@ -486,6 +521,7 @@ ROWS = [
     ("json8", "8 concurrent, JSON-constrained"),
     ("prefix", "TTFT of a ~2,000-token prompt"),
     ("graphs", "CUDA graphs (every row above as configured) / forced off"),
+    ("block", "one row, a step of 8 tokens (a draft of 7) against 1, eager (speculation's cost)"),
     ("generate", "transformers generate, one stream (floor)"),
     ("memory", "device memory (CPU: process RSS)"),
     ("kv", "KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"),
