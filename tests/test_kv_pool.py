@@ -37,8 +37,13 @@ def test_decoding_writes_in_place_and_the_pool_is_freed_with_its_last_row(tiny_m
     seen = [s for s in gate.seen if s is not None]  # the prefill comes before the pool
     assert [length for _, length in seen] == list(range(seen[0][1], seen[0][1] + 199))
     assert len({address for address, _ in seen}) == 1  # every step wrote into the same tensor
-    state = local.state()["models"][0]["kv_cache"]
-    assert state["bytes"] == 0 and state["slots"] == 0  # an idle model holds no KV
+
+    # An idle model holds no KV: the finished row leaves at the engine's next loop, which may come
+    # after the answer is back (seen once in a full run).
+    def pool():
+        return local.state()["models"][0]["kv_cache"]
+
+    assert wait_for(lambda: pool()["bytes"] == 0 and pool()["slots"] == 0), pool()
 
 
 def test_a_request_that_cannot_fit_alone_is_a_400_that_says_so(tiny_model_dir):
