@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from custom_handlers.inference.constraints import JsonMatcher, mask_logits
-from custom_handlers.inference.decode import CudaApi, Decoder
+from custom_handlers.inference.decode import CudaApi, Decoder, block_forward
 from custom_handlers.inference.errors import (
     InvalidRequestError,
     LocalLLMError,
@@ -44,7 +44,7 @@ from custom_handlers.inference.errors import (
     OverloadedError,
     drop_frames,
 )
-from custom_handlers.inference.kvbatch import KVBatch, KVBudget, kv_token_bytes
+from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.penalties import PenaltyCounts
 from custom_handlers.inference.prefix import PrefixCache, start_cache
@@ -52,6 +52,7 @@ from custom_handlers.inference.request import SamplingParams
 from custom_handlers.inference.sampling import (
     BatchSampling,
     RowSampling,
+    kept_logits,
     row_sampling,
     token_logprobs,
 )
@@ -770,7 +771,7 @@ class Engine:
 
         loaded = self._holder.get()
         if len(self._rows) == 1 and self._rows[0].lookup is not None:
-            draft = self._draft(self._rows[0])
+            draft = self._draft(loaded, self._rows[0])
             if draft:
                 self._speculate(loaded, self._rows[0], draft)
                 return
@@ -793,24 +794,21 @@ class Engine:
             return self.draft_tokens
         return 0 if str(loaded.model.device).startswith("cuda") else DRAFT_TOKENS_CPU
 
-    def _draft(self, row: _Row) -> list[int]:
+    def _draft(self, loaded: LoadedModel, row: _Row) -> list[int]:
         """A lone row's draft: up to ``draft_tokens`` tokens from its prompt and answer, none
         if fewer than ``MIN_DRAFT`` (on this CPU a pass over 2-4 tokens costs too much, see
-        docs/benchmarks.md) or if the row may not draft (any longer)."""
-        if row.lookup is None or row.done or row.job.cancelled or not _may_draft(row):
+        docs/benchmarks.md). Only rows given a ``lookup`` at their start draft (``_may_draft``:
+        nothing it checks changes while the row runs)."""
+        if row.lookup is None or row.done or row.job.cancelled:
             return []
         room = row.job.max_new_tokens - row.count - 1  # the pass's tokens stay in its columns
-        draft = row.lookup.draft(min(self._drafts(self._holder.get()), room))
+        draft = row.lookup.draft(min(self._drafts(loaded), room))
         return draft if len(draft) >= MIN_DRAFT else []
 
     def _speculate(self, loaded: LoadedModel, row: _Row, draft: list[int]) -> None:
         """One pass over the row's last token and ``draft``; it writes the draft's prefix it
         would have written itself and one more token (``speculation.accept``)."""
         import torch
-
-        from custom_handlers.inference.decode import block_forward
-        from custom_handlers.inference.kvbatch import columns_for
-        from custom_handlers.inference.sampling import kept_logits
 
         batch, device = self._batch, loaded.model.device
         length, block = batch.lengths[0], 1 + len(draft)

@@ -162,11 +162,6 @@ class KVBatch:
         self._blocks: list[Any] = []  # reserved: per layer, keys' then values' flat block
 
     @property
-    def reserved_whole(self) -> bool:
-        """The pool is the budget allocated at once (``reserve``): its shape is a view."""
-        return bool(self._blocks)
-
-    @property
     def rows(self) -> int:
         return len(self.reserved)
 
