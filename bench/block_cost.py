@@ -22,6 +22,45 @@ import statistics
 import time
 
 
+def block_times(
+    model, dtype: str, prompt: list[int], rows: int, sizes: list[int], rounds: int, sync=None
+) -> dict[int, float]:
+    """Median seconds of a ``block_forward`` pass taking each of ``sizes`` tokens in each of
+    ``rows`` rows whose KV holds ``prompt``; the sizes in turn in each of ``rounds`` rounds (2 more
+    first, to warm up), each pass's KV written and then forgotten. ``sync``, if given, is called
+    around each pass (CUDA: ``torch.cuda.synchronize``). Also ``bench/gpu.py``'s "block" row."""
+    import torch
+    from transformers import DynamicCache
+
+    from custom_handlers.inference.decode import block_forward
+    from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
+
+    device, length = model.device, len(prompt)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        batch = KVBatch(KVBudget(0, kv_token_bytes(model.config, dtype), rows))
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prompt], device=device), cache=cache, use_cache=True)
+        batch.add(cache, rows, length, length + max(sizes) + 1)
+        steps = {}
+        for t in sizes:
+            ids = torch.randint(0, model.config.vocab_size, (rows, t), generator=generator)
+            positions = (torch.arange(t) + length).expand(rows, t)
+            steps[t] = (ids.to(device), positions.to(device), [t] * rows, columns_for(length + t))
+        seconds: dict[int, list[float]] = {t: [] for t in sizes}
+        for round_ in range(rounds + 2):  # the sizes in turn, in rounds: drift is shared
+            for t in sizes:
+                if sync is not None:
+                    sync()
+                started = time.perf_counter()
+                block_forward(model, batch, *steps[t])
+                if sync is not None:
+                    sync()
+                if round_ >= 2:
+                    seconds[t].append(time.perf_counter() - started)
+    return {t: statistics.median(s) for t, s in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
@@ -32,16 +71,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import DynamicCache
 
-    from custom_handlers.inference.decode import block_forward
-    from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
     from custom_handlers.inference.loader import load_model
     from custom_handlers.inference.settings import LocalModelSettings
 
     loaded = load_model(LocalModelSettings(model=args.model))
     model = loaded.model
-    vocab = model.config.vocab_size
     print(
         f"{args.model}: {model.config.num_hidden_layers} layers, {loaded.device}, {loaded.dtype}, "
         f"torch threads {torch.get_num_threads()}, prompt {args.prompt} tokens a row, "
@@ -51,30 +86,12 @@ def main() -> None:
     print("| rows | " + " | ".join(f"T={t}" for t in args.tokens) + " |")
     print("|---|" + "---|" * len(args.tokens))
     generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for rows in args.rows:
-            budget = KVBudget(0, kv_token_bytes(model.config, loaded.dtype), rows)
-            batch = KVBatch(budget)
-            prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator)
-            cache = DynamicCache(config=model.config)
-            model(input_ids=prompt, cache=cache, use_cache=True)
-            batch.add(cache, rows, args.prompt, args.prompt + max(args.tokens) + 1)
-            steps = {}
-            for t in args.tokens:
-                ids = torch.randint(0, vocab, (rows, t), generator=generator)
-                positions = (torch.arange(t) + args.prompt).expand(rows, t)
-                steps[t] = (ids, positions, [t] * rows, columns_for(args.prompt + t))
-            seconds: dict[int, list[float]] = {t: [] for t in args.tokens}
-            for round_ in range(args.repeat + 2):  # the sizes in turn, in rounds: drift is shared
-                for t in args.tokens:
-                    started = time.perf_counter()
-                    block_forward(model, batch, *steps[t])
-                    if round_ >= 2:
-                        seconds[t].append(time.perf_counter() - started)
-            times = {t: statistics.median(s) for t, s in seconds.items()}
-            base = times[args.tokens[0]]
-            cells = [f"{times[t] * 1e3:.1f} ms ({times[t] / base:.2f}x)" for t in args.tokens]
-            print(f"| {rows} | " + " | ".join(cells) + " |")
+    for rows in args.rows:
+        prompt = torch.randint(0, model.config.vocab_size, (args.prompt,), generator=generator)
+        times = block_times(model, loaded.dtype, prompt.tolist(), rows, args.tokens, args.repeat)
+        base = times[args.tokens[0]]
+        cells = [f"{times[t] * 1e3:.1f} ms ({times[t] / base:.2f}x)" for t in args.tokens]
+        print(f"| {rows} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -450,32 +450,11 @@ def _block_cost(device: Device, loaded: LoadedModel, prompt: list[int], single: 
     """Issue 24: what a pass over 8 tokens of one row costs against a pass over 1, both eager
     (``decode.block_forward``, as speculation runs them), next to the single stream's step; a
     draft of 7 pays when a step keeps more tokens on average than this ratio."""
-    from transformers import DynamicCache
+    from bench.block_cost import block_times
 
-    from custom_handlers.inference.decode import block_forward
-    from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
-
-    torch, model = device.torch, loaded.model
-    budget = KVBudget(0, kv_token_bytes(model.config, loaded.dtype), 1)
-    batch, cache = KVBatch(budget), DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([prompt], device=model.device), cache=cache, use_cache=True)
-        batch.add(cache, 1, len(prompt), len(prompt) + 16)
-        seconds: dict[int, list[float]] = {1: [], 8: []}
-        for round_ in range(12):  # the two sizes in turn; the first 2 rounds warm up
-            for size in seconds:
-                ids = torch.tensor([prompt[:size]], device=model.device)
-                at = torch.arange(len(prompt), len(prompt) + size, device=model.device)[None, :]
-                width = columns_for(len(prompt) + size)
-                if device.cuda:
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                block_forward(model, batch, ids, at, [size], width)
-                if device.cuda:
-                    torch.cuda.synchronize()
-                if round_ >= 2:
-                    seconds[size].append(time.perf_counter() - started)
-    one, eight = (statistics.median(seconds[n]) * 1000 for n in (1, 8))
+    sync = device.torch.cuda.synchronize if device.cuda else None
+    times = block_times(loaded.model, loaded.dtype, prompt, 1, [1, 8], 10, sync)
+    one, eight = times[1] * 1000, times[8] * 1000
     step = f"; the single stream's step: {1000 / single['rate']:.2f} ms" if single else ""
     return f"{eight:.2f} ms / {one:.2f} ms = {eight / one:.2f}x{step}"
 
