@@ -144,11 +144,10 @@ def _answer(local, body: dict) -> tuple[str, str, int]:
 
 
 def _handler(model_dir, draft_tokens: int | None = 0, graph_mode: str | None = None):
-    from tests.test_kv_pool import handler
+    from tests.test_decode_graphs import handler
 
-    local = handler(model_dir)
+    local = handler(model_dir, graph_mode)
     local.engine.draft_tokens = draft_tokens
-    local.engine.graph_mode = graph_mode
     return local
 
 
