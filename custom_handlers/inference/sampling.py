@@ -133,13 +133,22 @@ class BatchSampling:
         self._ranks = torch.arange(self.width, device=device).unsqueeze(0)
         if len(drawn) < len(self.rows):
             self._index = torch.tensor(self.drawn, device=device)
-        self._noise = torch.empty((len(drawn), vocab), device=device)
-        noise = self._noise.unbind(0)
-        self._noise_rows = [(noise[i], r.generator) for i, r in enumerate(drawn) if r.seeded]
-        if len(self._noise_rows) < len(drawn):
-            self._shared = torch.Generator(device=device)
-            self._shared.manual_seed(random.getrandbits(62))
+        self._noise = None  # made at the first draw (``kept`` alone needs none)
         self._for = (device, vocab)
+
+    def _noise_buffer(self, device: Any, vocab: int) -> Any:
+        """The sampled rows' noise buffer and where each row's numbers come from, made once."""
+        import torch
+
+        if self._noise is None:
+            drawn = [self.rows[i] for i in self.drawn]
+            self._noise = torch.empty((len(drawn), vocab), device=device)
+            noise = self._noise.unbind(0)
+            self._noise_rows = [(noise[i], r.generator) for i, r in enumerate(drawn) if r.seeded]
+            if len(self._noise_rows) < len(drawn):
+                self._shared = torch.Generator(device=device)
+                self._shared.manual_seed(random.getrandbits(62))
+        return self._noise
 
     def _draw(self, logits):
         """The sampled rows' tokens (``logits``: theirs only), by the Gumbel-max trick.
@@ -155,11 +164,12 @@ class BatchSampling:
 
         ordered, order = self.kept(logits)
         width = ordered.shape[-1]
+        buffer = self._noise_buffer(logits.device, logits.shape[-1])
         if self._shared is not None:
-            self._noise[:, :width].uniform_(generator=self._shared)
+            buffer[:, :width].uniform_(generator=self._shared)
         for noise, generator in self._noise_rows:  # as torch.rand(vocab, generator=generator)
             noise.uniform_(generator=generator)
-        noise = self._noise[:, :width].clamp(min=torch.finfo(torch.float32).tiny)
+        noise = buffer[:, :width].clamp(min=torch.finfo(torch.float32).tiny)
         choice = (ordered - noise.log_().neg_().log_()).argmax(dim=-1, keepdim=True)
         return order.gather(1, choice).squeeze(1)
 
