@@ -247,6 +247,7 @@ def measure_column(
         keep_alive=-1,
         prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),  # the gateway's defaults:
         kv_cache_bytes=int(settings.kv_cache_mb * 2**20),  # reuse on, and the KV pool's budget
+        prefill_chunk=settings.prefill_chunk,  # unset: the device's default
     )
     on.reset_peak()
     before = on.used()
@@ -364,6 +365,7 @@ def _measure_loaded(
     row("generate", generate)
     row("graphs", lambda: _graphs_on_off(engine, prompt, tokens))
     row("block", lambda: _block_cost(device, loaded, prompt, single))
+    row("chunked", lambda: _chunked_prefill(engine, loaded, prompt, tokens))
     row("memory", lambda: _memory_line(device, before, after_load))  # the peak, now
     cells("kv", f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB")
 
@@ -459,6 +461,32 @@ def _block_cost(device: Device, loaded: LoadedModel, prompt: list[int], single: 
     return f"{eight:.2f} ms / {one:.2f} ms = {eight / one:.2f}x{step}"
 
 
+def _chunked_prefill(engine: Engine, loaded: LoadedModel, prompt: list[int], tokens: int) -> str:
+    """Issue 24: 4 streams decode; a ~2,000-token prompt arrives; the streams' longest gap over
+    their median gap, and the prompt's time to first token, with the prompt prefilled whole and
+    in chunks of the device's default size (``bench/chunked_prefill.py``'s round)."""
+    from bench.chunked_prefill import one_round
+
+    length = min(2000, loaded.context_length - tokens - 8)
+    long_ids = _prompt(loaded, length)[:length]
+    setting, cells = engine.prefill_chunk, []
+    size = engine._chunk(loaded)  # the default on this device (unless the setting gives one)
+    try:
+        for chunk, ids in ((0, long_ids), (size, [*long_ids[1:], long_ids[0]])):  # not shared
+            joined = engine.chunked_prompts
+            r = one_round(engine, prompt, ids, 4, max(tokens, 128), 8, chunk, temperature=1.0)
+            if chunk and engine.chunked_prompts == joined:
+                cells.append("NOT CHUNKED (packed attention off? see the log)")
+                continue
+            cells.append(
+                f"{r.longest * 1000:,.0f} / {r.median * 1000:,.1f} ms = {r.ratio:.1f}x, "
+                f"TTFT {r.ttft * 1000:,.0f} ms"
+            )
+    finally:
+        engine.prefill_chunk = setting
+    return f"whole: {cells[0]}; in chunks of {size}: {cells[1]}"
+
+
 def _generate_floor(device: Device, loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
     torch = device.torch
     input_ids = torch.tensor([prompt], device=loaded.model.device)
@@ -501,6 +529,7 @@ ROWS = [
     ("prefix", "TTFT of a ~2,000-token prompt"),
     ("graphs", "CUDA graphs (every row above as configured) / forced off"),
     ("block", "one row, a step of 8 tokens (a draft of 7) against 1, eager (speculation's cost)"),
+    ("chunked", "4 streams while a ~2,000-token prompt joins: longest / median gap, its TTFT"),
     ("generate", "transformers generate, one stream (floor)"),
     ("memory", "device memory (CPU: process RSS)"),
     ("kv", "KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"),

@@ -71,6 +71,9 @@ def test_the_gpu_benchmark_runs_on_the_cpu_and_prints_every_row(tmp_path):
     assert graphs.startswith("off (not on CUDA (cpu))") and "forced off" in graphs
     assert rows["aggregate, 16 concurrent"][0].endswith("tokens/s")
     assert "seen before" in rows["TTFT of a ~2,000-token prompt"][0]
+    chunked = rows[LABELS["chunked"]][0]
+    assert chunked.startswith("whole: ") and "; in chunks of 256: " in chunked
+    assert "NOT CHUNKED" not in chunked and "FAILED" not in chunked
     assert rows["after release"][0].endswith("against before load)")
     kv = rows["KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"][0]
     assert kv.endswith("of 2,048 MiB") and not kv.startswith("0 MiB")  # the gateway's budget

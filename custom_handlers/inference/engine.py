@@ -44,8 +44,15 @@ from custom_handlers.inference.errors import (
     OverloadedError,
     drop_frames,
 )
-from custom_handlers.inference.kvbatch import KVBatch, KVBudget, columns_for, kv_token_bytes
+from custom_handlers.inference.kvbatch import (
+    KVBatch,
+    KVBudget,
+    columns_for,
+    kv_shape,
+    kv_token_bytes,
+)
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
+from custom_handlers.inference.packed import packed_forward
 from custom_handlers.inference.penalties import PenaltyCounts
 from custom_handlers.inference.prefix import PrefixCache, start_cache
 from custom_handlers.inference.request import SamplingParams
@@ -299,6 +306,7 @@ class _Row:
     sampled_logprob: tuple | None = None  # (token, logprob, top) of the token sampled last
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with text
     lookup: PromptLookup | None = None  # prompt and answer so far, for drafts (speculation on)
+    prompt_left: list[int] = field(default_factory=list)  # joining in chunks: not yet in the KV
 
 
 class Engine:
@@ -314,6 +322,7 @@ class Engine:
         kv_cache_bytes: int = 0,
         cuda_graphs: bool = True,
         draft_tokens: int | None = 0,
+        prefill_chunk: int | None = 0,
     ):
         self._holder = holder
         self.prefix = PrefixCache(prefix_cache_bytes)
@@ -327,6 +336,11 @@ class Engine:
         # None: DRAFT_TOKENS_CPU on the CPU, off on CUDA until a GPU run measures it).
         self.draft_tokens = draft_tokens
         self.drafted = self.accepted = 0  # draft tokens checked, and kept, since start
+        # Chunked prefill: a longer prompt joining running rows takes this many tokens a step,
+        # packed with their next tokens in one pass (packed.py); 0: prompts are prefilled whole;
+        # None: CHUNK_CPU on the CPU, CHUNK_CUDA on CUDA.
+        self.prefill_chunk = prefill_chunk
+        self.chunked_prompts = 0  # prompts that joined in chunks, since start
         self.graph_mode: str | None = None  # forces a Decoder mode ("static": tests on the CPU)
         self.cuda_api: CudaApi | None = None  # the CUDA calls of graphs (a stand-in: CPU tests)
         self._decoder: Decoder | None = None  # the loaded model's decoding steps
@@ -614,6 +628,12 @@ class Engine:
                 continue
             entry, reused = self.prefix.longest(job.prompt_ids)  # tokens computed before
             job.cached_tokens = reused
+            if self._in_chunks(loaded, job, reused):
+                try:
+                    self._join_in_chunks(job, loaded, entry, reused)
+                except Exception as exc:
+                    _fail(job, _error_of(exc))
+                continue
             groups.setdefault((id(entry), reused), []).append((job, entry, reused))
         for group in groups.values():
             for part in _similar_lengths(group):
@@ -693,16 +713,57 @@ class Engine:
         rows = [self._new_row(job, i, loaded) for i in range(n)]
         job.open_rows = n
         tokens, _ = self._choose(rows, logits)
+        self._enter(loaded, rows, kv, len(job.prompt_ids))
+        self._advance(rows, tokens, loaded.eos_token_ids)
+
+    def _enter(self, loaded: LoadedModel, rows: list[_Row], kv, length: int) -> None:
+        """``rows`` (one job's) take slots holding ``kv``'s first ``length`` tokens."""
+        job = rows[0].job
         decoder, budget = self._decoder_for(loaded), self.kv_budget(loaded)
         if not self._rows and self._batch.budget != budget:
             self._batch = KVBatch(budget)  # a pool for the model loaded now
         self._batch.keep_pool = decoder.graphs  # graphs point into it: kept while loaded
-        self._batch.add(kv, n, len(job.prompt_ids), len(job.prompt_ids) + job.max_new_tokens)
+        self._batch.add(kv, len(rows), length, len(job.prompt_ids) + job.max_new_tokens)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self._batch.nbytes)
         self._rows.extend(rows)
         self._steady = None
         self.peak_rows = max(self.peak_rows, len(self._rows))
-        self._advance(rows, tokens, loaded.eos_token_ids)
+
+    # ---- chunked prefill ------------------------------------------------------------------------
+
+    def _in_chunks(self, loaded: LoadedModel, job: Job, reused: int) -> bool:
+        """Whether ``job`` joins in chunks: rows are decoding (alone, a prompt is prefilled
+        whole: nobody waits for it), its prompt has more than a chunk left after the prefix
+        reused, one choice (``n`` choices would need the prompt copied into ``n`` slots at the
+        end, room the batch may not have kept), no prompt logprobs (every position's logits)."""
+        chunk = self._chunk(loaded)
+        return (
+            chunk > 0
+            and loaded.packed
+            and any(not row.done and not row.job.cancelled for row in self._rows)
+            and job.sampling.n == 1
+            and job.prompt_logprobs is None
+            and len(job.prompt_ids) - reused > chunk
+        )
+
+    def _chunk(self, loaded: LoadedModel) -> int:
+        """Prompt tokens a row joining in chunks takes a step on ``loaded``'s device."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        return CHUNK_CUDA if str(loaded.model.device).startswith("cuda") else CHUNK_CPU
+
+    def _join_in_chunks(self, job: Job, loaded: LoadedModel, entry, reused: int) -> None:
+        """The job's row takes a slot now, holding the ``reused`` prefix's KV; its prompt's
+        other tokens are fed ``prefill_chunk`` at a time by the next steps (``_packed_step``),
+        packed with the other rows' tokens; the step that feeds its last one samples its first
+        token."""
+        config = loaded.model.config
+        kv = start_cache(entry, reused, config) if entry else _NoKV(loaded)
+        row = self._new_row(job, 0, loaded)
+        row.prompt_left = job.prompt_ids[reused:]
+        job.open_rows = 1
+        self._enter(loaded, [row], kv, reused)
+        self.chunked_prompts += 1
 
     def _prepare_graphs(self, loaded: LoadedModel) -> None:
         """With CUDA graphs, before the first rows join a model: reserve the whole KV pool and
@@ -770,6 +831,9 @@ class Engine:
         import torch
 
         loaded = self._holder.get()
+        if any(row.prompt_left for row in self._rows):
+            self._packed_step(loaded)
+            return
         if len(self._rows) == 1 and self._rows[0].lookup is not None:
             draft = self._draft(loaded, self._rows[0])
             if draft:
@@ -787,6 +851,41 @@ class Engine:
         steady.tokens.copy_(chosen)  # the next step's inputs, on the device
         steady.positions.add_(1)
         self._advance(rows, tokens, loaded.eos_token_ids)
+
+    def _packed_step(self, loaded: LoadedModel) -> None:
+        """A step in which rows joining in chunks take their prompt's next ``prefill_chunk``
+        tokens and every other row its next token, in one packed forward pass (packed.py); with
+        no other row left, the prompts' whole rest. A row whose prompt is then complete samples
+        its first token, and its prompt's KV goes to the prefix cache as a whole prefill's
+        would."""
+        rows, batch = self._rows, self._batch
+        inputs, counts, keep, choosing = [], [], [], []
+        # Nobody decoding (the running rows have left): the prompts' rest in this one pass.
+        size = self._chunk(loaded) if any(not row.prompt_left for row in rows) else None
+        end = 0
+        for row in rows:
+            if row.prompt_left:
+                chunk = row.prompt_left[:size]
+                row.prompt_left = row.prompt_left[len(chunk) :]
+                inputs.append(chunk)
+                finished = not row.prompt_left
+            else:
+                inputs.append([row.last])
+                finished = True
+            end += len(inputs[-1])
+            counts.append(len(inputs[-1]))
+            if finished:
+                keep.append(end - 1)
+                choosing.append(row)
+        logits = packed_forward(loaded.model, batch, inputs, keep)
+        batch.advance(counts)
+        self._steady = None
+        for i, row in enumerate(rows):  # prompts completed now: their KV, for the prefix cache
+            if row.last < 0 and not row.prompt_left and self.prefix.budget > 0:
+                self.prefix.add(row.job.prompt_ids, _SlotKV(batch, i, batch.lengths[i]))
+        if choosing:  # none when every row is a prompt still joining
+            tokens, _ = self._choose(choosing, logits.float())
+            self._advance(choosing, tokens, loaded.eos_token_ids)
 
     def _drafts(self, loaded: LoadedModel) -> int:
         """Draft tokens a lone row may check a step on ``loaded``'s device."""
@@ -1022,6 +1121,8 @@ class _Steady:
         self.tokens, self.positions = self.inputs.unbind(0)  # views: written in place
 
 
+CHUNK_CPU = 256  # chunked prefill's chunk on the CPU (docs/benchmarks.md, issue 24)
+CHUNK_CUDA = 1024  # on CUDA: a step with a chunk runs eagerly, so fewer, larger chunks
 MIN_DRAFT = 4  # shorter drafts are not checked (a lone row: docs/benchmarks.md, issue 24)
 DRAFT_TOKENS_CPU = 7  # speculation's default on the CPU (docs/benchmarks.md, issue 24)
 
@@ -1038,6 +1139,35 @@ def _may_draft(row: _Row) -> bool:
         and job.tools is None
         and job.logprobs is None
     )
+
+
+class _NoKV:
+    """No token's KV yet, shaped as a cache of one row (``KVBatch.add`` of a row joining in
+    chunks with no prefix reused)."""
+
+    def __init__(self, loaded: LoadedModel):
+        import torch
+
+        layers, heads, dim = kv_shape(loaded.model.config)
+        dtype, device = getattr(torch, loaded.dtype, torch.float32), loaded.model.device
+        empty = torch.zeros(1, heads, 0, dim, dtype=dtype, device=device)
+        self.layers = [_LayerOf(empty, empty) for _ in range(layers)]
+
+
+class _SlotKV:
+    """Slot ``i``'s first ``length`` tokens of KV, copied (the prefix cache keeps it)."""
+
+    def __init__(self, batch: KVBatch, i: int, length: int):
+        self.layers = [
+            _LayerOf(k[i : i + 1, :, :length].clone(), v[i : i + 1, :, :length].clone())
+            for k, v in zip(batch.keys, batch.values, strict=True)
+        ]
+
+
+@dataclass
+class _LayerOf:
+    keys: Any
+    values: Any
 
 
 class _RowKV:

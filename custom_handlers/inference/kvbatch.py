@@ -82,13 +82,16 @@ class Step:
     columns ``0 .. width-1``. One token a row (``taken`` None): row ``row_index[i]`` writes its new
     key and value at column ``write_at[i]``. Several (a block, ``taken`` ``[rows, T]`` bool, the
     inputs that are tokens, the rest padding): the ``i``-th token taken, in row-major order, is
-    written in row ``row_index[i]`` at column ``write_at[i]``; padding writes nothing."""
+    written in row ``row_index[i]`` at column ``write_at[i]``; padding writes nothing. Packed
+    (``packed``: the rows' tokens one after another in one sequence, ``packed.py``): the ``i``-th
+    token is written in row ``row_index[i]`` at column ``write_at[i]``."""
 
     rows: int
     width: int
     row_index: Any  # int64: [rows] 0 .. rows-1, or [tokens taken]
     write_at: Any  # int64: [rows], or [tokens taken]
     taken: Any = None  # [rows, T] bool for a block step
+    packed: bool = False  # the tokens of every row in one sequence [1, N]
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,11 @@ def _slot_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             batch, step = self.batch, self.batch.step
             keys, values = batch.keys[self.index], batch.values[self.index]
+            if step.packed:  # [1, heads, N, dim] -> [N, heads, dim]
+                where = (step.row_index, slice(None), step.write_at)
+                keys[where] = key_states[0].transpose(0, 1)
+                values[where] = value_states[0].transpose(0, 1)
+                return keys[: step.rows, :, : step.width], values[: step.rows, :, : step.width]
             if key_states.shape[0] != step.rows:
                 raise RuntimeError(
                     f"the step has {step.rows} rows, the model gave keys for {key_states.shape[0]}"

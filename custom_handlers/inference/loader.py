@@ -26,6 +26,7 @@ from custom_handlers.inference.download import (
     size_text,
 )
 from custom_handlers.inference.errors import ModelUnavailableError, drop_frames
+from custom_handlers.inference.packed import use_packed_attention
 from custom_handlers.inference.settings import (
     DEFAULT_MODEL,
     LocalModelSettings,
@@ -55,6 +56,7 @@ class LoadedModel:
     load_seconds: float
     model_bytes: int  # parameters and buffers, as placed (4-bit weights count as 4-bit)
     constraints: JsonConstraints
+    packed: bool = False  # runs packed steps (packed.py: chunked prefill); SDPA models do
 
 
 class DownloadWatch(LogProgress):
@@ -266,6 +268,7 @@ def load_model(settings: LocalModelSettings, progress: Progress | None = None) -
         drop_frames(exc)  # a half-built model lives in them: on a GPU, gigabytes
         raise error from exc
     model.eval()
+    packed = use_packed_attention(model)  # transformers' SDPA, and packed steps (packed.py)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -280,6 +283,7 @@ def load_model(settings: LocalModelSettings, progress: Progress | None = None) -
         load_seconds=time.perf_counter() - started,
         model_bytes=int(model.get_memory_footprint()),
         constraints=JsonConstraints(tokenizer),
+        packed=packed,
     )
     loaded.constraints.warm_up()
     log.info(

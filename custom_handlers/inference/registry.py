@@ -62,6 +62,7 @@ class LocalModel:
             int(settings.kv_cache_mb * 2**20),
             settings.cuda_graphs,
             settings.draft_tokens,
+            settings.prefill_chunk,
         )
         self.last_used = 0.0  # monotonic time of the last request; 0: never asked for
         self.arriving = 0  # requests not yet in the engine's queue (waiting for the model to load)

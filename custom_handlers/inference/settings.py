@@ -111,6 +111,17 @@ class LocalModelSettings(BaseSettings):
         "distribution). Unset: 7 on the CPU (measured faster there), 0 (off) on CUDA until a GPU "
         "run measures it. 0: off.",
     )
+    prefill_chunk: int | None = Field(
+        None,
+        ge=0,
+        le=8192,
+        description="Chunked prefill: a prompt longer than this many tokens (beyond what the "
+        "prefix cache reuses) that arrives while other requests decode joins in chunks of this "
+        "many tokens, one a step, in the same forward pass as the running rows' next tokens, so "
+        "their streams never stop for a long prefill. Unset: 256 on the CPU, 1024 on CUDA (a "
+        "step with a chunk runs without CUDA graphs: fewer, larger chunks). 0: prompts are "
+        "prefilled whole.",
+    )
     preload: bool = Field(
         False,
         description="Load the model when the gateway starts, so the first request finds it warm.",
