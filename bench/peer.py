@@ -12,13 +12,15 @@ greedy decoding never ends early on either and every request makes exactly the t
 random weights would otherwise stop at different lengths on each server. The same requests go to
 each in turn over HTTP (the gateway through `litellm --config proxy_config.yaml`, transformers
 serve on its own port): one client, 4/8/16 concurrent clients, time to first token, a ~2,000-token
-prompt streamed and not, the same prompt seen before, and each server's peak memory (VmHWM).
+prompt streamed and not, the same prompt seen before, four streams' gaps while a ~2,000-token
+prompt joins (and its time to first token), and each server's peak memory (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import shutil
 import statistics
@@ -84,6 +86,48 @@ class Server:
         return first or 0.0, time.perf_counter() - started, pieces
 
 
+async def gaps_while_a_prompt_joins(server: Server, http, tokens: int) -> tuple[float, float]:
+    """4 greedy streams of ``tokens`` tokens; once each has sent 4 pieces of content, a new
+    ~2,000-token prompt (streamed, 1 token). The worst stream's longest gap between two pieces
+    over its median gap, from the moment all four stream; and the prompt's time to first token
+    (issue 24: chunked prefill)."""
+    stamps: list[list[float]] = [[] for _ in range(4)]
+    started = asyncio.Event()
+
+    async def stream(i: int) -> None:
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": prompt(7000 + i)}],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+        url = f"{server.base_url}/v1/chat/completions"
+        async with http.stream("POST", url, json=body, headers=server.headers) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        stamps[i].append(time.perf_counter())
+                        if all(len(s) >= 4 for s in stamps):
+                            started.set()
+
+    streams = [asyncio.create_task(stream(i)) for i in range(4)]
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait([waiting, *streams], return_when=asyncio.FIRST_COMPLETED)
+    if not started.is_set():
+        raise RuntimeError("a stream ended before all four had started")
+    since = max(s[0] for s in stamps)
+    ttft, _, _ = await server.ask(http, prompt(9000, words=1500), 1, True)
+    await asyncio.gather(*streams)
+    worst = 0.0
+    for times in stamps:
+        between = [b - a for a, b in itertools.pairwise(t for t in times if t >= since)]
+        worst = max(worst, max(between) / statistics.median(between))
+    return worst, ttft
+
+
 def prompt(i: int, words: int = 12) -> str:
     return f"request {i}: " + " ".join(WORDS[j % len(WORDS)] for j in range(words))
 
@@ -112,6 +156,9 @@ async def measure(server: Server, tokens: int) -> dict[str, float]:
         out["~2,000-token prompt, not streamed, s"] = plain[1]
         again = await server.ask(http, long_text, 1, True)
         out["the same ~2,000-token prompt again, TTFT (ms)"] = again[0] * 1000
+        ratio_, ttft = await gaps_while_a_prompt_joins(server, http, 4 * tokens)
+        out["4 streams while a ~2,000-token prompt joins: longest / median gap (x)"] = ratio_
+        out["4 streams while a ~2,000-token prompt joins: its TTFT (s)"] = ttft
     out["peak memory (MiB)"] = process_memory(server.pid, "VmHWM") / 2**20
     return out
 
