@@ -170,7 +170,8 @@ def packed_forward(model: Any, batch: KVBatch, rows: list[list[int]], keep: list
     out = model(
         input_ids=torch.tensor([ids], device=device),
         position_ids=position_ids,
-        attention_mask=_NO_MASK.get(device),
+        # A 4D mask: transformers passes it on as it is and builds none (the plan is the mask).
+        attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
         cache=batch.cache,
         use_cache=True,
         logits_to_keep=torch.tensor(keep, device=device, dtype=torch.int64),
@@ -187,22 +188,3 @@ def _causal(segment: Segment, device: Any) -> Any:
     columns = torch.arange(segment.position + segment.count, device=device)
     last = torch.arange(segment.count, device=device) + segment.position
     return (columns[None, :] <= last[:, None])[None, None]
-
-
-class _Masks:
-    """A 4D mask passed to the model so that transformers builds none (it passes a 4D mask
-    through as it is); the packed attention never reads it."""
-
-    def __init__(self) -> None:
-        self._by_device: dict[str, Any] = {}
-
-    def get(self, device: Any) -> Any:
-        import torch
-
-        key = str(device)
-        if key not in self._by_device:
-            self._by_device[key] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-        return self._by_device[key]
-
-
-_NO_MASK = _Masks()
