@@ -130,7 +130,8 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
     out["code"] = decode.__file__  # which tree's custom_handlers ran
     if profiler is not None:
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+        stats = pstats.Stats(profiler, stream=text)  # HOST_STEP_SORT=tottime: by own time
+        stats.sort_stats(os.environ.get("HOST_STEP_SORT", "cumulative")).print_stats(30)
         out["profile"] = text.getvalue()
     return out
 
