@@ -206,10 +206,19 @@ def test_the_decode_stream_gives_the_same_pieces_as_the_two_decodes(
         assert _pieces(streamed, ids, flush_at) == _pieces(_windows(tok), ids, flush_at), ids
 
 
+class _EveryStage(TextPipeline):
+    """A pipeline that never hands the decoder's text straight on."""
+
+    def push(self, token_id: int) -> str:
+        self._plain = False
+        return super().push(token_id)
+
+
 @pytest.mark.parametrize("which", ["tiny", "real"])
 def test_pipelines_with_the_stream_give_the_same_text_and_stops(which, tokenizer, real_tokenizer):
     """Through the whole pipeline (think filter, stop strings, skipped special tokens): the same
-    pieces, the same stop, the same reasoning count."""
+    pieces, the same stop, the same reasoning count, with the stream and the text handed straight
+    on once nothing can change it as without either."""
     tok = tokenizer if which == "tiny" else real_tokenizer
     rng = random.Random(7)
     for ids in _sequences(tok, rng, 200):
@@ -217,8 +226,8 @@ def test_pipelines_with_the_stream_give_the_same_text_and_stops(which, tokenizer
         start = rng.randrange(len(full) + 1)
         stops = [full[start : start + rng.randrange(1, 4)]] if full else []
         got, drop_think = [], rng.random() < 0.5
-        for streamed in (True, False):
-            pipeline = TextPipeline(tok, stops, drop_think=drop_think)
+        for streamed in (True, False):  # False: the reference, every stage at every token
+            pipeline = (TextPipeline if streamed else _EveryStage)(tok, stops, drop_think)
             if not streamed:
                 pipeline._decoder._stream = None
             pieces = []
@@ -264,3 +273,27 @@ def test_a_decoder_other_than_byte_level_keeps_the_two_decodes(tokenizer):
     other.backend_tokenizer.decoder = decoders.Metaspace()
     assert IncrementalDecoder(other)._stream is None
     assert IncrementalDecoder(tokenizer)._stream is not None
+
+
+def test_past_its_start_without_stop_strings_the_text_skips_the_stages(tokenizer):
+    """Most rows: no stop string, and the think filter decided at the first words. From there the
+    decoder's text is the text; the two stages are not called for each token."""
+    calls = []
+
+    class Counting(ThinkFilter):
+        def push(self, text: str) -> str:
+            calls.append(text)
+            return super().push(text)
+
+    pipeline = TextPipeline(tokenizer)
+    pipeline._think = Counting()
+    ids = tokenizer("A fox at dawn, " * 20, add_special_tokens=False)["input_ids"]
+    text = "".join(pipeline.push(i) for i in ids) + pipeline.flush()
+    assert text == "A fox at dawn, " * 20
+    assert len(calls) <= 3 < len(ids)  # the start, then only the flush
+    stopping = TextPipeline(tokenizer, stops=["zebra"])
+    stopping._think = Counting()
+    calls.clear()
+    for i in ids:
+        stopping.push(i)
+    assert len(calls) == len(ids)  # a stop string to look for: every token goes through

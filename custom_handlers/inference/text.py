@@ -132,6 +132,11 @@ class ThinkFilter:
         """Inside a think block: the text just pushed is reasoning, not answer."""
         return self._state == "thinking"
 
+    @property
+    def passing(self) -> bool:
+        """Past the start (and any think block): from here on every text passes as it is."""
+        return self._state == "text"
+
     def push(self, text: str) -> str:
         if self._state == "text":
             return text
@@ -175,6 +180,7 @@ class StopMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
+        self.watching = bool(self._stops)  # some stop string to look for
 
     def push(self, text: str) -> str:
         if self.stopped:
@@ -208,6 +214,7 @@ class _Unfiltered:
     """No think filter: a text completion is the text the model writes, think tags included."""
 
     thinking = False  # nothing is taken for reasoning: every token is the completion's
+    passing = True
 
     def push(self, text: str) -> str:
         return text
@@ -224,6 +231,9 @@ class TextPipeline:
         self._think = ThinkFilter() if drop_think else _Unfiltered()
         self._stop = StopMatcher(stops)
         self.reasoning_tokens = 0  # tokens of a think block (dropped from the text)
+        # No stop strings, and the think filter past the start: the decoder's text is the text,
+        # as the two stages would pass it (most rows, after their first tokens).
+        self._plain = False
 
     @property
     def stopped(self) -> bool:
@@ -231,10 +241,13 @@ class TextPipeline:
         return self._stop.stopped
 
     def push(self, token_id: int) -> str:
+        if self._plain:
+            return self._decoder.push(token_id)
         thinking = self._think.thinking
         text = self._stop.push(self._think.push(self._decoder.push(token_id)))
         if thinking or self._think.thinking:  # the block's tokens, its open and close included
             self.reasoning_tokens += 1
+        self._plain = self._think.passing and not self._stop.watching
         return text
 
     def flush(self) -> str:
