@@ -180,6 +180,27 @@ def test_a_steady_step_waits_once_and_copies_nothing_from_the_host(tiny_model_di
     assert all(len(s["host_copies"]) <= 3 for s in steps if not s["steady"])
 
 
+def test_steady_steps_look_at_the_rows_once(tiny_model_dir, monkeypatch):
+    """What ``_choose`` looks for in each row (penalties, logprobs, constraints, tool choice) does
+    not change while the rows stay the same: it is gathered when they change (and for each row
+    joining), not four passes over every row a step."""
+    from custom_handlers.inference import engine as engine_module
+
+    made = []
+    real = engine_module._ChoicePlan.of.__func__
+
+    def counted(cls, rows):
+        made.append(len(rows))
+        return real(cls, rows)
+
+    monkeypatch.setattr(engine_module._ChoicePlan, "of", classmethod(counted))
+    steps = counted_steps(tiny_model_dir, [SAMPLED], "static")
+    steady = [s for s in steps if s["steady"] and s["rows"] == ROWS]
+    assert len(steady) >= 5
+    changed = [s for s in steps if s["rows"] == ROWS and not s["steady"]]  # they make one
+    assert made.count(ROWS) == len(changed) < len(steady)  # (joins make theirs: 1 row each)
+
+
 # ---- the kept candidates: the same as a sort of the whole vocabulary ---------------------------
 
 
