@@ -191,13 +191,11 @@ def _pieces(decoder: IncrementalDecoder, ids: list[int], flush_at: int) -> list[
 
 
 @pytest.mark.parametrize("which", ["tiny", "real"])
-def test_the_decode_stream_gives_the_same_pieces_as_the_two_decodes(
-    which, tokenizer, real_tokenizer
-):
+def test_the_decode_stream_gives_the_same_pieces_as_the_two_decodes(which, request):
     """Piece by piece (what each token releases, what a flush releases, pushes after a flush),
     over random sequences of the tiny and the real model's vocabulary: one call a token in Rust
     instead of two decodes, and not one character different."""
-    tok = tokenizer if which == "tiny" else real_tokenizer
+    tok = request.getfixturevalue("tokenizer" if which == "tiny" else "real_tokenizer")
     rng = random.Random(23)
     for ids in _sequences(tok, rng, 400):
         flush_at = rng.randrange(len(ids) + 1)
@@ -215,11 +213,11 @@ class _EveryStage(TextPipeline):
 
 
 @pytest.mark.parametrize("which", ["tiny", "real"])
-def test_pipelines_with_the_stream_give_the_same_text_and_stops(which, tokenizer, real_tokenizer):
+def test_pipelines_with_the_stream_give_the_same_text_and_stops(which, request):
     """Through the whole pipeline (think filter, stop strings, skipped special tokens): the same
     pieces, the same stop, the same reasoning count, with the stream and the text handed straight
     on once nothing can change it as without either."""
-    tok = tokenizer if which == "tiny" else real_tokenizer
+    tok = request.getfixturevalue("tokenizer" if which == "tiny" else "real_tokenizer")
     rng = random.Random(7)
     for ids in _sequences(tok, rng, 200):
         full = tok.decode(ids, skip_special_tokens=True)
