@@ -114,6 +114,10 @@ def counted_steps(model_dir, bodies: list[dict], mode: str | None) -> list[dict]
     local = kv_pool_handler(model_dir, max_batch_size=ROWS)
     engine = local.engine
     engine.graph_mode = mode
+    # No drafts: a row alone at the start (the first to join, held at the gate below) could
+    # otherwise check a prompt-lookup draft, a pass of its own that copies its draft from the
+    # host (issue 24), when its first sampled token happens to start a match in its prompt.
+    engine.draft_tokens = 0
     loaded = local.holder.get()
     local.holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     steps, last = [], []
