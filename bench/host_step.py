@@ -20,7 +20,8 @@ Each round is a fresh process; rounds alternate this tree and ``--against`` (a g
 ``custom_handlers`` is taken with ``git archive``), and the table gives each tree's median and
 p90 over its rounds' steady steps (16 rows, the first 20 steps of a round left out), with the
 rounds' spread. ``--profile`` prints where this tree's host time goes (cProfile of the engine
-thread's steps, forward excluded by subtraction: read the cumulative column);
+thread's steps, forward excluded by subtraction: read the cumulative column; with
+``HOST_STEP_SORT=tottime`` in the environment, sorted by each function's own time);
 ``--sampling-vocab`` also times the sampling alone, on random logits of that vocabulary;
 ``--seeded`` compares the trees' answers to seeded requests (``SEEDED``), alone and in one batch.
 """
@@ -130,7 +131,8 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
     out["code"] = decode.__file__  # which tree's custom_handlers ran
     if profiler is not None:
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+        stats = pstats.Stats(profiler, stream=text)  # HOST_STEP_SORT=tottime: by own time
+        stats.sort_stats(os.environ.get("HOST_STEP_SORT", "cumulative")).print_stats(30)
         out["profile"] = text.getvalue()
     return out
 

@@ -32,6 +32,54 @@ def test_the_answer_so_far_counts_and_drafts_stop_at_the_end():
     assert lookup.draft(5) == [12, 10, 11]  # what followed, up to the tokens known
 
 
+class _EagerLookup:
+    """The index as it was first written: every n-gram indexed as each token comes."""
+
+    def __init__(self, tokens, max_ngram=3, min_ngram=1):
+        self.lookup = PromptLookup([], max_ngram, min_ngram)
+        self.extend(tokens)
+
+    def extend(self, tokens):
+        lookup = self.lookup
+        for token in tokens:
+            lookup.tokens.append(token)
+            end = len(lookup.tokens)
+            for n in range(lookup.min_ngram, lookup.max_ngram + 1):
+                if end - 1 - n >= 0:
+                    gram = tuple(lookup.tokens[end - 1 - n : end - 1])
+                    lookup._first.setdefault(gram, end - 1)
+                    lookup._last[gram] = end - 1
+            lookup._indexed = end
+
+    def draft(self, k):
+        return self.lookup.draft(k)
+
+
+def test_tokens_are_indexed_at_the_next_draft_with_the_same_drafts():
+    """A row in a batch extends its lookup at every step but drafts only when alone: extending
+    costs no n-gram work (issue 23, item 4), and the drafts are those of the index built token by
+    token, whenever they are asked for."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(300):
+        alphabet = rng.randrange(2, 12)
+        prompt = [rng.randrange(alphabet) for _ in range(rng.randrange(0, 30))]
+        lazy, eager = PromptLookup(prompt), _EagerLookup(prompt)
+        for _ in range(rng.randrange(1, 40)):
+            new = [rng.randrange(alphabet) for _ in range(rng.randrange(0, 4))]
+            lazy.extend(new)
+            eager.extend(new)
+            if rng.random() < 0.3:
+                k = rng.randrange(0, 8)
+                assert lazy.draft(k) == eager.draft(k)
+        assert lazy.draft(7) == eager.draft(7)
+        assert (lazy._first, lazy._last) == (eager.lookup._first, eager.lookup._last)
+    batch_row = PromptLookup(list(range(200)))
+    batch_row.extend(range(100))
+    assert not batch_row._last  # nothing indexed until a draft is asked for
+
+
 def test_greedy_keeps_the_draft_while_it_is_the_argmax_then_corrects():
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0], [1.0, 2.0, 0.0]])
     assert accept(logits, [1, 0, 2], greedy=True) == [1, 0, 2, 1]  # all kept, then a bonus

@@ -937,21 +937,24 @@ class Engine:
 
     def _choose(self, rows: list[_Row], logits, sampling: BatchSampling | None = None):
         """The rows' next tokens from their ``logits``: a list, and the same on the device."""
+        steady = self._steady
+        if steady is not None and sampling is steady.sampling:  # the same rows as it was made for
+            plan = steady.plan or steady.plan_for(rows)
+        else:
+            plan = _ChoicePlan.of(rows)
         # Log-probabilities come from the model's own distribution, before sampling settings and
         # constraints change it (as vLLM's default): what the model thinks of each token.
-        asking = [i for i, r in enumerate(rows) if r.job.logprobs is not None and r.calls is None]
+        asking = [i for i in plan.logprobs if rows[i].calls is None]
         distribution = logits[asking].log_softmax(dim=-1) if asking else None
         # Penalties and logit_bias before the grammar's mask: a token it forbids stays -inf.
-        penalties = [r.sampling.penalties for r in rows]
-        penalised = any(p is not None for p in penalties)
+        penalties, penalised = plan.penalties, plan.penalised
         if penalised:
             self.penalty_counts.apply(logits, penalties)
-        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        constrained = [i for i in plan.may_constrain if rows[i].matcher is not None]
         if constrained:
             mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
-        for i, row in enumerate(rows):  # tool_choice "none": the model may not open a call
-            if row.job.tools is not None and row.job.tools.grammar is None:
-                logits[i, row.job.tools.open_id] = float("-inf")
+        for i, open_id in plan.no_calls:  # tool_choice "none": the model may not open a call
+            logits[i, open_id] = float("-inf")
         sampling = sampling or BatchSampling([r.sampling for r in rows])
         chosen = sampling.choose(logits)
         tokens = chosen.tolist()  # the step's one wait for the device
@@ -965,8 +968,12 @@ class Engine:
         return tokens, chosen
 
     def _advance(self, rows: list[_Row], tokens: list[int], eos: frozenset[int]) -> None:
+        # Once a step for every row: what a row without tools, logprobs or a constraint does not
+        # need is skipped before any call (``_tool_token``, ``_note_logprob``, ``_take_logprobs``
+        # would each find nothing to do).
         for row, token in zip(rows, tokens, strict=True):
-            if row.done or row.job.cancelled:
+            job = row.job
+            if row.done or job.cancelled:
                 continue
             row.last = token
             row.count += 1
@@ -980,19 +987,22 @@ class Engine:
                 else:
                     self._finish(row, "tool_calls" if row.calls and row.calls.complete else "stop")
                 continue
-            if self._tool_token(row, token):
+            if job.tools is not None and self._tool_token(row, token):
                 pass
             elif row.calls is not None:
                 self._emit(row, row.calls.push(row.call_text.push(token)))
             else:
-                self._note_logprob(row)
-                text = row.pipeline.push(token)
+                if row.sampled_logprob is not None:
+                    self._note_logprob(row)
+                pipeline = row.pipeline
+                text = pipeline.push(token)
                 if text:
-                    row.job.emit(Delta(row.index, text, self._take_logprobs(row)))
-                if row.pipeline.stopped:
+                    logprobs = self._take_logprobs(row) if row.logprobs else ()
+                    job.emit(Delta(row.index, text, logprobs))
+                if pipeline.stopped:
                     self._finish(row, "stop")
                     continue
-            if row.count >= row.job.max_new_tokens:
+            if row.count >= job.max_new_tokens:
                 self._finish(row, "length")
 
     def _constraint_gave_up(self, row: _Row, error: str) -> None:
@@ -1116,9 +1126,41 @@ class _Steady:
 
     inputs: Any  # [2, rows] int64 on the model's device: each row's next token id, its position
     sampling: BatchSampling  # the rows' sampling settings, on the device once used
+    plan: _ChoicePlan | None = None  # what ``_choose`` looks at in each row, made at its first
 
     def __post_init__(self) -> None:
         self.tokens, self.positions = self.inputs.unbind(0)  # views: written in place
+
+    def plan_for(self, rows: list[_Row]) -> _ChoicePlan:
+        self.plan = _ChoicePlan.of(rows)
+        return self.plan
+
+
+@dataclass(frozen=True)
+class _ChoicePlan:
+    """Which rows ``_choose`` must look at beyond the sampling, from what does not change while
+    a row runs: kept with the steady rows, so a step does not go over every row four times."""
+
+    penalties: list  # each row's RowPenalties or None
+    penalised: bool  # some row has penalties or a logit_bias
+    logprobs: list[int]  # rows asking for logprobs (while not inside a tool call)
+    may_constrain: list[int]  # rows with a matcher, or tools (whose first call brings one)
+    no_calls: list[tuple[int, int]]  # (row, its tool-call opening token): tool_choice "none"
+
+    @classmethod
+    def of(cls, rows: list[_Row]) -> _ChoicePlan:
+        penalties = [r.sampling.penalties for r in rows]
+        return cls(
+            penalties,
+            any(p is not None for p in penalties),
+            [i for i, r in enumerate(rows) if r.job.logprobs is not None],
+            [i for i, r in enumerate(rows) if r.matcher is not None or r.job.tools is not None],
+            [
+                (i, r.job.tools.open_id)
+                for i, r in enumerate(rows)
+                if r.job.tools is not None and r.job.tools.grammar is None
+            ],
+        )
 
 
 CHUNK_CPU = 256  # chunked prefill's chunk on the CPU (docs/benchmarks.md, issue 24)

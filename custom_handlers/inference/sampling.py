@@ -100,6 +100,8 @@ class BatchSampling:
         self._ranks: Any = None  # [1, width] int64: 0 .. width-1
         self._index: Any = None  # [drawn] int64: the sampled rows, when some rows are greedy
         self._noise: Any = None  # [drawn, vocab] float32: each row's uniform noise of the step
+        self._candidates: Any = None  # _noise[:, :width]: what meets the candidates
+        self._scale = True  # some sampled row's temperature is not 1: the logits are divided
         self._noise_rows: list[tuple] = []  # (row of _noise, the row's generator): seeded rows
         self._shared: Any = None  # the rows without a seed: one generator, one draw for them all
 
@@ -124,6 +126,7 @@ class BatchSampling:
         # top_k past the vocabulary is no limit, nor is 0 (exact in float32: at most the vocabulary)
         top_k = [min(r.top_k or vocab, vocab) for r in drawn]
         self.width, self.top_k = max(top_k), min(top_k) < max(top_k)
+        self._scale = any(r.temperature != 1.0 for r in drawn)  # x / 1.0 is x, to the bit
         settings = [
             [r.temperature, r.top_p, k, math.log(r.min_p) if r.min_p else -math.inf]
             for r, k in zip(drawn, top_k, strict=True)
@@ -137,18 +140,20 @@ class BatchSampling:
         self._for = (device, vocab)
 
     def _noise_buffer(self, device: Any, vocab: int) -> Any:
-        """The sampled rows' noise buffer and where each row's numbers come from, made once."""
+        """The sampled rows' noise for their candidates (``[drawn, width]``, a view of the
+        ``[drawn, vocab]`` buffer) and where each row's numbers come from, made once."""
         import torch
 
         if self._noise is None:
             drawn = [self.rows[i] for i in self.drawn]
             self._noise = torch.empty((len(drawn), vocab), device=device)
+            self._candidates = self._noise[:, : self.width]
             noise = self._noise.unbind(0)
             self._noise_rows = [(noise[i], r.generator) for i, r in enumerate(drawn) if r.seeded]
             if len(self._noise_rows) < len(drawn):
                 self._shared = torch.Generator(device=device)
                 self._shared.manual_seed(random.getrandbits(62))
-        return self._noise
+        return self._candidates
 
     def _draw(self, logits):
         """The sampled rows' tokens (``logits``: theirs only), by the Gumbel-max trick.
@@ -163,14 +168,15 @@ class BatchSampling:
         import torch
 
         ordered, order = self.kept(logits)
-        width = ordered.shape[-1]
-        buffer = self._noise_buffer(logits.device, logits.shape[-1])
+        noise = self._noise_buffer(logits.device, logits.shape[-1])
         if self._shared is not None:
-            buffer[:, :width].uniform_(generator=self._shared)
-        for noise, generator in self._noise_rows:  # as torch.rand(vocab, generator=generator)
-            noise.uniform_(generator=generator)
-        noise = buffer[:, :width].clamp(min=torch.finfo(torch.float32).tiny)
-        choice = (ordered - noise.log_().neg_().log_()).argmax(dim=-1, keepdim=True)
+            noise.uniform_(generator=self._shared)
+        for row_noise, generator in self._noise_rows:  # as torch.rand(vocab, generator=...)
+            row_noise.uniform_(generator=generator)
+        # In place: every number of ``noise`` is drawn again at the next step (by the shared
+        # generator, or over its whole row by a seeded row's). The same values as out of place.
+        gumbel = noise.clamp_(min=_TINY).log_().neg_().log_()  # minus the Gumbel noise
+        choice = torch.sub(ordered, gumbel, out=gumbel).argmax(dim=-1, keepdim=True)
         return order.gather(1, choice).squeeze(1)
 
     def kept(self, logits):
@@ -185,18 +191,23 @@ class BatchSampling:
         import torch
 
         self._build(logits)
-        scaled = logits / self._temperature
+        scaled = logits / self._temperature if self._scale else logits
         if self.width < logits.shape[-1]:
             ordered, order = scaled.topk(self.width, dim=-1)
         else:
             ordered, order = torch.sort(scaled, dim=-1, descending=True)
+        # ``ordered`` is new here: masked in place, each mask taken before it is written.
         if self.min_p:  # rows with min_p 0: a floor of -inf leaves them as they are
-            ordered = ordered.masked_fill(ordered < ordered[:, :1] + self._floor, -math.inf)
+            ordered.masked_fill_(ordered < ordered[:, :1] + self._floor, -math.inf)
         if self.top_k:  # rows whose top_k is below the width
-            ordered = ordered.masked_fill(self._ranks >= self._top_k, -math.inf)
+            ordered.masked_fill_(self._ranks >= self._top_k, -math.inf)
+        # top_p 1 is not skipped: the mass before a tail token can round to above 1.
         probs = ordered.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the first always stays
-        return ordered.masked_fill(before > self._top_p, -math.inf), order
+        before = probs.cumsum(dim=-1).sub_(probs)  # mass of the better tokens: the first stays
+        return ordered.masked_fill_(before > self._top_p, -math.inf), order
+
+
+_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the noise's least value
 
 
 def token_logprobs(distribution, tokens: list[int], top: list[int]) -> list[tuple]:

@@ -35,22 +35,28 @@ class PromptLookup:
 
     def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(tokens)
         # n-gram -> where the token after its first and its last occurrence stands
         self._first: dict[tuple[int, ...], int] = {}
         self._last: dict[tuple[int, ...], int] = {}
-        self.extend(tokens)
+        self._indexed = 0  # tokens[:_indexed] are in the index
 
-    def extend(self, tokens: list[int]) -> None:
-        for token in tokens:
-            self.tokens.append(token)
-            end = len(self.tokens)
+    def extend(self, tokens) -> None:
+        """The row's new tokens. Indexed at the next draft, not here: a row drafts only while it
+        is alone, and in a batch this ran for every row at every step (3-8 us each on this CPU,
+        the largest part of a step's text work; issue 23, item 4). The same index either way."""
+        self.tokens.extend(tokens)
+
+    def _index(self) -> None:
+        tokens, first, last = self.tokens, self._first, self._last
+        for end in range(self._indexed + 1, len(tokens) + 1):
             # The n-grams ending at the token before this one: their next token is now known.
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if end - 1 - n >= 0:
-                    gram = tuple(self.tokens[end - 1 - n : end - 1])
-                    self._first.setdefault(gram, end - 1)
-                    self._last[gram] = end - 1
+                    gram = tuple(tokens[end - 1 - n : end - 1])
+                    first.setdefault(gram, end - 1)
+                    last[gram] = end - 1
+        self._indexed = len(tokens)
 
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the longest match of the last tokens: after its most
@@ -58,6 +64,8 @@ class PromptLookup:
         itself: its last occurrence overlaps the tokens just written)."""
         if k <= 0:
             return []
+        if self._indexed < len(self.tokens):
+            self._index()
         end = len(self.tokens)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if n > end:

@@ -27,6 +27,12 @@ class IncrementalDecoder:
 
     Byte-level BPE splits multi-byte characters across tokens, so a window that ends inside a
     character decodes to U+FFFD; that text is held back until the next token completes it.
+
+    Where the tokenizer is a fast one whose decode transformers adds nothing to and whose decoder
+    is byte-level (Qwen3's, SmolLM2's), ``tokenizers``' own ``DecodeStream`` does the same in
+    Rust, one call a token (``_stream``): the same windows, the same text. Should it ever refuse
+    a window (its check that the new window's text starts with the old one's), the row goes on
+    with the two decodes a token from there: its windows are kept here as well.
     """
 
     def __init__(self, tokenizer: _Decodes):
@@ -35,9 +41,20 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # window start: decoded for context only
         self._read = 0  # everything before this has been emitted
+        self._stream, self._backend = _stream_of(tokenizer)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                text = self._stream.step(self._backend, token_id)
+            except Exception:  # a window it refuses: the two decodes from here on
+                self._stream = None
+            else:
+                if text is None:
+                    return ""
+                self._prefix, self._read = self._read, len(self._ids)
+                return text
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
@@ -50,6 +67,8 @@ class IncrementalDecoder:
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
+        if self._stream is not None:  # the windows start afresh, as a new stream's do
+            self._stream, self._backend = _stream_of(self._tokenizer)
         return after[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
@@ -58,17 +77,43 @@ class IncrementalDecoder:
 
 def _decoding(tokenizer: _Decodes):
     """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from its Rust backend where
-    that is all transformers does (a fast tokenizer whose decode nobody overrides, without
-    ``clean_up_tokenization_spaces``): 0.7 instead of 2.4 us a call here, two calls a token a
-    row, the largest part of a decoding step's host time after sampling (issue 23, item 4)."""
+    that is all transformers does (``_backend_of``): 0.7 instead of 2.4 us a call here, two calls
+    a token a row, the largest part of a decoding step's host time after sampling (issue 23,
+    item 4)."""
+    backend = _backend_of(tokenizer)
+    if backend is not None:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+
+
+def _backend_of(tokenizer: _Decodes):
+    """The fast tokenizer's Rust backend when transformers' ``decode`` is just its ``decode`` (a
+    fast tokenizer whose decode nobody overrides, without ``clean_up_tokenization_spaces``);
+    else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
         kind = type(tokenizer)
         if kind.decode is TokenizersBackend.decode and kind._decode is TokenizersBackend._decode:
-            return functools.partial(backend.decode, skip_special_tokens=True)
-    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+            return backend
+    return None
+
+
+def _stream_of(tokenizer: _Decodes) -> tuple:
+    """``(DecodeStream, its backend)`` for a tokenizer whose backend decodes byte-level BPE
+    (``decoders.ByteLevel``: the text of a window is its tokens' bytes, read as UTF-8), else
+    ``(None, None)``. Only those: a decoder that rewrites its text across tokens (WordPiece's
+    clean-up, say) could make the stream's windows hold back or release text where the two
+    decodes would not, and none of them was tested against them (tests/test_text.py)."""
+    backend = _backend_of(tokenizer)
+    if backend is None:
+        return None, None
+    from tokenizers import decoders
+
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return None, None
+    return decoders.DecodeStream(skip_special_tokens=True), backend
 
 
 class ThinkFilter:
@@ -86,6 +131,11 @@ class ThinkFilter:
     def thinking(self) -> bool:
         """Inside a think block: the text just pushed is reasoning, not answer."""
         return self._state == "thinking"
+
+    @property
+    def passing(self) -> bool:
+        """Past the start (and any think block): from here on every text passes as it is."""
+        return self._state == "text"
 
     def push(self, text: str) -> str:
         if self._state == "text":
@@ -130,6 +180,7 @@ class StopMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
+        self.watching = bool(self._stops)  # some stop string to look for
 
     def push(self, text: str) -> str:
         if self.stopped:
@@ -163,6 +214,7 @@ class _Unfiltered:
     """No think filter: a text completion is the text the model writes, think tags included."""
 
     thinking = False  # nothing is taken for reasoning: every token is the completion's
+    passing = True
 
     def push(self, text: str) -> str:
         return text
@@ -179,6 +231,9 @@ class TextPipeline:
         self._think = ThinkFilter() if drop_think else _Unfiltered()
         self._stop = StopMatcher(stops)
         self.reasoning_tokens = 0  # tokens of a think block (dropped from the text)
+        # No stop strings, and the think filter past the start: the decoder's text is the text,
+        # as the two stages would pass it (most rows, after their first tokens).
+        self._plain = False
 
     @property
     def stopped(self) -> bool:
@@ -186,10 +241,13 @@ class TextPipeline:
         return self._stop.stopped
 
     def push(self, token_id: int) -> str:
+        if self._plain:
+            return self._decoder.push(token_id)
         thinking = self._think.thinking
         text = self._stop.push(self._think.push(self._decoder.push(token_id)))
         if thinking or self._think.thinking:  # the block's tokens, its open and close included
             self.reasoning_tokens += 1
+        self._plain = self._think.passing and not self._stop.watching
         return text
 
     def flush(self) -> str:
