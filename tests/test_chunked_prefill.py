@@ -40,7 +40,7 @@ def alone(local, long_body: dict, running=RUNNING) -> list[tuple[str, str, int]]
     return [*running, _send(local, LONG, long_body)]
 
 
-def long_prompt_joins_running_rows(local, long_body: dict, running=RUNNING):
+def long_prompt_joins_running_rows(local, long_body: dict, running=RUNNING, longs=(LONG,)):
     """The ``RUNNING`` requests decode (all three have rows), then the long prompt is queued and
     the engine goes on: it takes the long prompt at its next loop, with the three running
     (they cannot finish meanwhile: the model is held before each decoding pass, and before a
@@ -49,7 +49,7 @@ def long_prompt_joins_running_rows(local, long_body: dict, running=RUNNING):
     gate = Gate(local.holder.get().model).close()
     try:
         rows = len(running)
-        with concurrent.futures.ThreadPoolExecutor(rows + 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(rows + len(longs)) as pool:
             sent = [pool.submit(_send, local, _messages(i), body) for i, body in enumerate(running)]
             passes = 0  # let the engine go one pass at a time until all of them have rows
             while engine.running < rows:
@@ -57,10 +57,12 @@ def long_prompt_joins_running_rows(local, long_body: dict, running=RUNNING):
                 if engine.running < rows:
                     gate.let(1)
                     passes += 1
-            long = pool.submit(_send, local, LONG, long_body)
-            assert wait_for(lambda: engine.queued == 1)
-            gate.open()
-            return [_outcome(f) for f in [*sent, long]]
+            joining = [pool.submit(_send, local, messages, long_body) for messages in longs]
+            try:
+                assert wait_for(lambda: engine.queued == len(longs))
+            finally:
+                gate.open()  # whatever happened: the requests end, and the pool with them
+            return [_outcome(f) for f in [*sent, *joining]]
     finally:
         gate.remove()
 
@@ -72,18 +74,24 @@ def _outcome(future):
 
 
 def spy_packed_steps(engine) -> list[tuple[int, int, int]]:
-    """(rows taking one token, tokens of prompts joining, the longest prompt joining) of each
-    packed step."""
+    """(rows taking one token, prompt tokens taken, the longest prompt joining) of each packed
+    step."""
     seen, real = [], engine._packed_step
 
     def packed_step(loaded):
-        rows = engine._rows
+        rows = list(engine._rows)
         one = sum(1 for row in rows if not row.prompt_left)
-        chunks = sum(min(len(row.prompt_left), CHUNK) for row in rows)
-        seen.append((one, chunks, max(len(r.job.prompt_ids) for r in rows if r.prompt_left)))
+        left = [len(row.prompt_left) for row in rows]
+        longest = max(len(r.job.prompt_ids) for r in rows if r.prompt_left)
+        engine.joining_prompts.update(
+            {id(r.job): len(r.job.prompt_ids) for r in rows if r.prompt_left}
+        )
         real(loaded)
+        taken = sum(n - len(row.prompt_left) for n, row in zip(left, rows, strict=True))
+        seen.append((one, taken, longest))
 
     engine._packed_step = packed_step
+    engine.joining_prompts = {}  # id(job) -> prompt tokens, of the prompts that joined in chunks
     return seen
 
 
@@ -102,6 +110,20 @@ def test_a_long_prompt_joins_in_chunks_while_the_others_decode(tiny_model_dir, g
     assert sum(tokens for _, tokens, _ in steps) == prompt
 
 
+def test_prompts_joining_together_share_one_chunk_a_step(tiny_model_dir):
+    long_body = {"max_tokens": 10, "temperature": 0}
+    second = [{"role": "user", "content": "At night: " + LONG_USER}]
+    plain = handler(tiny_model_dir, prefill_chunk=0)
+    expected = [*alone(plain, long_body), _send(plain, second, long_body)]
+    local = handler(tiny_model_dir, prefill_chunk=CHUNK)
+    steps = spy_packed_steps(local.engine)
+    assert long_prompt_joins_running_rows(local, long_body, longs=(LONG, second)) == expected
+    assert local.engine.chunked_prompts == 2
+    assert all(taken <= CHUNK for _, taken, _ in steps)  # one chunk a step for the two
+    assert all(one >= len(RUNNING) for one, _, _ in steps)  # the first to join decodes then
+    assert sum(taken for _, taken, _ in steps) == sum(local.engine.joining_prompts.values())
+
+
 def test_once_the_others_have_left_the_rest_of_the_prompt_takes_one_pass(tiny_model_dir):
     long_body = {"max_tokens": 10, "temperature": 0}
     # Its first token comes from its prefill, its second from the step the gate held, its last
@@ -111,7 +133,8 @@ def test_once_the_others_have_left_the_rest_of_the_prompt_takes_one_pass(tiny_mo
     local = handler(tiny_model_dir, prefill_chunk=CHUNK)
     steps = spy_packed_steps(local.engine)
     assert long_prompt_joins_running_rows(local, long_body, short) == expected
-    assert [(one, tokens) for one, tokens, _ in steps] == [(1, CHUNK), (0, CHUNK)]
+    prompt = steps[0][2]
+    assert [(one, tokens) for one, tokens, _ in steps] == [(1, CHUNK), (0, prompt - CHUNK)]
     assert local.engine.chunked_prompts == 1
 
 

@@ -853,36 +853,37 @@ class Engine:
         self._advance(rows, tokens, loaded.eos_token_ids)
 
     def _packed_step(self, loaded: LoadedModel) -> None:
-        """A step in which rows joining in chunks take their prompt's next ``prefill_chunk``
-        tokens and every other row its next token, in one packed forward pass (packed.py); with
-        no other row left, the prompts' whole rest. A row whose prompt is then complete samples
-        its first token, and its prompt's KV goes to the prefix cache as a whole prefill's
-        would."""
+        """A step in which the rows joining in chunks take their prompts' next tokens, at most
+        ``prefill_chunk`` in all (the first joined first), and every other row its next token,
+        in one packed forward pass (packed.py); with no other row left, the prompts' whole rest.
+        A row whose prompt is then complete samples its first token, and its prompt's KV goes to
+        the prefix cache as a whole prefill's would."""
         rows, batch = self._rows, self._batch
-        inputs, counts, keep, choosing = [], [], [], []
+        inputs, keep, choosing, completed = [], [], [], []
         # Nobody decoding (the running rows have left): the prompts' rest in this one pass.
-        size = self._chunk(loaded) if any(not row.prompt_left for row in rows) else None
+        budget = self._chunk(loaded) if any(not row.prompt_left for row in rows) else None
         end = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             if row.prompt_left:
-                chunk = row.prompt_left[:size]
+                chunk = row.prompt_left[:budget]  # nothing once the step's budget is spent
                 row.prompt_left = row.prompt_left[len(chunk) :]
+                if budget is not None:
+                    budget -= len(chunk)
                 inputs.append(chunk)
-                finished = not row.prompt_left
+                if chunk and not row.prompt_left:
+                    completed.append(i)
             else:
                 inputs.append([row.last])
-                finished = True
             end += len(inputs[-1])
-            counts.append(len(inputs[-1]))
-            if finished:
+            if inputs[-1] and not row.prompt_left:
                 keep.append(end - 1)
                 choosing.append(row)
         logits = packed_forward(loaded.model, batch, inputs, keep)
-        batch.advance(counts)
+        batch.advance([len(tokens) for tokens in inputs])
         self._steady = None
-        for i, row in enumerate(rows):  # prompts completed now: their KV, for the prefix cache
-            if row.last < 0 and not row.prompt_left and self.prefix.budget > 0:
-                self.prefix.add(row.job.prompt_ids, _SlotKV(batch, i, batch.lengths[i]))
+        if self.prefix.budget > 0:  # prompts completed now: their KV, for the prefix cache
+            for i in completed:
+                self.prefix.add(rows[i].job.prompt_ids, _SlotKV(batch, i, batch.lengths[i]))
         if choosing:  # none when every row is a prompt still joining
             tokens, _ = self._choose(choosing, logits.float())
             self._advance(choosing, tokens, loaded.eos_token_ids)

@@ -126,8 +126,9 @@ def slot_attention(module, query, key, value, attention_mask, packed: Packed | N
 
 def packed_forward(model: Any, batch: KVBatch, rows: list[list[int]], keep: list[int]) -> Any:
     """Logits ``[len(keep), vocab]`` of one packed step: row ``i`` (slot ``i``) takes the tokens
-    ``rows[i]`` (at least one) at its next positions; ``keep`` are the packed indices whose logits
-    are wanted (a row's tokens are numbered in order, the rows one after another)."""
+    ``rows[i]`` (none: it sits this step out) at its next positions; ``keep`` are the packed
+    indices whose logits are wanted (a row's tokens are numbered in order, the rows one after
+    another)."""
     import torch
 
     device = model.device
@@ -141,7 +142,7 @@ def packed_forward(model: Any, batch: KVBatch, rows: list[list[int]], keep: list
         slots += [slot] * len(tokens)
         if len(tokens) == 1:
             ones[slot] = start
-        else:
+        elif tokens:
             segments.append(Segment(slot, start, len(tokens), position))
     one_slots = [slot for slot, index in enumerate(ones) if index >= 0]
     width = max((lengths[s] + 1 for s in one_slots), default=0)
