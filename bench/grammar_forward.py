@@ -1,7 +1,7 @@
 """Grammar fast-forward on constrained requests, in process (issue 24).
 
     uv run python -m bench.grammar_forward --model DIR [--requests 10] [--drafts 7]
-        [--forced N ...] [--min-forced M ...] [--only vars|tool]
+        [--forced N ...] [--min-forced M ...] [--only vars|tool] [--repeat R]
 
 Two kinds of request, one at a time, to the real engine on the checkpoint, with drafts off and on
 (``draft_tokens`` 0 / ``--drafts``), the two in turn for each request (the order alternates, so
@@ -20,10 +20,13 @@ neither side always finds the prompt in the prefix cache):
 Greedy answers must be the same every way: the script stops if one differs. ``--forced`` and
 ``--min-forced`` set ``engine.FORCED_TOKENS`` / ``MIN_FORCED`` (the longest forced draft checked
 in a pass, the shortest worth a pass); given several values, each pair is one more configuration,
-all run in turn for each request (the order rotating). Prints per kind and configuration the
-tokens, seconds, tokens/s (all; median and range of the requests), the forced tokens kept, and the
-median over requests of each request's tokens/s against the same request with drafts off (run
-next to it: the ratio least moved by a machine whose load changes).
+all run in turn for each request (the order rotating), ``--repeat`` times. Prints per kind and
+configuration the tokens, seconds and tokens/s of all runs; the median over requests of each
+request's best tokens/s of its runs (a shared machine only ever slows a run down); the median and
+range over requests of that best against the same request's best with drafts off (run next to
+it: the ratio least moved by a machine whose load changes); the forced tokens kept; and the
+forward passes after the prefill a request took (one-token steps and passes over a draft: a
+count the machine's load does not change).
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def main() -> None:
         "--min-forced", type=int, nargs="*", help="engine.MIN_FORCED (several: each)"
     )
     parser.add_argument("--only", choices=("vars", "tool"), default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each request and setting")
     args = parser.parse_args()
 
     from client._prompts import values_request
@@ -158,10 +162,20 @@ def main() -> None:
         params = {"max_tokens": 200, "temperature": 0, "tools": TOOLS, "tool_choice": choice}
         return messages, params
 
+    passes: list[int] = []  # tokens fed by each pass over a draft (the draft and one)
+    speculate = engine._speculate
+
+    def counted(loaded, row, draft):
+        passes.append(len(draft) + 1)
+        return speculate(loaded, row, draft)
+
+    engine._speculate = counted
+
     def run(messages: list, params: dict, config: tuple[int, int, int]):
         drafts, engine_module.FORCED_TOKENS, engine_module.MIN_FORCED = config
         engine.draft_tokens = drafts
-        before = (engine.forced_drafted, engine.forced_accepted)
+        before = (engine.forced_drafted, engine.forced_accepted, engine.accepted)
+        passes.clear()
         started = time.perf_counter()
         response = asyncio.run(local.acompletion("x", messages, optional_params=dict(params)))
         seconds = time.perf_counter() - started
@@ -169,7 +183,12 @@ def main() -> None:
         calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
         answer = (choice.message.content, calls, choice.finish_reason)
         counts = (engine.forced_drafted - before[0], engine.forced_accepted - before[1])
-        return response.usage.completion_tokens, seconds, counts, answer
+        tokens = response.usage.completion_tokens
+        # Forward passes after the prefill (which gives the first token): one-token steps, and
+        # passes over a draft (each writes the draft's kept tokens and one more).
+        by_drafts = len(passes) + engine.accepted - before[2]
+        steps = tokens - 1 - by_drafts + len(passes)
+        return tokens, seconds, counts, answer, steps
 
     kinds = {"vars": vars_request, "tool": tool_request}
     if args.only:
@@ -184,35 +203,43 @@ def main() -> None:
         f"{args.model}: one request at a time; fast-forward off (draft_tokens 0), and on "
         f"(draft_tokens {args.drafts}; forced tokens up to N a pass, from M on), in turn"
     )
-    print("| request | fast-forward | tokens | seconds | tokens/s (all) | tokens/s (median) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| request | fast-forward | tokens | seconds | tokens/s (all runs) | tokens/s (median of "
+        f"requests, best of {args.repeat}) | against off, same request: median (range) | forced "
+        "tokens kept | forward passes a request (mean) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, build in kinds.items():
-        results: dict[tuple, list] = {config: [] for config in configs}
+        results: dict[tuple, list[list]] = {config: [] for config in configs}
         for i in range(args.requests):
             messages, params = build(i)
-            shift = i % len(configs)  # each configuration in each place of the order in turn
             answers = {}
-            for config in configs[shift:] + configs[:shift]:
-                result = run(messages, params, config)
-                results[config].append(result)
-                answers[config] = result[3]
+            for config in configs:
+                results[config].append([])
+            for repeat in range(args.repeat):
+                shift = (i + repeat) % len(configs)  # each configuration in each place in turn
+                for config in configs[shift:] + configs[:shift]:
+                    result = run(messages, params, config)
+                    results[config][-1].append(result)
+                    answers.setdefault(config, result[3])
             if params["temperature"] == 0 and len({repr(a) for a in answers.values()}) > 1:
                 raise SystemExit(f"{kind} {i}: greedy answers differ: {answers}")
-        for config, runs in results.items():
+        best_off = [max(r[0] / r[1] for r in runs) for runs in results[off]]
+        for config, requests in results.items():
+            runs = [r for request in requests for r in request]
             tokens, seconds = sum(r[0] for r in runs), sum(r[1] for r in runs)
-            median = statistics.median(r[0] / r[1] for r in runs)
-            rates = sorted(r[0] / r[1] for r in runs)
+            best = [max(r[0] / r[1] for r in request) for request in requests]
             label = f"on (N {config[1]}, M {config[2]})" if config[0] else "off"
-            checked, kept = sum(r[2][0] for r in runs), sum(r[2][1] for r in runs)
-            kept_text = f"; forced kept {kept}/{checked}" if config[0] else ""
-            if config[0]:  # each request against itself off, run next to it (same load)
-                paired = statistics.median(
-                    (r[0] / r[1]) / (o[0] / o[1]) for r, o in zip(runs, results[off], strict=True)
-                )
-                kept_text += f"; {paired:.2f}x off, median of requests"
+            paired = kept_text = "-"
+            if config[0]:  # each request against itself off, run next to it
+                ratios = sorted(b / o for b, o in zip(best, best_off, strict=True))
+                paired = f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+                checked, kept = sum(r[2][0] for r in runs), sum(r[2][1] for r in runs)
+                kept_text = f"{kept} of {checked}"
             print(
                 f"| {kind} | {label} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} "
-                f"| {median:.1f} (requests {rates[0]:.1f}-{rates[-1]:.1f}{kept_text}) |"
+                f"| {statistics.median(best):.1f} | {paired} | {kept_text} "
+                f"| {sum(r[4] for r in runs) / len(runs):.1f} |"
             )
     if "tool" in kinds:
         print(f"tool call, first idea: {run(*tool_request(0), configs[-1])[3][1]}")
