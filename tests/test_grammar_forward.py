@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from tests.test_speculation import _handler
+from tests.test_tool_calls import eager_caller_dir  # noqa: F401 (a fixture)
 
 VALUES = {
     "type": "object",
@@ -154,3 +155,35 @@ def test_logprobs_rows_still_decode_one_token_a_step(drafting):
     before = engine.drafted
     _reply(drafting, {**SCHEMA_BODY, "logprobs": True})
     assert engine.drafted == before
+
+
+def test_a_call_the_model_opens_itself_is_the_same_with_forced_tokens_checked(
+    eager_caller_dir,  # noqa: F811 (the fixture imported above)
+):
+    # tool_choice "auto": the row writes text (no drafts) until it samples <tool_call>; the call's
+    # grammar starts there, and its forced tokens are drafted from then on.
+    plain_caller = _handler(eager_caller_dir, draft_tokens=0)
+    drafting_caller = _handler(eager_caller_dir, draft_tokens=7)
+    body = {"max_tokens": 100, "temperature": 0, "tools": TOOLS}
+    calls = 0
+    for content in ("weather?", "count them", "what now", "hello", "forecast for Porto"):
+        ask = [{"role": "user", "content": content}]
+        replies = [
+            asyncio.run(local.acompletion("x", ask, optional_params=dict(body)))
+            for local in (plain_caller, drafting_caller)
+        ]
+        seen = [
+            (
+                r.choices[0].message.content,
+                [
+                    (c.function.name, c.function.arguments)
+                    for c in r.choices[0].message.tool_calls or ()
+                ],
+                r.choices[0].finish_reason,
+            )
+            for r in replies
+        ]
+        assert seen[0] == seen[1]
+        calls += bool(seen[0][1])
+    assert calls > 0  # the eager caller opens calls under greedy decoding too
+    assert drafting_caller.engine.forced_accepted > 0
