@@ -187,3 +187,14 @@ def test_a_call_the_model_opens_itself_is_the_same_with_forced_tokens_checked(
         calls += bool(seen[0][1])
     assert calls > 0  # the eager caller opens calls under greedy decoding too
     assert drafting_caller.engine.forced_accepted > 0
+
+
+def test_sampled_constrained_answers_without_a_seed_draft_and_stay_valid(drafting):
+    # A sampled row checks forced tokens with the rejection rule on its masked distribution (a
+    # forced token has all of it: always kept); whatever is drawn, the answer follows the schema.
+    engine = drafting.engine
+    before = engine.forced_accepted
+    for body in (SCHEMA_BODY, NAMED_BODY):
+        for _ in range(3):
+            _valid(_reply(drafting, {**body, "temperature": 1.0}))
+    assert engine.forced_accepted > before
