@@ -92,6 +92,7 @@ def drafting(tiny_model_dir):
 BODIES = {
     "json schema": SCHEMA_BODY,
     "json schema, presence penalty": {**SCHEMA_BODY, "presence_penalty": 1.5},
+    "json schema, tool_choice none": {**SCHEMA_BODY, "tools": TOOLS, "tool_choice": "none"},
     "named tool call": NAMED_BODY,
     "required tool call": {**NAMED_BODY, "tool_choice": "required"},
 }

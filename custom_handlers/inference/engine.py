@@ -837,6 +837,9 @@ class Engine:
                 self.penalty_counts.apply(logits[j : j + 1], [penalties])
         if row.matcher is not None:  # after penalties and bias, as in _choose
             mask_along(logits, row.matcher, draft)
+            tools = row.job.tools
+            if tools is not None and tools.grammar is None:  # "none" next to a JSON answer
+                logits[:, tools.open_id] = float("-inf")
         if not row.sampling.greedy:
             logits = kept_logits(logits, [row.sampling] * block)
         tokens = accept(logits, draft, row.sampling.greedy, row.sampling.generator)
