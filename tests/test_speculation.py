@@ -213,9 +213,12 @@ def test_greedy_answers_are_the_same_with_drafts_checked(tiny_model_dir, graph_m
 def test_a_row_that_may_not_draft_never_does(tiny_model_dir):
     local = _handler(tiny_model_dir, draft_tokens=7)
     _answer(local, {"max_tokens": 60, "temperature": 0, "logprobs": True})
+    assert local.engine.drafted == 0
+    # A constrained row drafts only what its grammar forces (tests/test_grammar_forward.py),
+    # never from the prompt.
     json_object = {"type": "json_object"}
     _answer(local, {"max_tokens": 60, "temperature": 0, "response_format": json_object})
-    assert local.engine.drafted == 0
+    assert local.engine.drafted == local.engine.forced_drafted
 
 
 @pytest.mark.parametrize(

@@ -286,6 +286,19 @@ def mask_logits(logits, rows: list[int], matchers: list[JsonMatcher]) -> None:
     logits[index] = masked
 
 
+def mask_along(logits, matcher: JsonMatcher, draft: list[int]) -> None:
+    """Set to -inf, in ``logits`` ``[len(draft) + 1, vocab]`` (one row's pass over its last token
+    and ``draft``), what its grammar forbids at each position: at position ``j``, the mask after
+    the draft's first ``j`` tokens (``JsonMatcher.fill_along``; the matcher is left where it was).
+    """
+    import llguidance.numpy
+    import torch
+
+    bitmask = llguidance.numpy.allocate_token_bitmask(len(draft) + 1, matcher.vocab_size)
+    matcher.fill_along(bitmask, draft)
+    _apply_bitmask(logits, torch.from_numpy(bitmask).to(logits.device, non_blocking=True))
+
+
 def _apply_bitmask(scores, bitmask) -> None:
     """Set the logits of disallowed tokens to -inf (bit i of word j allows token 32*j+i)."""
     import torch

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from custom_handlers.inference.constraints import JsonMatcher, mask_logits
+from custom_handlers.inference.constraints import JsonMatcher, mask_along, mask_logits
 from custom_handlers.inference.decode import CudaApi, Decoder, block_forward
 from custom_handlers.inference.errors import (
     InvalidRequestError,
@@ -63,7 +63,7 @@ from custom_handlers.inference.sampling import (
     row_sampling,
     token_logprobs,
 )
-from custom_handlers.inference.speculation import PromptLookup, accept
+from custom_handlers.inference.speculation import PromptLookup, accept, forced_draft
 from custom_handlers.inference.text import IncrementalDecoder, TextPipeline
 from custom_handlers.inference.tools import CallDelta, CallReader
 
@@ -336,6 +336,7 @@ class Engine:
         # None: DRAFT_TOKENS_CPU on the CPU, off on CUDA until a GPU run measures it).
         self.draft_tokens = draft_tokens
         self.drafted = self.accepted = 0  # draft tokens checked, and kept, since start
+        self.forced_drafted = self.forced_accepted = 0  # of them, a grammar's forced tokens
         # Chunked prefill: a longer prompt joining running rows takes this many tokens a step,
         # packed with their next tokens in one pass (packed.py); 0: prompts are prefilled whole;
         # None: CHUNK_CPU on the CPU, CHUNK_CUDA on CUDA.
@@ -895,15 +896,27 @@ class Engine:
         return 0 if str(loaded.model.device).startswith("cuda") else DRAFT_TOKENS_CPU
 
     def _draft(self, loaded: LoadedModel, row: _Row) -> list[int]:
-        """A lone row's draft: up to ``draft_tokens`` tokens from its prompt and answer, none
-        if fewer than ``MIN_DRAFT`` (on this CPU a pass over 2-4 tokens costs too much, see
-        docs/benchmarks.md). Only rows given a ``lookup`` at their start draft (``_may_draft``:
-        nothing it checks changes while the row runs)."""
+        """A lone row's draft. A constrained row (JSON answer, or a tool call under way): the
+        tokens its grammar forces from here, up to ``FORCED_TOKENS``, from ``MIN_FORCED`` on
+        (grammar fast-forward, checked as any draft). Any other row: up to ``draft_tokens``
+        tokens from its prompt and answer, none if fewer than ``MIN_DRAFT`` (on this CPU a pass
+        over 2-4 tokens costs too much for prompt lookup's acceptance, see docs/benchmarks.md).
+        Only rows given a ``lookup`` at their start draft (``_may_draft``: nothing it checks
+        changes while the row runs)."""
         if row.lookup is None or row.done or row.job.cancelled:
             return []
         room = row.job.max_new_tokens - row.count - 1  # the pass's tokens stay in its columns
+        if row.matcher is not None:  # a constrained row: the tokens its grammar forces
+            return forced_draft(row.matcher, min(self._forced_drafts(loaded), room), MIN_FORCED)
+        if row.job.tools is not None:  # text that may open a call: no drafts until it does
+            return []
         draft = row.lookup.draft(min(self._drafts(loaded), room))
         return draft if len(draft) >= MIN_DRAFT else []
+
+    def _forced_drafts(self, loaded: LoadedModel) -> int:
+        """Forced tokens a constrained lone row may check a pass: ``FORCED_TOKENS`` while drafts
+        are on (``_drafts``), none when they are off."""
+        return FORCED_TOKENS if self._drafts(loaded) > 0 else 0
 
     def _speculate(self, loaded: LoadedModel, row: _Row, draft: list[int]) -> None:
         """One pass over the row's last token and ``draft``; it writes the draft's prefix it
@@ -922,6 +935,11 @@ class Engine:
                 if j:
                     self.penalty_counts.count([penalties], [draft[j - 1]])
                 self.penalty_counts.apply(logits[j : j + 1], [penalties])
+        if row.matcher is not None:  # after penalties and bias, as in _choose
+            mask_along(logits, row.matcher, draft)
+            tools = row.job.tools
+            if tools is not None and tools.grammar is None:  # "none" next to a JSON answer
+                logits[:, tools.open_id] = float("-inf")
         if not row.sampling.greedy:
             logits = kept_logits(logits, [row.sampling] * block)
         tokens = accept(logits, draft, row.sampling.greedy, row.sampling.generator)
@@ -932,6 +950,9 @@ class Engine:
             self.penalty_counts.count([penalties], [tokens[-1]])
         self.drafted += len(draft)
         self.accepted += len(tokens) - 1
+        if row.matcher is not None:
+            self.forced_drafted += len(draft)
+            self.forced_accepted += len(tokens) - 1
         batch.advance([len(tokens)])  # the last token and the draft tokens kept: their KV stays
         self._steady = None
         self._advance([row] * len(tokens), tokens, loaded.eos_token_ids)
@@ -1168,20 +1189,20 @@ CHUNK_CPU = 256  # chunked prefill's chunk on the CPU (docs/benchmarks.md, issue
 CHUNK_CUDA = 1024  # on CUDA: a step with a chunk runs eagerly, so fewer, larger chunks
 MIN_DRAFT = 4  # shorter drafts are not checked (a lone row: docs/benchmarks.md, issue 24)
 DRAFT_TOKENS_CPU = 7  # speculation's default on the CPU (docs/benchmarks.md, issue 24)
+# A grammar's forced tokens: up to this many a pass, checked from this many on (docs/benchmarks.md,
+# "Grammar fast-forward"); they are almost always kept, so shorter runs pay than for prompt lookup.
+FORCED_TOKENS = 15
+MIN_FORCED = 1
 
 
 def _may_draft(row: _Row) -> bool:
-    """Rows whose next token depends only on the model's distribution and the row's own tokens
-    (penalties and bias are replayed position by position along the draft): no grammar, no
-    tools, no logprobs asked; greedy, or sampled without a seed (a seeded row must give the same
-    answer alone as in a batch, where it does not draft: its random draws would differ)."""
-    job = row.job
-    return (
-        (row.sampling.greedy or not row.sampling.seeded)
-        and row.matcher is None
-        and job.tools is None
-        and job.logprobs is None
-    )
+    """Rows whose next token depends only on the model's distribution, the row's own tokens and
+    its grammar (penalties, bias and the grammar's mask are replayed position by position along
+    the draft): no logprobs asked; greedy, or sampled without a seed (a seeded row must give the
+    same answer alone as in a batch, where it does not draft: its random draws would differ).
+    What a row drafts is ``Engine._draft``'s choice: a constrained row, the tokens its grammar
+    forces; a row that may call tools, nothing until it opens a call; any other, prompt lookup."""
+    return (row.sampling.greedy or not row.sampling.seeded) and row.job.logprobs is None
 
 
 class _NoKV:

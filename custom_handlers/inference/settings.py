@@ -105,11 +105,12 @@ class LocalModelSettings(BaseSettings):
         None,
         ge=0,
         le=16,
-        description="Prompt-lookup speculation: a request decoding alone, with no penalty, bias, "
-        "JSON or tool constraint nor logprobs, checks up to this many tokens taken from its prompt "
-        "and answer in each forward pass (greedy answers unchanged, sampled ones from the same "
-        "distribution). Unset: 7 on the CPU (measured faster there), 0 (off) on CUDA until a GPU "
-        "run measures it. 0: off.",
+        description="Prompt-lookup speculation: a request decoding alone, without logprobs, checks "
+        "up to this many tokens taken from its prompt and answer in each forward pass (greedy "
+        "answers unchanged, sampled ones from the same distribution); a JSON or tool-call "
+        "constrained one checks the tokens its grammar forces instead (grammar fast-forward, up "
+        "to 15 a pass). Unset: 7 on the CPU (measured faster there), 0 (off, both kinds) on CUDA "
+        "until a GPU run measures it. 0: off.",
     )
     prefill_chunk: int | None = Field(
         None,

@@ -19,6 +19,9 @@ the longest prefix of the draft the row would have written itself, and one more 
 ``p`` is the row's distribution after everything that shapes it (temperature, top-k/top-p/min-p,
 the grammar's mask): the caller passes logits already processed, one row a position.
 
+Grammar drafts (``forced_draft``): the tokens a constrained row's grammar forces from where it
+stands, checked with the grammar's mask at each position of the pass (``constraints.mask_along``).
+
 Drafts (``PromptLookup``): the tokens that followed the last earlier occurrence of the row's last
 ``n`` tokens (``n`` from ``max_ngram`` down to ``min_ngram``) in its prompt and answer so far, as
 transformers' ``prompt_lookup_num_tokens`` and vLLM's n-gram speculator do; kept in an index of
@@ -79,6 +82,17 @@ class PromptLookup:
                     return first if len(first) > len(recent) else recent
                 return recent
         return []
+
+
+def forced_draft(matcher: Any, limit: int, least: int = 1) -> list[int]:
+    """A constrained row's draft: the tokens its grammar forces from here (``JsonMatcher.draft``,
+    llguidance's fast-forward tokens), at most ``limit``, cut where the grammar would refuse one
+    (never seen; it keeps ``fill_along`` safe), none if fewer than ``least``. Checked as any draft:
+    the model may prefer another split of the same bytes, and then writes its own."""
+    draft = matcher.draft(limit)
+    if draft:
+        draft = draft[: matcher.allowed(draft)]
+    return draft if len(draft) >= max(least, 1) else []
 
 
 def accept(logits: Any, draft: list[int], greedy: bool, generator: Any = None) -> list[int]:
