@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.speculation import PROMPTS
+
 VARIABLES = [
     ("cat_breed", "a __cat_breed__ sleeping on a sunny windowsill"),
     ("time_of_day", "a lighthouse on a cliff at __time_of_day__"),
@@ -52,18 +54,7 @@ VARIABLES = [
     ("fabric", "a dress made of __fabric__ on a mannequin"),
     ("creature", "a __creature__ guarding a treasure in a cave"),
 ]
-IDEAS = [
-    "a fox in a misty forest at dawn",
-    "an old lighthouse on a cliff during a storm",
-    "a cyberpunk street market at night, neon signs",
-    "a watercolor portrait of a cat wearing a crown",
-    "a giant tortoise carrying a village on its back",
-    "an astronaut playing chess with a robot on the moon",
-    "a cozy library inside a hollow tree",
-    "a dragon sleeping on a pile of books",
-    "a samurai standing in a field of red flowers",
-    "a steam train crossing a bridge over a canyon",
-]
+IDEAS = PROMPTS  # the image ideas of bench/speculation.py
 MAKE_IMAGE = {
     "type": "object",
     "properties": {
