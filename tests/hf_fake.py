@@ -105,8 +105,11 @@ class FakeHub:
         return sha
 
     def cut(self, repo_id: str, path: str, after: int, *, stall: bool = False) -> None:
-        """The next GET of this file sends ``after`` bytes of it, then closes the connection
-        (``stall``: holds it open, sending nothing more, until ``release()`` or ``stop()``)."""
+        """The next GET of this file sends ``after`` bytes of it, then closes the connection.
+        ``stall``: every GET of it, until ``release()`` or ``stop()``, sends it up to byte
+        ``after`` of the file, then holds the connection open, sending nothing more; a client
+        that gives up the read and resumes (huggingface_hub does after 10 s) stalls there again,
+        so what the test sees never depends on how soon it looks."""
         self._cuts[f"{repo_id}/{path}"] = Cut(after, stall)
 
     def release(self) -> None:
@@ -239,8 +242,12 @@ class FakeHub:
                     self._body(f"{repo_id}/{name}", f.path, start)
 
             def _body(self, key: str, path: Path, start: int) -> None:
-                cut = hub._cuts.pop(key, None)
-                limit = cut.after if cut else None
+                cut = hub._cuts.get(key)
+                if cut is not None and not cut.stall:
+                    del hub._cuts[key]  # a cut that closes the connection: the next GET only
+                limit = None if cut is None else cut.after
+                if cut is not None and cut.stall:  # up to that byte of the file, wherever it starts
+                    limit = max(0, cut.after - start)
                 with open(path, "rb") as source:
                     source.seek(start)
                     while limit is None or limit > 0:
