@@ -458,6 +458,10 @@ def test_a_missing_repo_is_one_error_line(project, env, hub):
     ]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_keeps_what_came_and_the_next_pull_resumes(project, env, hub, repos):
     hub.cut(BIG, "model.safetensors", after=CHUNK + 5_000_000, stall=True)
     child = subprocess.Popen(
@@ -467,6 +471,10 @@ def test_ctrl_c_keeps_what_came_and_the_next_pull_resumes(project, env, hub, rep
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal delivers it: a child inherits an ignored SIGINT from its parent
+        # (a test worker in which something left it ignored), and Python then never installs its
+        # KeyboardInterrupt handler: the interrupt went unanswered in full runs.
+        preexec_fn=_default_sigint,
     )
     blobs = Path(env["HF_HUB_CACHE"]) / "models--test--big" / "blobs"
     deadline = time.monotonic() + 60
