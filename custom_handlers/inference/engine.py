@@ -679,7 +679,8 @@ class Engine:
             if rows == 1:
                 kv, logits = cache, out.logits[:, -1]
             else:
-                kv = _RowKV(cache, i, len(job.prompt_ids))
+                layers = ((layer.keys, layer.values) for layer in cache.layers)
+                kv = _RowKV(layers, i, len(job.prompt_ids))
                 logits = out.logits[i : i + 1, last.index(len(rests[i]) - 1)]
             self.prefix.add(job.prompt_ids, kv)
             try:
@@ -884,7 +885,8 @@ class Engine:
         self._steady = None
         if self.prefix.budget > 0:  # prompts completed now: their KV, for the prefix cache
             for i in completed:
-                self.prefix.add(rows[i].job.prompt_ids, _SlotKV(batch, i, batch.lengths[i]))
+                slots = zip(batch.keys, batch.values, strict=True)
+                self.prefix.add(rows[i].job.prompt_ids, _RowKV(slots, i, batch.lengths[i]))
         if choosing:  # none when every row is a prompt still joining
             tokens, _ = self._choose(choosing, logits.float())
             self._advance(choosing, tokens, loaded.eos_token_ids)
@@ -1215,37 +1217,25 @@ class _NoKV:
         layers, heads, dim = kv_shape(loaded.model.config)
         dtype, device = getattr(torch, loaded.dtype, torch.float32), loaded.model.device
         empty = torch.zeros(1, heads, 0, dim, dtype=dtype, device=device)
-        self.layers = [_LayerOf(empty, empty) for _ in range(layers)]
+        self.layers = [_LayerKV(empty, empty) for _ in range(layers)]
 
 
-class _SlotKV:
-    """Slot ``i``'s first ``length`` tokens of KV, copied (the prefix cache keeps it)."""
+class _RowKV:
+    """Row ``i`` of a cache's layers (``(keys, values)`` pairs: a batched prefill's cache, or the
+    slot pool), its first ``length`` tokens, copied (the prefix cache may keep it: a view would
+    keep the whole batch's tensors alive)."""
 
-    def __init__(self, batch: KVBatch, i: int, length: int):
+    def __init__(self, layers, i: int, length: int):
         self.layers = [
-            _LayerOf(k[i : i + 1, :, :length].clone(), v[i : i + 1, :, :length].clone())
-            for k, v in zip(batch.keys, batch.values, strict=True)
+            _LayerKV(keys[i : i + 1, :, :length].clone(), values[i : i + 1, :, :length].clone())
+            for keys, values in layers
         ]
 
 
 @dataclass
-class _LayerOf:
+class _LayerKV:
     keys: Any
     values: Any
-
-
-class _RowKV:
-    """Row ``i`` of a batched prefill's cache, its first ``length`` tokens, copied (the prefix
-    cache may keep it: a view would keep the whole batch's tensors alive)."""
-
-    def __init__(self, cache, i: int, length: int):
-        self.layers = [_LayerKV(layer, i, length) for layer in cache.layers]
-
-
-class _LayerKV:
-    def __init__(self, layer, i: int, length: int):
-        self.keys = layer.keys[i : i + 1, :, :length].clone()
-        self.values = layer.values[i : i + 1, :, :length].clone()
 
 
 def _similar_lengths(group: list, most_padding: float = 0.5) -> list[list]:

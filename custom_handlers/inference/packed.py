@@ -58,13 +58,9 @@ class Packed:
     many_masks: list[Any]  # bool [1, 1, count, position + count] each
 
 
-def register() -> None:
-    """Make ``ATTENTION`` known to transformers (idempotent; before a model is set to it)."""
-    _register()
-
-
 @functools.cache
-def _register() -> None:
+def register() -> None:
+    """Make ``ATTENTION`` known to transformers (once; before a model is set to it)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
