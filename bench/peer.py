@@ -58,8 +58,11 @@ class Server:
         self.name, self.base_url, self.model, self.pid = name, base_url, model, pid
         self.headers: dict[str, str] = {}
 
-    async def ask(self, http, text: str, tokens: int, stream: bool) -> tuple[float, float, int]:
-        """(time to first content, time to the end, completion tokens) of one greedy request."""
+    async def ask(
+        self, http, text: str, tokens: int, stream: bool, on_piece=None
+    ) -> tuple[float, float, int]:
+        """(time to first content, time to the end, completion tokens) of one greedy request;
+        streamed, ``on_piece(when)`` is called as each piece of content arrives."""
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": text}],
@@ -81,8 +84,11 @@ class Server:
                 if line.startswith("data: {"):
                     choices = json.loads(line[6:]).get("choices") or [{}]
                     if choices[0].get("delta", {}).get("content"):
-                        first = first or time.perf_counter() - started
+                        now = time.perf_counter()
+                        first = first or now - started
                         pieces += 1
+                        if on_piece is not None:
+                            on_piece(now)
         return first or 0.0, time.perf_counter() - started, pieces
 
 
@@ -94,24 +100,13 @@ async def gaps_while_a_prompt_joins(server: Server, http, tokens: int) -> tuple[
     stamps: list[list[float]] = [[] for _ in range(4)]
     started = asyncio.Event()
 
+    def piece(i: int, when: float) -> None:
+        stamps[i].append(when)
+        if all(len(s) >= 4 for s in stamps):
+            started.set()
+
     async def stream(i: int) -> None:
-        body = {
-            "model": server.model,
-            "messages": [{"role": "user", "content": prompt(7000 + i)}],
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-        }
-        url = f"{server.base_url}/v1/chat/completions"
-        async with http.stream("POST", url, json=body, headers=server.headers) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    choices = json.loads(line[6:]).get("choices") or [{}]
-                    if choices[0].get("delta", {}).get("content"):
-                        stamps[i].append(time.perf_counter())
-                        if all(len(s) >= 4 for s in stamps):
-                            started.set()
+        await server.ask(http, prompt(7000 + i), tokens, True, lambda when: piece(i, when))
 
     streams = [asyncio.create_task(stream(i)) for i in range(4)]
     waiting = asyncio.create_task(started.wait())
