@@ -73,13 +73,13 @@ def one_round(
 ) -> Round:
     """``streams`` jobs decode ``tokens`` tokens each; once each has ``warm``, a job with the
     prompt ``long_ids`` arrives; chunked prefill set to ``chunk`` (0: off). The gaps between the
-    tokens of each stream are when the engine hands each token on (``Engine._advance``)."""
-    from custom_handlers.inference.engine import Done, Failed, Job, SyncSink
+    tokens of each stream are when the engine hands each token on (``Outputs.advance``)."""
+    from custom_handlers.inference.jobs import Done, Failed, Job, SyncSink
     from custom_handlers.inference.request import SamplingParams
 
     times: dict[int, list[float]] = {}  # id(job) -> when each of its tokens was handed on
     lock = threading.Lock()
-    advance = engine._advance
+    advance = engine.outputs.advance
 
     def timed_advance(rows, chosen, eos):
         now = time.perf_counter()
@@ -99,7 +99,7 @@ def one_round(
                 raise RuntimeError(f"a request failed: {event.error}")
 
     engine.prefill_chunk = chunk
-    engine._advance = timed_advance
+    engine.outputs.advance = timed_advance
     try:
         running = [job(stream_prompt, tokens, seed) for seed in range(streams)]
         with concurrent.futures.ThreadPoolExecutor(streams + 1) as pool:
@@ -116,7 +116,7 @@ def one_round(
             for w in waiting:
                 w.result()
     finally:
-        del engine._advance
+        del engine.outputs.advance
     gaps = []
     for j in running:  # from when all streams run (the others' prefills before are not counted)
         stamps = [t for t in times[id(j)] if t >= started]

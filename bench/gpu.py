@@ -87,7 +87,7 @@ def run_jobs(
 ) -> list[Result]:
     """Submit one job per prompt at once; wait for all. Each job samples (temperature 1, seeded;
     0: greedy)."""
-    from custom_handlers.inference.engine import Done, Failed, Finish, Job, SyncSink
+    from custom_handlers.inference.jobs import Done, Failed, Finish, Job, SyncSink
     from custom_handlers.inference.request import SamplingParams
 
     jobs = [
@@ -123,19 +123,19 @@ def noting_engine(*args: Any, **kwargs: Any) -> Engine:
     the graphs-against-eager check compares them. Events carry text, not ids."""
     from custom_handlers.inference.engine import Engine
 
-    class NotingEngine(Engine):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.noted: dict[int, list[int]] = {}
+    engine = Engine(*args, **kwargs)
+    engine.noted = {}
+    advance = engine.outputs.advance
 
-        def _advance(self, rows, tokens, eos):  # every sampled token passes here, the first too
-            for row, token in zip(rows, tokens, strict=True):
-                ids = self.noted.get(id(row.job))
-                if ids is not None and row.index == 0 and not row.done and not row.job.cancelled:
-                    ids.append(token)
-            super()._advance(rows, tokens, eos)
+    def noting(rows, tokens, eos):  # every sampled token passes here, the first too
+        for row, token in zip(rows, tokens, strict=True):
+            ids = engine.noted.get(id(row.job))
+            if ids is not None and row.index == 0 and not row.done and not row.job.cancelled:
+                ids.append(token)
+        advance(rows, tokens, eos)
 
-    return NotingEngine(*args, **kwargs)
+    engine.outputs.advance = noting
+    return engine
 
 
 class Device:
@@ -399,7 +399,7 @@ def graphs_against_eager(engine: Engine, prompt: list[int], tokens: int) -> str:
 
 
 def _greedy_ids(engine: Engine, prompt: list[int], tokens: int) -> list[int]:
-    from custom_handlers.inference.engine import Done, Failed, Job, SyncSink
+    from custom_handlers.inference.jobs import Done, Failed, Job, SyncSink
     from custom_handlers.inference.request import SamplingParams
 
     job = Job(prompt, SamplingParams(temperature=0), tokens, SyncSink())
@@ -470,7 +470,7 @@ def _chunked_prefill(engine: Engine, loaded: LoadedModel, prompt: list[int], tok
     length = min(2000, loaded.context_length - tokens - 8)
     long_ids = _prompt(loaded, length)[:length]
     setting, cells = engine.prefill_chunk, []
-    size = engine._chunk(loaded)  # the default on this device (unless the setting gives one)
+    size = engine.scheduler.chunk(loaded)  # the device's default (unless the setting gives one)
     try:
         for chunk, ids in ((0, long_ids), (size, [*long_ids[1:], long_ids[0]])):  # not shared
             joined = engine.chunked_prompts

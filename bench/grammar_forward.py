@@ -18,7 +18,7 @@ neither side always finds the prompt in the prefix cache):
   does not lay out tools: the system prompt describes the function instead.
 
 Greedy answers must be the same every way: the script stops if one differs. ``--forced`` and
-``--min-forced`` set ``engine.FORCED_TOKENS`` / ``MIN_FORCED`` (the longest forced draft checked
+``--min-forced`` set ``scheduler.FORCED_TOKENS`` / ``MIN_FORCED`` (the longest forced draft checked
 in a pass, the shortest worth a pass); given several values, each pair is one more configuration,
 all run in turn for each request (the order rotating), ``--repeat`` times. Prints per kind and
 configuration the tokens, seconds and tokens/s of all runs; the median over requests of each
@@ -113,17 +113,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--drafts", type=int, default=7)
     parser.add_argument(
-        "--forced", type=int, nargs="*", help="engine.FORCED_TOKENS (several: each)"
+        "--forced", type=int, nargs="*", help="scheduler.FORCED_TOKENS (several: each)"
     )
     parser.add_argument(
-        "--min-forced", type=int, nargs="*", help="engine.MIN_FORCED (several: each)"
+        "--min-forced", type=int, nargs="*", help="scheduler.MIN_FORCED (several: each)"
     )
     parser.add_argument("--only", choices=("vars", "tool"), default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each request and setting")
     args = parser.parse_args()
 
     from client._prompts import values_request
-    from custom_handlers.inference import engine as engine_module
+    from custom_handlers.inference import scheduler as engine_module
     from custom_handlers.inference.loader import ModelHolder
     from custom_handlers.inference.provider import LocalLLM
     from custom_handlers.inference.settings import LocalModelSettings
@@ -154,13 +154,13 @@ def main() -> None:
         return messages, params
 
     passes: list[int] = []  # tokens fed by each pass over a draft (the draft and one)
-    speculate = engine._speculate
+    verify = engine.outputs.verify
 
-    def counted(loaded, row, draft):
+    def counted(row, draft, logits):
         passes.append(len(draft) + 1)
-        return speculate(loaded, row, draft)
+        return verify(row, draft, logits)
 
-    engine._speculate = counted
+    engine.outputs.verify = counted
 
     def run(messages: list, params: dict, config: tuple[int, int, int]):
         drafts, engine_module.FORCED_TOKENS, engine_module.MIN_FORCED = config

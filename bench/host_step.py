@@ -56,7 +56,7 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
     import torch
 
     from custom_handlers.inference import decode
-    from custom_handlers.inference.engine import Done, Job
+    from custom_handlers.inference.jobs import Done, Job
     from custom_handlers.inference.loader import ModelHolder
     from custom_handlers.inference.provider import LocalLLM
     from custom_handlers.inference.request import SamplingParams
@@ -64,6 +64,7 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
 
     torch.set_num_threads(1)
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model, max_batch_size=ROWS)))
+    local.engine.draft_tokens = 0  # one-token steps only: drafts make steps of several tokens
     engine = local.engine
     engine.graph_mode = "static"
     loaded = local.holder.get()
@@ -83,7 +84,7 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
         return run
 
     def timed_step() -> None:
-        rows = len(engine._rows)
+        rows = len(engine.scheduler.rows)
         spent.update(forward=0.0, choose=0.0, advance=0.0)
         if profiler is not None:
             profiler.enable()
@@ -94,11 +95,11 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
             profiler.disable()
         records.append((rows, started, ended - started, dict(spent)))
 
-    # decode_forward: what a CUDA graph replays; _choose: sampling and the chosen ids back;
-    # _advance: each row's text pipeline, stop strings, events.
+    # decode_forward: what a CUDA graph replays; choose: sampling and the chosen ids back;
+    # advance: each row's text pipeline, stop strings, events.
     decode.decode_forward = timed("forward", decode.decode_forward)
-    engine._choose = timed("choose", engine._choose)
-    engine._advance = timed("advance", engine._advance)
+    engine.outputs.choose = timed("choose", engine.outputs.choose)
+    engine.outputs.advance = timed("advance", engine.outputs.advance)
     engine._step = timed_step
 
     class Quiet:  # events are dropped: no reader thread competes with the engine's
@@ -116,7 +117,7 @@ def one_round(model: str, steps: int, profile: bool = False) -> dict:
     ]
     # Hold the engine until all have been queued: they join together.
     for job in jobs:
-        engine._jobs.put(job)
+        engine.scheduler.jobs.put(job)
     engine._ensure_thread()
     deadline = time.monotonic() + 600
     while not all(job.sink.done for job in jobs) and time.monotonic() < deadline:

@@ -128,7 +128,7 @@ def test_a_failing_idle_wait_is_logged_once_backed_off_and_the_engine_still_serv
     that arrives meanwhile is served."""
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=str(tiny_model_dir))))
     local.engine.keep_alive = 3600
-    jobs = local.engine._jobs
+    jobs = local.engine.scheduler.jobs
     real_get, failed_at = jobs.get, []
 
     def get(block=True, timeout=None):

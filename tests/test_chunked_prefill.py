@@ -74,19 +74,21 @@ def _outcome(future):
 
 
 def spy_packed_steps(engine) -> list[tuple[int, int, int]]:
-    """(rows taking one token, prompt tokens taken, the longest prompt joining) of each packed
-    step."""
+    """(rows decoding, prompt tokens taken, the longest prompt joining) of each packed step with
+    a prompt joining (the others: rows checking drafts)."""
     seen, real = [], engine._packed_step
 
-    def packed_step(loaded):
-        rows = list(engine._rows)
+    def packed_step(loaded, plan):
+        rows = list(engine.scheduler.rows)
+        if not any(row.prompt_left for row in rows):
+            return real(loaded, plan)
         one = sum(1 for row in rows if not row.prompt_left)
         left = [len(row.prompt_left) for row in rows]
         longest = max(len(r.job.prompt_ids) for r in rows if r.prompt_left)
         engine.joining_prompts.update(
             {id(r.job): len(r.job.prompt_ids) for r in rows if r.prompt_left}
         )
-        real(loaded)
+        real(loaded, plan)
         taken = sum(n - len(row.prompt_left) for n, row in zip(left, rows, strict=True))
         seen.append((one, taken, longest))
 
@@ -141,12 +143,13 @@ def test_once_the_others_have_left_the_rest_of_the_prompt_takes_one_pass(tiny_mo
 def test_by_default_chunks_are_smaller_on_the_cpu_than_on_cuda(tiny_model_dir):
     from types import SimpleNamespace
 
-    from custom_handlers.inference.engine import CHUNK_CPU, CHUNK_CUDA
+    from custom_handlers.inference.scheduler import CHUNK_CPU, CHUNK_CUDA
 
     engine = handler(tiny_model_dir).engine  # prefill_chunk unset
     assert engine.prefill_chunk is None
-    assert engine._chunk(SimpleNamespace(model=SimpleNamespace(device="cpu"))) == CHUNK_CPU
-    assert engine._chunk(SimpleNamespace(model=SimpleNamespace(device="cuda:0"))) == CHUNK_CUDA
+    chunk = engine.scheduler.chunk
+    assert chunk(SimpleNamespace(model=SimpleNamespace(device="cpu"))) == CHUNK_CPU
+    assert chunk(SimpleNamespace(model=SimpleNamespace(device="cuda:0"))) == CHUNK_CUDA
 
 
 def test_without_running_rows_or_with_chunks_off_a_prompt_is_prefilled_whole(tiny_model_dir):
@@ -182,9 +185,9 @@ def test_a_prompt_cancelled_while_joining_leaves_and_the_others_go_on(tiny_model
     engine = local.engine
     real = engine._packed_step
 
-    def cancel_then_step(loaded):  # the long prompt's caller goes away after its first chunk
-        real(loaded)
-        for row in engine._rows:
+    def cancel_then_step(loaded, plan):  # the long prompt's caller goes away after its first chunk
+        real(loaded, plan)
+        for row in engine.scheduler.rows:
             if row.prompt_left:
                 row.job.cancel()
 
@@ -194,7 +197,7 @@ def test_a_prompt_cancelled_while_joining_leaves_and_the_others_go_on(tiny_model
     answers = long_prompt_joins_running_rows(local, long_body)
     assert answers[:-1] == expected  # the running rows went on, as without the long prompt
     assert engine.chunked_prompts == 1
-    assert wait_for(lambda: not engine._rows and engine._batch.rows == 0)
+    assert wait_for(lambda: not engine.scheduler.rows and engine.runner.batch.rows == 0)
 
 
 # ---- the packed pass itself ---------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_the_graph_path_answers_token_for_token_as_eager_decoding(
     assert state["capture_seconds"] > 0 and state["graphs"] == state["captured"] == 20
     assert state["eager_steps"] == 0  # every step was replayed
     assert state["memory_bytes"] > 0  # the static mode's figure: the graphs' logits buffers
-    sizes = set(local.engine._decoder._graphs)  # (slots, columns, rows, width)
+    sizes = set(local.engine.runner.decoder._graphs)  # (slots, columns, rows, width)
     assert {rows for _, _, rows, _ in sizes} == {1, 2, 4, 8, 16}
     assert {width for _, _, _, width in sizes} == {256, 512, 1024, 2048}
 
@@ -89,17 +89,17 @@ def test_with_graphs_the_pool_is_kept_while_loaded_and_freed_with_the_model(tiny
     answers(local, BODIES[:3])
     pool = local.state()["models"][0]["kv_cache"]
     assert pool["bytes"] > 0 and pool["slots"] >= 4  # idle, still allocated: graphs point into it
-    address = local.engine._batch.keys[0].data_ptr()
+    address = local.engine.runner.batch.keys[0].data_ptr()
     again = answers(local, BODIES[1:3])  # fits the kept pool: same tensors, graphs reused
-    assert local.engine._batch.keys[0].data_ptr() == address
+    assert local.engine.runner.batch.keys[0].data_ptr() == address
     assert again == answers(handler(tiny_model_dir), BODIES[1:3])
-    captured = local.engine._decoder.captured
+    captured = local.engine.runner.decoder.captured
     answers(local, BODIES[1:3])
-    assert local.engine._decoder.captured == captured  # nothing captured again
+    assert local.engine.runner.decoder.captured == captured  # nothing captured again
     assert asyncio.run(local.release())["released"]
     pool = local.state()["models"][0]["kv_cache"]
     assert pool["bytes"] == 0 and pool["slots"] == 0
-    assert local.engine._decoder is None  # the graphs went with the model
+    assert local.engine.runner.decoder is None  # the graphs went with the model
 
 
 def test_n_choices_and_sampling_with_a_seed_are_the_same_through_graphs(tiny_model_dir):

@@ -129,7 +129,7 @@ def test_a_mask_not_moved_along_the_draft_is_caught(plain, tiny_model_dir, monke
     import llguidance.numpy
     import torch
 
-    from custom_handlers.inference import constraints, engine
+    from custom_handlers.inference import constraints, outputs
     from custom_handlers.inference.errors import LocalLLMError
 
     def stale_mask(logits, matcher, draft):
@@ -138,7 +138,7 @@ def test_a_mask_not_moved_along_the_draft_is_caught(plain, tiny_model_dir, monke
             matcher.fill(bitmask, j)
         constraints._apply_bitmask(logits, torch.from_numpy(bitmask))
 
-    monkeypatch.setattr(engine, "mask_along", stale_mask)
+    monkeypatch.setattr(outputs, "mask_along", stale_mask)
     broken = _handler(tiny_model_dir, draft_tokens=7)
 
     def reply_or_error(body: dict):

@@ -67,7 +67,7 @@ def test_unloading_frees_the_graphs_and_cublas_workspaces(tiny_model_dir):
     assert cuda.workspaces_cleared == 0
     assert asyncio.run(local.release())["released"]
     assert cuda.workspaces_cleared == 1
-    assert local.engine._decoder is None
+    assert local.engine.runner.decoder is None
     assert local.state()["models"][0]["kv_cache"]["bytes"] == 0
 
 
@@ -131,12 +131,12 @@ def test_a_new_pool_shape_keeps_the_old_graphs_and_is_captured_when_idle(tiny_mo
     eager = handler(tiny_model_dir, kv_cache_mb=2)
     assert answers(local, BODIES[3:4]) == answers(eager, BODIES[3:4])  # 12 tokens: 256 columns
     assert graphs_state(local)["graphs"] == 5  # at load: 1, 2, 4, 8, 16 rows x 256 columns
-    assert (local.engine._batch.slots, local.engine._batch.columns) == (16, 256)
-    address = local.engine._batch.keys[0].data_ptr()
+    assert (local.engine.runner.batch.slots, local.engine.runner.batch.columns) == (16, 256)
+    address = local.engine.runner.batch.keys[0].data_ptr()
     expected = answers(eager, BODIES[:3])
     assert answers(local, BODIES[:3]) == expected  # the short rows' KV moved with the shape
-    assert local.engine._batch.keys[0].data_ptr() == address  # the pool never moved
-    assert (local.engine._batch.slots, local.engine._batch.columns) == (8, 512)
+    assert local.engine.runner.batch.keys[0].data_ptr() == address  # the pool never moved
+    assert (local.engine.runner.batch.slots, local.engine.runner.batch.columns) == (8, 512)
     # Idle: the new shape's sizes (1, 2, 4, 8 rows x 256, 512 columns), next to the old ones.
     assert wait_for(lambda: graphs_state(local)["graphs"] == 5 + 8), graphs_state(local)
     assert graphs_state(local)["off_reason"] is None

@@ -125,7 +125,7 @@ def counted_steps(model_dir, bodies: list[dict], mode: str | None) -> list[dict]
 
     def step() -> None:  # the engine thread's own step, counted
         nonlocal last
-        rows = list(engine._rows)
+        rows = list(engine.scheduler.rows)
         counter = HostTransfers(loaded.model)
         try:
             with counter:
@@ -185,19 +185,19 @@ def test_a_steady_step_waits_once_and_copies_nothing_from_the_host(tiny_model_di
 
 
 def test_steady_steps_look_at_the_rows_once(tiny_model_dir, monkeypatch):
-    """What ``_choose`` looks for in each row (penalties, logprobs, constraints, tool choice) does
-    not change while the rows stay the same: it is gathered when they change (and for each row
-    joining), not four passes over every row a step."""
-    from custom_handlers.inference import engine as engine_module
+    """What ``Outputs.choose`` looks for in each row (penalties, logprobs, constraints, tool
+    choice) does not change while the rows stay the same: it is gathered when they change (and for
+    each row joining), not four passes over every row a step."""
+    from custom_handlers.inference import outputs
 
     made = []
-    real = engine_module._ChoicePlan.of.__func__
+    real = outputs.ChoicePlan.of.__func__
 
     def counted(cls, rows):
         made.append(len(rows))
         return real(cls, rows)
 
-    monkeypatch.setattr(engine_module._ChoicePlan, "of", classmethod(counted))
+    monkeypatch.setattr(outputs.ChoicePlan, "of", classmethod(counted))
     steps = counted_steps(tiny_model_dir, [SAMPLED], "static")
     steady = [s for s in steps if s["steady"] and s["rows"] == ROWS]
     assert len(steady) >= 5

@@ -156,14 +156,14 @@ def test_a_keep_alive_past_the_idle_waits_limit_is_waited_in_parts(tiny_model_di
     monkeypatch.setattr(engine_module, "_LONGEST_WAIT_S", 0.05)
     local = handler(tiny_model_dir, keep_alive=1e12)
     engine = local.engine
-    real_get, waits = engine._jobs.get, []
+    real_get, waits = engine.scheduler.jobs.get, []
 
     def get(block=True, timeout=None):
         if block and timeout is not None:
             waits.append(timeout)
         return real_get(block, timeout)
 
-    engine._jobs.get = get
+    engine.scheduler.jobs.get = get
     try:
         ask(local)
         assert wait_for(lambda: len(waits) >= 3)
@@ -172,7 +172,7 @@ def test_a_keep_alive_past_the_idle_waits_limit_is_waited_in_parts(tiny_model_di
         assert engine.state()["unload_in_seconds"] > 1e11
         assert ask(local).choices[0].finish_reason in ("stop", "length")
     finally:
-        del engine._jobs.get
+        del engine.scheduler.jobs.get
         engine.release().done.wait(10)
 
 

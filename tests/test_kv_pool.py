@@ -27,7 +27,7 @@ def test_decoding_writes_in_place_and_the_pool_is_freed_with_its_last_row(tiny_m
     engine = local.engine
 
     def look():  # before each forward pass: the pool's tensor and row 0's tokens in it
-        batch = engine._batch
+        batch = engine.runner.batch
         return (batch.keys[0].data_ptr(), batch.lengths[0]) if batch.keys else None
 
     gate = Gate(local.holder.get().model, look=look)

@@ -180,7 +180,7 @@ def test_a_failed_batch_frees_its_kv_pool_before_the_device_cache_is_emptied(tin
         nonlocal calls
         calls += 1
         if calls == 3:  # a decoding step: the pool exists
-            pool.append(weakref.ref(engine._batch.keys[0]))
+            pool.append(weakref.ref(engine.runner.batch.keys[0]))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(*args, **kwargs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from custom_handlers.inference.engine import _similar_lengths
+from custom_handlers.inference.engine import similar_lengths
 from custom_handlers.inference.provider import LocalLLM
 from tests.pace import arriving_together
 from tests.test_kv_pool import handler
@@ -68,10 +68,10 @@ def test_a_long_prompt_is_not_padded_beside_short_ones():
             self.prompt_ids = [1] * tokens
 
     group = [(Job(n), None, 0) for n in (30, 2000, 40, 35, 1900)]
-    parts = [[len(job.prompt_ids) for job, _, _ in part] for part in _similar_lengths(group)]
+    parts = [[len(job.prompt_ids) for job, _, _ in part] for part in similar_lengths(group)]
     assert parts == [[30, 35, 40], [1900, 2000]]
     reused = [(Job(n), None, 1000) for n in (1030, 1040, 2000)]  # lengths after the reused part
-    parts = [[len(job.prompt_ids) for job, _, _ in part] for part in _similar_lengths(reused)]
+    parts = [[len(job.prompt_ids) for job, _, _ in part] for part in similar_lengths(reused)]
     assert parts == [[1030, 1040], [2000]]
 
 

@@ -249,11 +249,11 @@ def test_sampled_rows_draft_only_without_a_seed(tiny_model_dir):
 def test_by_default_the_cpu_drafts_and_cuda_does_not(tiny_model_dir):
     from types import SimpleNamespace
 
-    from custom_handlers.inference.engine import DRAFT_TOKENS_CPU
+    from custom_handlers.inference.scheduler import DRAFT_TOKENS_CPU
 
     local = _handler(tiny_model_dir, draft_tokens=None)
-    assert local.engine._drafts(local.holder.get()) == DRAFT_TOKENS_CPU
+    assert local.engine.scheduler.drafts(local.holder.get()) == DRAFT_TOKENS_CPU
     on_cuda = SimpleNamespace(model=SimpleNamespace(device="cuda:0"))
-    assert local.engine._drafts(on_cuda) == 0  # until a GPU run measures it
+    assert local.engine.scheduler.drafts(on_cuda) == 0  # until a GPU run measures it
     _answer(local, {"max_tokens": 60, "temperature": 0})
     assert local.engine.drafted > 0

@@ -48,7 +48,8 @@ def test_the_inference_stack_imports_and_generates_without_litellm_or_fastapi(ti
             importlib.import_module(module)
         assert not any(m.startswith("custom_handlers.gateway") for m in sys.modules)
 
-        from custom_handlers.inference.engine import Done, Engine, Finish, Job, SyncSink
+        from custom_handlers.inference.engine import Engine
+        from custom_handlers.inference.jobs import Done, Finish, Job, SyncSink
         from custom_handlers.inference.loader import ModelHolder
         from custom_handlers.inference.request import SamplingParams
         from custom_handlers.inference.settings import LocalModelSettings

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from custom_handlers.inference.engine import coalesce
+from custom_handlers.inference.jobs import coalesce
 from custom_handlers.inference.tools import CallDelta, CallReader
 
 CALLS = [

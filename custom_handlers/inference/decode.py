@@ -19,7 +19,7 @@ replays them with one launch. A graph replays fixed shapes at fixed addresses, s
   one at a time, stopping as soon as a request arrives. A step whose graph is not captured yet
   runs eagerly: no running stream stalls for a capture.
 - **Inputs are copied into static buffers** (token ids and positions: a copy on the device, the
-  engine keeps them there between steps, see ``Engine._step``); the attention mask is computed
+  engine keeps them there between steps, see ``Runner.decode``); the attention mask is computed
   inside the graph from the positions, and each row writes its new key and value at its position
   (``kvbatch.Step``).
 - **Each graph is checked when captured.** The eager step that warms it up (needed before any

@@ -18,7 +18,7 @@ that needs counts (presence, frequency or repetition), taken when the row first 
 penalties, free again once it has left the batch; with no such row the tensors are freed. A step
 reads the asking rows' slots (one gather), and after sampling adds each row's token (one
 ``index_put_``). Rows that ask for nothing are not read or written: a batch where no row asks does
-not come here at all (``Engine._choose``).
+not come here at all (``Outputs.choose``).
 """
 
 from __future__ import annotations

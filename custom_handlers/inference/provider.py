@@ -28,24 +28,24 @@ from litellm.types.utils import (
 )
 
 from custom_handlers.inference import completion as text
-from custom_handlers.inference.engine import (
-    AsyncSink,
-    Delta,
-    Done,
-    Engine,
-    Failed,
-    Finish,
-    Job,
-    SyncSink,
-    TokenLogprob,
-    ToolRun,
-)
+from custom_handlers.inference.engine import Engine
 from custom_handlers.inference.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
     LocalLLMError,
     ModelUnavailableError,
     NotFoundError,
+)
+from custom_handlers.inference.jobs import (
+    AsyncSink,
+    Delta,
+    Done,
+    Failed,
+    Finish,
+    Job,
+    SyncSink,
+    TokenLogprob,
+    ToolRun,
 )
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.registry import LocalModel, Registry

@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable, Iterator
 
 from custom_handlers.inference.catalog import PREFIX, LocalEntry
-from custom_handlers.inference.engine import Engine, Release
+from custom_handlers.inference.engine import Engine
 from custom_handlers.inference.errors import InvalidRequestError, OverloadedError
+from custom_handlers.inference.jobs import Release
 from custom_handlers.inference.loader import ModelHolder
 from custom_handlers.inference.settings import LocalModelSettings
 

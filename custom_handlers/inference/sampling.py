@@ -81,7 +81,7 @@ def kept_logits(logits, rows: list[RowSampling]):
 class BatchSampling:
     """The sampling settings of a set of rows, as tensors on the logits' device.
 
-    Built for the rows of a batch and kept while they stay the same (``Engine._step``): the
+    Built for the rows of a batch and kept while they stay the same (``Runner.decode``): the
     settings reach the device once, at the first step, not at every step. ``choose`` gives the
     chosen ids as a tensor on the device; reading them (``tolist``) is the step's one wait for the
     device. Greedy rows take the argmax of every row (one reduction, cheaper than picking them out);
