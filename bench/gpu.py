@@ -69,6 +69,22 @@ if TYPE_CHECKING:  # imported when used: the preflight must run before any of th
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 ENDLESS = json.dumps({"type": "array", "items": {"type": "integer"}, "minItems": 100000})
+# Issue 24's grammar fast-forward: items whose keys, quotes and enums' rests the grammar forces.
+FORCING = json.dumps(
+    {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "subject": {"type": "string", "maxLength": 8},
+                "style": {"enum": ["photographic", "watercolor painting", "ink drawing"]},
+            },
+            "required": ["subject", "style"],
+            "additionalProperties": False,
+        },
+        "minItems": 100000,
+    }
+)
 IDS_TOKENS = 64  # the graphs-against-eager check's greedy request, at most
 MIN_COLUMN_S = 20.0  # a column is not started with less of the run's budget left
 EXIT_GRACE_S = 20.0  # a column's process that reported its end and does not exit is killed
@@ -366,6 +382,7 @@ def _measure_loaded(
     row("graphs", lambda: _graphs_on_off(engine, prompt, tokens))
     row("block", lambda: _block_cost(device, loaded, prompt, single))
     row("chunked", lambda: _chunked_prefill(engine, loaded, prompt, tokens))
+    row("forced", lambda: _forced_drafts(engine, loaded, prompt, tokens))
     row("memory", lambda: _memory_line(device, before, after_load))  # the peak, now
     cells("kv", f"{engine.peak_kv_bytes / MiB:,.0f} MiB of {settings.kv_cache_mb:,.0f} MiB")
 
@@ -461,6 +478,35 @@ def _block_cost(device: Device, loaded: LoadedModel, prompt: list[int], single: 
     return f"{eight:.2f} ms / {one:.2f} ms = {eight / one:.2f}x{step}"
 
 
+def _forced_drafts(engine: Engine, loaded: LoadedModel, prompt: list[int], tokens: int) -> str:
+    """Issue 24: grammar fast-forward on the device. Greedy requests whose JSON grammar forces
+    keys, quotes and the rest of an enum (``FORCING``), 1 and 8 at a time, tokens/s with drafts
+    off, then on (``draft_tokens`` 7: forced drafts of up to 15, every row of a batch drafting its
+    own), and the forced tokens kept."""
+    grammar = loaded.constraints.grammar(FORCING)
+
+    def rates() -> tuple[float, float]:
+        [one] = run_jobs(engine, [prompt], tokens, grammar, temperature=0)
+        many = run_jobs(engine, [prompt] * 8, tokens, grammar, temperature=0)
+        return one.tokens / one.seconds, sum(r.tokens for r in many) / max(r.seconds for r in many)
+
+    setting = engine.draft_tokens
+    try:
+        engine.draft_tokens = 0
+        off = rates()
+        engine.draft_tokens = 7
+        checked, kept = engine.forced_drafted, engine.forced_accepted
+        on = rates()
+        checked, kept = engine.forced_drafted - checked, engine.forced_accepted - kept
+    finally:
+        engine.draft_tokens = setting
+    return (
+        f"off: {off[0]:,.0f} / {off[1]:,.0f} tokens/s (1 / 8 streams); on: {on[0]:,.0f} / "
+        f"{on[1]:,.0f} tokens/s = {on[0] / off[0]:.2f}x / {on[1] / off[1]:.2f}x; forced tokens "
+        f"kept {kept:,} of {checked:,}"
+    )
+
+
 def _chunked_prefill(engine: Engine, loaded: LoadedModel, prompt: list[int], tokens: int) -> str:
     """Issue 24: 4 streams decode; a ~2,000-token prompt arrives; the streams' longest gap over
     their median gap, and the prompt's time to first token, with the prompt prefilled whole and
@@ -530,6 +576,7 @@ ROWS = [
     ("graphs", "CUDA graphs (every row above as configured) / forced off"),
     ("block", "one row, a step of 8 tokens (a draft of 7) against 1, eager (speculation's cost)"),
     ("chunked", "4 streams while a ~2,000-token prompt joins: longest / median gap, its TTFT"),
+    ("forced", "JSON with forced keys, greedy: drafts off / on (grammar fast-forward)"),
     ("generate", "transformers generate, one stream (floor)"),
     ("memory", "device memory (CPU: process RSS)"),
     ("kv", "KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"),

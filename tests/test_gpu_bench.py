@@ -74,6 +74,9 @@ def test_the_gpu_benchmark_runs_on_the_cpu_and_prints_every_row(tmp_path):
     chunked = rows[LABELS["chunked"]][0]
     assert chunked.startswith("whole: ") and "; in chunks of 256: " in chunked
     assert "NOT CHUNKED" not in chunked and "FAILED" not in chunked
+    forced = rows[LABELS["forced"]][0]
+    assert forced.startswith("off: ") and "; on: " in forced and "forced tokens kept" in forced
+    assert "kept 0 of" not in forced  # the forced drafts were checked, and kept
     assert rows["after release"][0].endswith("against before load)")
     kv = rows["KV pool at its largest (LOCAL_LLM_KV_CACHE_MB)"][0]
     assert kv.endswith("of 2,048 MiB") and not kv.startswith("0 MiB")  # the gateway's budget

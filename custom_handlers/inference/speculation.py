@@ -45,9 +45,10 @@ class PromptLookup:
         self._indexed = 0  # tokens[:_indexed] are in the index
 
     def extend(self, tokens) -> None:
-        """The row's new tokens. Indexed at the next draft, not here: a row drafts only while it
-        is alone, and in a batch this ran for every row at every step (3-8 us each on this CPU,
-        the largest part of a step's text work; issue 23, item 4). The same index either way."""
+        """The row's new tokens. Indexed at the next draft, not here: in a batch the rows take
+        turns at drafting, and indexing here ran for every row at every step (3-8 us each on this
+        CPU, the largest part of a step's text work; issue 23, item 4). The same index either
+        way."""
         self.tokens.extend(tokens)
 
     def _index(self) -> None:
