@@ -156,9 +156,9 @@ def main() -> None:
     passes: list[int] = []  # tokens fed by each pass over a draft (the draft and one)
     verify = engine.outputs.verify
 
-    def counted(row, draft, logits):
+    def counted(row, draft, logits, forced=False):
         passes.append(len(draft) + 1)
-        return verify(row, draft, logits)
+        return verify(row, draft, logits, forced)
 
     engine.outputs.verify = counted
 

@@ -49,19 +49,23 @@ def _together(local) -> list[tuple]:
         gate.remove()
 
 
-def _kind(row) -> str:
+def _kind(row, share) -> str:
+    """What the row drafts in this step: its grammar's forced tokens, or from its prompt; a
+    seeded row: "seeded" whatever it does."""
     if not row.sampling.greedy and row.sampling.seeded:
         return "seeded"
-    return "forced" if row.matcher is not None else "lookup"
+    return "forced" if share.forced else "lookup"
 
 
 def _spy(engine) -> list[list[tuple[str, int, int]]]:
-    """Each packed step's shares: (the row's kind, its draft's length, its job's id)."""
+    """Each packed step's shares: (what the row drafts, its draft's length, its job's id)."""
     seen, real = [], engine._packed_step
 
     def packed_step(loaded, plan):
         rows = engine.scheduler.rows
-        seen.append([(_kind(r), len(s.draft), id(r.job)) for r, s in zip(rows, plan, strict=True)])
+        seen.append(
+            [(_kind(r, s), len(s.draft), id(r.job)) for r, s in zip(rows, plan, strict=True)]
+        )
         real(loaded, plan)
 
     engine._packed_step = packed_step

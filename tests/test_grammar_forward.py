@@ -199,3 +199,35 @@ def test_sampled_constrained_answers_without_a_seed_draft_and_stay_valid(draftin
         for _ in range(3):
             _valid(_reply(drafting, {**body, "temperature": 1.0}))
     assert engine.forced_accepted > before
+
+
+EXAMPLE = '{"style":"watercolor","values":["a red fox","a red fox","a red fox"]}'  # as written
+COPYING = [{"role": "user", "content": f"Answer like this: {EXAMPLE}. Again: {EXAMPLE}"}]
+
+
+def test_where_its_grammar_forces_nothing_a_constrained_row_drafts_from_its_prompt(
+    plain, tiny_model_dir
+):
+    # After the forced '{"values": ["' the grammar allows any string: the prompt's '["' was
+    # followed by 'a red fox", "a red fox', a draft the grammar allows as far as it goes.
+    local = _handler(tiny_model_dir, draft_tokens=7)
+    drafts, real = [], local.engine._packed_step
+
+    def packed_step(loaded, plan):
+        drafts.extend((share.forced, len(share.draft)) for share in plan if share.draft)
+        real(loaded, plan)
+
+    local.engine._packed_step = packed_step
+
+    def reply(handler) -> tuple:
+        body = dict(SCHEMA_BODY)
+        response = asyncio.run(handler.acompletion("x", COPYING, optional_params=body))
+        return response.choices[0].message.content, response.usage.completion_tokens
+
+    expected = reply(plain)
+    assert reply(local) == expected  # token for token, greedy
+    _valid((expected[0], (), "stop", expected[1]))
+    assert any(not forced and n >= 4 for forced, n in drafts)  # from the prompt, in the JSON
+    assert any(forced for forced, _ in drafts)  # and the grammar's forced tokens
+    engine = local.engine
+    assert engine.drafted - engine.forced_drafted > 0  # counted apart from the forced ones

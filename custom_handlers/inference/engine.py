@@ -471,7 +471,8 @@ class Engine:
             if share.chunk:
                 row.prompt_left = row.prompt_left[len(share.tokens) :]
             if share.draft:
-                tokens = outputs.verify(row, share.draft, logits[at[i] : at[i] + len(share.tokens)])
+                block = logits[at[i] : at[i] + len(share.tokens)]
+                tokens = outputs.verify(row, share.draft, block, share.forced)
                 drafted.append((row, tokens))
                 counts.append(len(tokens))  # the last token and the draft tokens kept
             else:

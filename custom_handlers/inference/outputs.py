@@ -159,11 +159,12 @@ class Outputs:
                 rows[i].sampled_logprob = entry
         return tokens, chosen
 
-    def verify(self, row: Row, draft: list[int], logits) -> list[int]:
+    def verify(self, row: Row, draft: list[int], logits, forced: bool = False) -> list[int]:
         """The tokens a row keeps of a pass over its last token and ``draft`` (``logits`` ``[1 +
         len(draft), vocab]``, float32): the draft's prefix it would have written itself and one
         more token (``speculation.accept``), with its penalties, bias and grammar replayed
-        position by position as ``choose`` applies them to one."""
+        position by position as ``choose`` applies them to one. ``forced``: the draft is what
+        the row's grammar forces (counted apart)."""
         block = 1 + len(draft)
         penalties = row.sampling.penalties
         if penalties is not None:  # position j's counts include the draft's first j tokens
@@ -185,7 +186,7 @@ class Outputs:
             self.penalty_counts.count([penalties], [tokens[-1]])
         self.drafted += len(draft)
         self.accepted += len(tokens) - 1
-        if row.matcher is not None:
+        if forced:
             self.forced_drafted += len(draft)
             self.forced_accepted += len(tokens) - 1
         return tokens

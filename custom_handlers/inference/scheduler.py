@@ -14,7 +14,10 @@ its choices) and the step's plan: each row's share of the next forward pass.
   forces (a constrained row, up to ``FORCED_TOKENS``, from ``MIN_FORCED`` on: they are almost
   always kept), or tokens from a prompt lookup (up to ``draft_tokens``, from ``MIN_DRAFT`` on;
   in a batch, ``LOOKUP_ROWS`` rows a step, in turn: on the CPU a pass costs by its tokens, see
-  docs/benchmarks.md). A row that may call tools drafts nothing until a call opens.
+  docs/benchmarks.md). A constrained row where its grammar forces nothing may draft from its
+  prompt too, the draft cut where the grammar would refuse a token (a tool call's ``prompt``
+  argument that copies the user's words). A row that may call tools drafts nothing until a call
+  opens.
 
 The runner turns the plan into one pass; outputs decide what each row keeps of it.
 """
@@ -53,6 +56,7 @@ class Share:
 
     tokens: list[int]
     draft: list[int]  # of them, a draft to check (then ``tokens`` is ``[row.last, *draft]``)
+    forced: bool = False  # the draft is the tokens the row's grammar forces
     chunk: bool = False  # a prompt's chunk (not yet in the KV)
     completes: bool = False  # the prompt's last chunk: the row samples its first token
 
@@ -197,12 +201,13 @@ class Scheduler:
                 completes = bool(chunk) and len(chunk) == len(row.prompt_left)
                 shares.append(Share(chunk, [], chunk=True, completes=completes))
             else:
-                draft = drafts.get(i, [])
-                shares.append(Share([row.last, *draft], draft))
+                draft, forced = drafts.get(i, ([], False))
+                shares.append(Share([row.last, *draft], draft, forced))
         return shares
 
-    def _drafts(self, loaded: LoadedModel) -> dict[int, list[int]]:
-        """The drafts of the rows that draft this step, by row index (module doc)."""
+    def _drafts(self, loaded: LoadedModel) -> dict[int, tuple[list[int], bool]]:
+        """The drafts of the rows that draft this step, by row index, and whether each is what
+        the row's grammar forces (module doc)."""
         rows = self.rows
         if not loaded.packed and len(rows) > 1:  # several rows, several tokens: packed only
             return {}
@@ -217,19 +222,22 @@ class Scheduler:
             if row.lookup is None or not row.running or row.prompt_left:
                 continue
             room = row.job.max_new_tokens - row.count - 1  # the pass's tokens stay in its columns
-            if row.matcher is not None:  # a constrained row: the tokens its grammar forces
-                draft = forced_draft(row.matcher, min(forced, room), MIN_FORCED)
+            matcher = row.matcher
+            if matcher is not None:  # a constrained row: the tokens its grammar forces
+                draft = forced_draft(matcher, min(forced, room), MIN_FORCED)
+                if draft:
+                    drafts[i] = (draft, True)
+                    continue
             elif row.job.tools is not None:  # text that may open a call: no drafts until it does
                 continue
-            elif lookups:
-                draft = row.lookup.draft(min(lookup, room))
-                if len(draft) < MIN_DRAFT:
-                    continue
-                lookups -= 1
-            else:
+            if not lookups:
                 continue
-            if draft:
-                drafts[i] = draft
+            draft = row.lookup.draft(min(lookup, room))
+            if matcher is not None and draft:  # as far as the grammar allows it
+                draft = draft[: matcher.allowed(draft)]
+            if len(draft) >= MIN_DRAFT:
+                drafts[i] = (draft, False)
+                lookups -= 1
         return drafts
 
     def drop_finished(self) -> tuple[list[int], list[Row]]:
