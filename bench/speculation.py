@@ -1,6 +1,7 @@
 """Prompt-lookup speculation on `z-explorer enhance` requests, in process (issue 24).
 
     uv run python -m bench.speculation --model DIR [--prompts 10] [--drafts 7] [--penalty]
+        [--streams 4 --lookup-rows 1 4]
 
 Sends the client's own enhance request (``client._prompts.enhance_request``: its system prompt,
 example, ``max_tokens`` 200 and temperature 0.7) for ``--prompts`` different prompts, one at a
@@ -9,6 +10,11 @@ in turn for each prompt. Without ``--penalty`` the request's ``presence_penalty`
 out (``--penalty`` keeps it: the penalties follow the draft position by position). Prints
 tokens/s (completion tokens over the request's wall time), per configuration the total and the
 median of the prompts, and the drafts' acceptance rate.
+
+With ``--streams N`` the prompts go ``N`` at a time (``N`` different prompts together, in one
+batch); tokens/s is then the batch's (its completion tokens over its wall time), and
+``--lookup-rows`` gives the values of ``scheduler.LOOKUP_ROWS`` to run (how many rows of a batch
+check a lookup draft in a step), each against speculation off, in turn.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--drafts", type=int, default=7)
     parser.add_argument("--penalty", action="store_true", help="keep presence_penalty 1.0")
+    parser.add_argument("--streams", type=int, default=1, help="requests sent together")
+    parser.add_argument("--lookup-rows", type=int, nargs="*", help="scheduler.LOOKUP_ROWS values")
     args = parser.parse_args()
 
     from client._prompts import enhance_request
@@ -48,38 +56,63 @@ def main() -> None:
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=args.model)))
     engine = local.engine
 
-    def run(prompt: str, drafts: int) -> tuple[int, float]:
+    from custom_handlers.inference import scheduler
+
+    def params_of(prompt: str):
         request = enhance_request(prompt)
         params = {"max_tokens": request.max_tokens, "temperature": request.temperature}
         if args.penalty and request.presence_penalty is not None:
             params["presence_penalty"] = request.presence_penalty
-        engine.draft_tokens = drafts
-        started = time.perf_counter()
-        response = asyncio.run(local.acompletion("x", request.messages, optional_params=params))
-        return response.usage.completion_tokens, time.perf_counter() - started
+        return request.messages, params
 
-    run(PROMPTS[0], 0)  # load and warm up
-    results: dict[int, list[tuple[int, float]]] = {0: [], args.drafts: []}
-    checked = kept = 0
-    for prompt in PROMPTS[: args.prompts]:
-        for drafts in (0, args.drafts) if len(results[0]) % 2 == 0 else (args.drafts, 0):
+    async def together(prompts: list[str]) -> list:
+        asked = [params_of(prompt) for prompt in prompts]
+        return await asyncio.gather(
+            *(local.acompletion("x", m, optional_params=p) for m, p in asked)
+        )
+
+    def run(prompts: list[str], config: tuple[int, int]) -> tuple[int, float]:
+        engine.draft_tokens, scheduler.LOOKUP_ROWS = config
+        started = time.perf_counter()
+        responses = asyncio.run(together(prompts))
+        seconds = time.perf_counter() - started
+        return sum(r.usage.completion_tokens for r in responses), seconds
+
+    streams = args.streams
+    configs = [(0, 1)] + [(args.drafts, rows) for rows in args.lookup_rows or [1]]
+    run(PROMPTS[:streams], configs[0])  # load and warm up
+    results: dict[tuple[int, int], list[tuple[int, float]]] = {c: [] for c in configs}
+    counts = {c: [0, 0] for c in configs}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    for n, start in enumerate(range(0, len(prompts), streams)):
+        group = prompts[start : start + streams]
+        shift = n % len(configs)  # the order rotates: each configuration runs first in turn
+        for config in configs[shift:] + configs[:shift]:
             before = (engine.drafted, engine.accepted)
-            results[drafts].append(run(prompt, drafts))
-            checked += engine.drafted - before[0]
-            kept += engine.accepted - before[1]
+            results[config].append(run(group, config))
+            counts[config][0] += engine.drafted - before[0]
+            counts[config][1] += engine.accepted - before[1]
     print(
-        f"{args.model}: {args.prompts} enhance requests one at a time, temperature 0.7, "
+        f"{args.model}: {args.prompts} enhance requests, {streams} at a time, temperature 0.7, "
         f"presence_penalty {'1.0' if args.penalty else 'left out'}, drafts of up to {args.drafts}"
     )
-    print("| speculation | tokens | seconds | tokens/s (all) | tokens/s (median of prompts) |")
-    print("|---|---|---|---|---|")
-    for drafts, runs in results.items():
+    what = "prompts" if streams == 1 else "batches"
+    print(
+        f"| speculation | tokens | seconds | tokens/s (all) | tokens/s (median of {what}) "
+        "| draft tokens checked | kept |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (drafts, rows), runs in results.items():
         tokens, seconds = sum(t for t, _ in runs), sum(s for _, s in runs)
         median = statistics.median(t / s for t, s in runs)
-        label = f"on (up to {drafts})" if drafts else "off"
-        print(f"| {label} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {median:.1f} |")
-    rate = kept / checked if checked else 0.0
-    print(f"draft tokens checked {checked}, kept {kept} (acceptance {rate:.2f})")
+        label = "off" if not drafts else f"on (up to {drafts}"
+        if drafts:
+            label += f", {rows} row{'s' if rows > 1 else ''} a step)" if streams > 1 else ")"
+        checked, kept = counts[(drafts, rows)]
+        print(
+            f"| {label} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {median:.1f} "
+            f"| {checked} | {kept} |"
+        )
 
 
 if __name__ == "__main__":
