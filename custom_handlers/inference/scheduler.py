@@ -12,9 +12,9 @@ its choices) and the step's plan: each row's share of the next forward pass.
   other row decoding, its whole rest.
 - **A draft** to check: a row that may draft (outputs.may_draft) proposes the tokens its grammar
   forces (a constrained row, up to ``FORCED_TOKENS``, from ``MIN_FORCED`` on: they are almost
-  always kept), or tokens from a prompt lookup (up to ``draft_tokens``, from ``MIN_DRAFT`` on;
-  in a batch, ``LOOKUP_ROWS`` rows a step, in turn: on the CPU a pass costs by its tokens, see
-  docs/benchmarks.md). A constrained row where its grammar forces nothing may draft from its
+  always kept), or tokens from a prompt lookup (up to ``draft_tokens``, from ``MIN_DRAFT`` on,
+  while the batch has at most ``LOOKUP_ROWS`` rows: on the CPU a pass costs by its tokens, and
+  larger batches lost, see docs/benchmarks.md). A constrained row where its grammar forces nothing may draft from its
   prompt too, the draft cut where the grammar would refuse a token (a tool call's ``prompt``
   argument that copies the user's words). A row that may call tools drafts nothing until a call
   opens.
@@ -41,9 +41,9 @@ CHUNK_CPU = 256  # chunked prefill's chunk on the CPU (docs/benchmarks.md, issue
 CHUNK_CUDA = 1024  # on CUDA: a step with a chunk runs eagerly, so fewer, larger chunks
 MIN_DRAFT = 4  # shorter lookup drafts are not checked (docs/benchmarks.md, issue 24)
 DRAFT_TOKENS_CPU = 7  # speculation's default on the CPU (docs/benchmarks.md, issue 24)
-# Rows of a batch that check a prompt-lookup draft in one step, in turn (docs/benchmarks.md,
-# "Drafts in a batch": on the CPU a pass costs by its tokens).
-LOOKUP_ROWS = 1
+# Prompt-lookup drafts are checked while the batch has at most this many rows, by each of them
+# (docs/benchmarks.md, "Drafts in a batch": on this CPU 4 rows gained, 8 and 16 lost).
+LOOKUP_ROWS = 4
 # A grammar's forced tokens: up to this many a pass, checked from this many on (docs/benchmarks.md,
 # "Grammar fast-forward"); they are almost always kept, so shorter runs pay than for prompt lookup.
 FORCED_TOKENS = 15
@@ -90,7 +90,6 @@ class Scheduler:
         self.release: Release | None = None  # taken from the queue: the batch drains, then unload
         self.waiting: Job | None = None  # taken from the queue, waiting for room in the batch
         self.lock = threading.Lock()  # release markers count
-        self._turn = 0  # the row whose turn it is to draft first
 
     # ---- the queue -----------------------------------------------------------------------------
 
@@ -214,11 +213,8 @@ class Scheduler:
         lookup, forced = self.drafts(loaded), self.forced_drafts(loaded)
         if not lookup and not forced:
             return {}
-        drafts, lookups = {}, LOOKUP_ROWS
-        self._turn = (self._turn + 1) % len(rows)  # the rows take turns at the lookup drafts
-        for k in range(len(rows)):
-            i = (self._turn + k) % len(rows)
-            row = rows[i]
+        drafts, lookups = {}, len(rows) <= LOOKUP_ROWS
+        for i, row in enumerate(rows):
             if row.lookup is None or not row.running or row.prompt_left:
                 continue
             room = row.job.max_new_tokens - row.count - 1  # the pass's tokens stay in its columns
@@ -237,7 +233,6 @@ class Scheduler:
                 draft = draft[: matcher.allowed(draft)]
             if len(draft) >= MIN_DRAFT:
                 drafts[i] = (draft, False)
-                lookups -= 1
         return drafts
 
     def drop_finished(self) -> tuple[list[int], list[Row]]:
