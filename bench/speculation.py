@@ -12,7 +12,8 @@ tokens/s (completion tokens over the request's wall time), per configuration the
 median of the prompts, and the drafts' acceptance rate.
 
 With ``--streams N`` the prompts go ``N`` at a time (``N`` different prompts together, in one
-batch); tokens/s is then the batch's (its completion tokens over its wall time), and
+batch); tokens/s is then the batch's (its completion tokens over its wall time; with
+``--no-eos`` every answer runs to ``max_tokens``, so the batch keeps all its rows to the end), and
 ``--lookup-rows`` gives the values of ``scheduler.LOOKUP_ROWS`` to run (how many rows of a batch
 check a lookup draft in a step), each against speculation off, in turn.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import time
 
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--penalty", action="store_true", help="keep presence_penalty 1.0")
     parser.add_argument("--streams", type=int, default=1, help="requests sent together")
     parser.add_argument("--lookup-rows", type=int, nargs="*", help="scheduler.LOOKUP_ROWS values")
+    parser.add_argument(
+        "--no-eos", action="store_true", help="every answer runs to max_tokens (a batch stays full)"
+    )
     args = parser.parse_args()
 
     from client._prompts import enhance_request
@@ -57,6 +62,10 @@ def main() -> None:
     engine = local.engine
 
     from custom_handlers.inference import scheduler
+
+    if args.no_eos:  # the model's end-of-turn tokens end nothing: each answer is 200 tokens
+        loaded = local.holder.get()
+        local.holder._loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
 
     def params_of(prompt: str):
         request = enhance_request(prompt)
