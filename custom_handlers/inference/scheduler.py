@@ -14,10 +14,10 @@ its choices) and the step's plan: each row's share of the next forward pass.
   forces (a constrained row, up to ``FORCED_TOKENS``, from ``MIN_FORCED`` on: they are almost
   always kept), or tokens from a prompt lookup (up to ``draft_tokens``, from ``MIN_DRAFT`` on,
   while the batch has at most ``LOOKUP_ROWS`` rows: on the CPU a pass costs by its tokens, and
-  larger batches lost, see docs/benchmarks.md). A constrained row where its grammar forces nothing may draft from its
-  prompt too, the draft cut where the grammar would refuse a token (a tool call's ``prompt``
-  argument that copies the user's words). A row that may call tools drafts nothing until a call
-  opens.
+  larger batches lost, see docs/benchmarks.md). A constrained row where its grammar forces
+  nothing may draft from its prompt too, the draft cut where the grammar would refuse a token (a
+  tool call's ``prompt`` argument that copies the user's words). A row that may call tools drafts
+  nothing until a call opens.
 
 The runner turns the plan into one pass; outputs decide what each row keeps of it.
 """
