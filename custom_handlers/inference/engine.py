@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from custom_handlers.inference.errors import drop_frames
 from custom_handlers.inference.jobs import Done, Job, Release, error_of, fail
-from custom_handlers.inference.kvbatch import KVBatch, KVBudget
+from custom_handlers.inference.kvbatch import KVBudget
 from custom_handlers.inference.loader import LoadedModel, ModelHolder
 from custom_handlers.inference.outputs import Outputs, Row
 from custom_handlers.inference.prefix import PrefixCache, start_cache
@@ -48,6 +48,19 @@ _LONGEST_WAIT_S = 3600.0
 # most a second; never a spin (issue 20: 641,825 log lines in 6 s at 100 % of a core).
 _FIRST_BACKOFF_S = 0.01
 _LONGEST_BACKOFF_S = 1.0
+
+
+def _in(room: str, name: str, settable: bool = True) -> property:
+    """An ``Engine`` attribute that lives in one of its rooms (``scheduler``, ``runner``,
+    ``outputs``): read there and, if ``settable``, set there."""
+
+    def get(engine: Engine):
+        return getattr(getattr(engine, room), name)
+
+    def put(engine: Engine, value) -> None:
+        setattr(getattr(engine, room), name, value)
+
+    return property(get, put if settable else None, doc=f"``{room}.{name}``")
 
 
 class Engine:
@@ -81,17 +94,23 @@ class Engine:
 
     # ---- settings and figures, where they live -------------------------------------------------
 
-    running = property(lambda self: self.scheduler.running)
-    queued = property(lambda self: self.scheduler.queued)
-    releasing = property(lambda self: self.scheduler.releasing)
-    kv_cache_bytes = property(lambda self: self.runner.kv_cache_bytes)
-    peak_kv_bytes = property(lambda self: self.runner.peak_kv_bytes)
-    peak_prefill = property(lambda self: self.runner.peak_prefill)
-    penalty_counts = property(lambda self: self.outputs.penalty_counts)
-    drafted = property(lambda self: self.outputs.drafted)
-    accepted = property(lambda self: self.outputs.accepted)
-    forced_drafted = property(lambda self: self.outputs.forced_drafted)
-    forced_accepted = property(lambda self: self.outputs.forced_accepted)
+    running = _in("scheduler", "running", settable=False)
+    queued = _in("scheduler", "queued", settable=False)
+    releasing = _in("scheduler", "releasing", settable=False)
+    max_queue = _in("scheduler", "max_queue")
+    draft_tokens = _in("scheduler", "draft_tokens")
+    prefill_chunk = _in("scheduler", "prefill_chunk")
+    kv_cache_bytes = _in("runner", "kv_cache_bytes", settable=False)
+    peak_kv_bytes = _in("runner", "peak_kv_bytes", settable=False)
+    peak_prefill = _in("runner", "peak_prefill", settable=False)
+    cuda_graphs = _in("runner", "cuda_graphs", settable=False)  # use_cuda_graphs changes it
+    graph_mode = _in("runner", "graph_mode")
+    cuda_api = _in("runner", "cuda_api")
+    penalty_counts = _in("outputs", "penalty_counts", settable=False)
+    drafted = _in("outputs", "drafted", settable=False)
+    accepted = _in("outputs", "accepted", settable=False)
+    forced_drafted = _in("outputs", "forced_drafted", settable=False)
+    forced_accepted = _in("outputs", "forced_accepted", settable=False)
 
     @property
     def max_rows(self) -> int:
@@ -100,50 +119,6 @@ class Engine:
     @max_rows.setter
     def max_rows(self, rows: int) -> None:  # the batch's rows, and the KV pool's slots
         self.scheduler.max_rows = self.runner.max_rows = rows
-
-    @property
-    def max_queue(self) -> int:
-        return self.scheduler.max_queue
-
-    @max_queue.setter
-    def max_queue(self, jobs: int) -> None:
-        self.scheduler.max_queue = jobs
-
-    @property
-    def draft_tokens(self) -> int | None:
-        return self.scheduler.draft_tokens
-
-    @draft_tokens.setter
-    def draft_tokens(self, value: int | None) -> None:
-        self.scheduler.draft_tokens = value
-
-    @property
-    def prefill_chunk(self) -> int | None:
-        return self.scheduler.prefill_chunk
-
-    @prefill_chunk.setter
-    def prefill_chunk(self, value: int | None) -> None:
-        self.scheduler.prefill_chunk = value
-
-    @property
-    def graph_mode(self) -> str | None:
-        return self.runner.graph_mode
-
-    @graph_mode.setter
-    def graph_mode(self, mode: str | None) -> None:
-        self.runner.graph_mode = mode
-
-    @property
-    def cuda_api(self):
-        return self.runner.cuda_api
-
-    @cuda_api.setter
-    def cuda_api(self, api) -> None:
-        self.runner.cuda_api = api
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self.runner.cuda_graphs
 
     def state(self) -> dict[str, object]:
         """Requests running and queued, idle time and the pending unload (for GET /local/state)."""
@@ -231,11 +206,7 @@ class Engine:
                 except Exception:  # cleaning up failed too: the next loop starts afresh
                     log.exception("The local engine could not clean up after a failure")
                     self.scheduler.rows = []
-                    self.runner.batch, self.runner.decoder, self.runner.steady = (
-                        KVBatch(),
-                        None,
-                        None,
-                    )
+                    self.runner.forget()
                 continue
             if failures > 1:
                 log.info("The local engine works again after %d failed loops in a row", failures)
@@ -318,8 +289,7 @@ class Engine:
                         return
                     self._unload_for(scheduler.release)
                 if not (scheduler.rows or taken):
-                    stop = lambda: scheduler.waiting is not None or scheduler.jobs.qsize()  # noqa: E731
-                    self.runner.capture_while_idle(self._holder.loaded, stop)
+                    self.runner.capture_while_idle(self._holder.loaded, scheduler.arrived)
                 job = self._next_job(block=not (scheduler.rows or taken))
                 if isinstance(job, Release):  # now ``scheduler.release``: the batch drains
                     continue

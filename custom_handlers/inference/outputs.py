@@ -257,7 +257,6 @@ class Outputs:
         for other in self._rows():
             if other.job is job:
                 other.done = True
-        row.done = True
         job.open_rows = 0
         log.info("The JSON constraint gave up after %d tokens: %s", row.count, error.split("\n")[0])
         gave_up = InvalidRequestError(

@@ -179,6 +179,11 @@ class Runner:
         """The model goes: the pool and the graphs with it."""
         if self.decoder is not None:
             self.decoder.release()
+        self.forget()
+
+    def forget(self) -> None:
+        """A fresh start: no pool, no decoding steps, no steady inputs (nothing released: what
+        is dropped goes with the collector)."""
         self.batch, self.decoder, self.steady = KVBatch(), None, None
 
     def drop(self) -> None:

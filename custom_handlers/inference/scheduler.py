@@ -33,7 +33,7 @@ from custom_handlers.inference.jobs import Job, Release
 from custom_handlers.inference.kvbatch import KVBatch
 from custom_handlers.inference.loader import LoadedModel
 from custom_handlers.inference.outputs import Row
-from custom_handlers.inference.speculation import forced_draft
+from custom_handlers.inference.speculation import allowed_part, forced_draft
 
 STOP = object()  # queued at exit: the engine thread stops
 
@@ -121,6 +121,10 @@ class Scheduler:
         with self.lock:
             self.releases_queued += 1
             self.jobs.put(marker)
+
+    def arrived(self) -> bool:
+        """A job waits to be taken (queued, or taken and waiting for room)."""
+        return self.waiting is not None or self.jobs.qsize() > 0
 
     def next(self, block: bool, timeout: float | None) -> Job | Release | object:
         """The job waiting for room, else the queue's next (queue.Empty: none in time). A
@@ -229,8 +233,8 @@ class Scheduler:
             if not lookups:
                 continue
             draft = row.lookup.draft(min(lookup, room))
-            if matcher is not None and draft:  # as far as the grammar allows it
-                draft = draft[: matcher.allowed(draft)]
+            if matcher is not None:  # as far as the grammar allows it
+                draft = allowed_part(matcher, draft)
             if len(draft) >= MIN_DRAFT:
                 drafts[i] = (draft, False)
         return drafts

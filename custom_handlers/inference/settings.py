@@ -107,8 +107,8 @@ class LocalModelSettings(BaseSettings):
         le=16,
         description="Prompt-lookup speculation: a request without logprobs checks up to this "
         "many tokens taken from its prompt and answer in a forward pass (in batches of at most 4 "
-        "requests; greedy "
-        "answers unchanged, sampled ones from the same distribution); a JSON or tool-call "
+        "requests; greedy answers unchanged, sampled ones from the same distribution); a JSON "
+        "or tool-call "
         "constrained one checks the tokens its grammar forces instead (grammar fast-forward, up "
         "to 15 a pass). Unset: 7 on the CPU (measured faster there), 0 (off, both kinds) on CUDA "
         "until a GPU run measures it. 0: off.",

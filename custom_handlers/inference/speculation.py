@@ -45,10 +45,10 @@ class PromptLookup:
         self._indexed = 0  # tokens[:_indexed] are in the index
 
     def extend(self, tokens) -> None:
-        """The row's new tokens. Indexed at the next draft, not here: in a batch the rows take
-        turns at drafting, and indexing here ran for every row at every step (3-8 us each on this
-        CPU, the largest part of a step's text work; issue 23, item 4). The same index either
-        way."""
+        """The row's new tokens. Indexed at the next draft, not here: a row in a batch of more
+        than ``scheduler.LOOKUP_ROWS`` rows does not draft, and indexing here ran for every row at
+        every step (3-8 us each on this CPU, the largest part of a step's text work; issue 23,
+        item 4). The same index either way."""
         self.tokens.extend(tokens)
 
     def _index(self) -> None:
@@ -90,10 +90,14 @@ def forced_draft(matcher: Any, limit: int, least: int = 1) -> list[int]:
     llguidance's fast-forward tokens), at most ``limit``, cut where the grammar would refuse one
     (never seen; it keeps ``fill_along`` safe), none if fewer than ``least``. Checked as any draft:
     the model may prefer another split of the same bytes, and then writes its own."""
-    draft = matcher.draft(limit)
-    if draft:
-        draft = draft[: matcher.allowed(draft)]
+    draft = allowed_part(matcher, matcher.draft(limit))
     return draft if len(draft) >= max(least, 1) else []
+
+
+def allowed_part(matcher: Any, draft: list[int]) -> list[int]:
+    """``draft`` up to the first token the row's grammar would refuse from here (``JsonMatcher``:
+    nothing consumed): what ``constraints.mask_along`` can check."""
+    return draft[: matcher.allowed(draft)] if draft else draft
 
 
 def accept(logits: Any, draft: list[int], greedy: bool, generator: Any = None) -> list[int]:
