@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.grammar_forward import IDEAS, TOOL_SYSTEM, TOOLS, VARIABLES, with_call_markers
+from bench.grammar_forward import tool_request, vars_request, with_call_markers
 
 
 def main() -> None:
@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="*", default=["tool", "vars"], choices=["tool", "vars"])
     args = parser.parse_args()
 
-    from client._prompts import values_request
     from custom_handlers.inference.loader import ModelHolder
     from custom_handlers.inference.provider import LocalLLM
     from custom_handlers.inference.settings import LocalModelSettings
@@ -46,28 +45,6 @@ def main() -> None:
     model = with_call_markers(args.model, Path(scratch.name))
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model)))
     engine = local.engine
-
-    def tool(i: int) -> tuple[list, dict]:
-        messages = [
-            {"role": "system", "content": TOOL_SYSTEM},
-            {"role": "user", "content": f"Idea: {IDEAS[i % len(IDEAS)]}"},
-        ]
-        choice = {"type": "function", "function": {"name": "make_image"}}
-        return messages, {
-            "max_tokens": 200,
-            "temperature": 0,
-            "tools": TOOLS,
-            "tool_choice": choice,
-        }
-
-    def vars_(i: int) -> tuple[list, dict]:
-        request = values_request(*VARIABLES[i % len(VARIABLES)], 5)
-        params = {
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "response_format": request.response_format,
-        }
-        return request.messages, params
 
     async def together(requests: list[tuple[list, dict]]) -> list:
         return await asyncio.gather(
@@ -100,7 +77,7 @@ def main() -> None:
         "| draft tokens checked | kept |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    builders = {"tool": tool, "vars": vars_}
+    builders = {"tool": tool_request, "vars": vars_request}
     for kind in args.kinds:
         build = builders[kind]
         run([build(i) for i in range(args.streams)], 0)  # load, warm up, compile the grammar

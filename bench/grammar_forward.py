@@ -107,6 +107,31 @@ def with_call_markers(model: str, scratch: Path) -> str:
     return str(out)
 
 
+def vars_request(i: int) -> tuple[list, dict]:
+    """The client's own ``z-explorer vars`` request for the ``i``-th variable: messages, params."""
+    from client._prompts import values_request
+
+    name, context = VARIABLES[i % len(VARIABLES)]
+    request = values_request(name, context, 5)
+    params = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "response_format": request.response_format,
+    }
+    return request.messages, params
+
+
+def tool_request(i: int) -> tuple[list, dict]:
+    """A ``make_image`` call for the ``i``-th idea, ``tool_choice`` naming it, greedy."""
+    messages = [
+        {"role": "system", "content": TOOL_SYSTEM},
+        {"role": "user", "content": f"Idea: {IDEAS[i % len(IDEAS)]}"},
+    ]
+    choice = {"type": "function", "function": {"name": "make_image"}}
+    params = {"max_tokens": 200, "temperature": 0, "tools": TOOLS, "tool_choice": choice}
+    return messages, params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -122,36 +147,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each request and setting")
     args = parser.parse_args()
 
-    from client._prompts import values_request
-    from custom_handlers.inference import scheduler as engine_module
+    from custom_handlers.inference import scheduler
     from custom_handlers.inference.loader import ModelHolder
     from custom_handlers.inference.provider import LocalLLM
     from custom_handlers.inference.settings import LocalModelSettings
 
-    args.min_forced = args.min_forced or [engine_module.MIN_FORCED]
+    args.min_forced = args.min_forced or [scheduler.MIN_FORCED]
     scratch = tempfile.TemporaryDirectory(prefix="grammar-forward-")
     model = with_call_markers(args.model, Path(scratch.name))
     local = LocalLLM(ModelHolder(lambda: LocalModelSettings(model=model)))
     engine = local.engine
-
-    def vars_request(i: int) -> tuple[list, dict]:
-        name, context = VARIABLES[i % len(VARIABLES)]
-        request = values_request(name, context, 5)
-        params = {
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "response_format": request.response_format,
-        }
-        return request.messages, params
-
-    def tool_request(i: int) -> tuple[list, dict]:
-        messages = [
-            {"role": "system", "content": TOOL_SYSTEM},
-            {"role": "user", "content": f"Idea: {IDEAS[i % len(IDEAS)]}"},
-        ]
-        choice = {"type": "function", "function": {"name": "make_image"}}
-        params = {"max_tokens": 200, "temperature": 0, "tools": TOOLS, "tool_choice": choice}
-        return messages, params
 
     passes: list[int] = []  # tokens fed by each pass over a draft (the draft and one)
     verify = engine.outputs.verify
@@ -163,7 +168,7 @@ def main() -> None:
     engine.outputs.verify = counted
 
     def run(messages: list, params: dict, config: tuple[int, int, int]):
-        drafts, engine_module.FORCED_TOKENS, engine_module.MIN_FORCED = config
+        drafts, scheduler.FORCED_TOKENS, scheduler.MIN_FORCED = config
         engine.draft_tokens = drafts
         before = (engine.forced_drafted, engine.forced_accepted, engine.accepted)
         passes.clear()
@@ -184,7 +189,7 @@ def main() -> None:
     kinds = {"vars": vars_request, "tool": tool_request}
     if args.only:
         kinds = {args.only: kinds[args.only]}
-    off = (0, engine_module.FORCED_TOKENS, engine_module.MIN_FORCED)
+    off = (0, scheduler.FORCED_TOKENS, scheduler.MIN_FORCED)
     configs = [off] + [
         (args.drafts, most, least) for most in args.forced or [off[1]] for least in args.min_forced
     ]
